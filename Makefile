@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the relay moving real events)
+# and `make test` (the full suite against real PostgreSQL and Kafka). Both create what they need.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ENV    := eval "$$($(PY) scripts/services env)"
+
+.PHONY: venv services services-down check test demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+services: venv
+	$(PY) scripts/services up
+
+services-down:
+	$(PYTHON) scripts/services down
+
+check: venv
+	$(VENV)/bin/ruff check relay models alembic tests scripts/services scripts/demo.py
+	$(VENV)/bin/mypy
+
+test: check services
+	$(ENV) && $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: services
+	$(ENV) && $(PY) scripts/demo.py
+
+clean: services-down
+	rm -rf $(VENV) .services

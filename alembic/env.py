@@ -1,0 +1,56 @@
+"""Alembic environment of the outbox's own migration history.
+
+The version table lives in the outbox schema under its own name, so this history never
+collides with an application's own ``alembic_version``.
+"""
+
+import os
+
+from sqlalchemy import create_engine, pool, text
+
+from alembic import context
+from models import SCHEMA, metadata
+
+VERSION_TABLE = "outbox_relay_version"
+
+config = context.config
+url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url") or os.environ.get(
+    "OUTBOX_DATABASE_URL"
+)
+if not url:
+    raise SystemExit("no database URL: set OUTBOX_DATABASE_URL (e.g. postgresql+psycopg://user@host/db)")
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=url, target_metadata=metadata, literal_binds=True,
+                      version_table=VERSION_TABLE, version_table_schema=SCHEMA)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is None:
+        engine = create_engine(url, poolclass=pool.NullPool)
+        with engine.connect() as conn:
+            _run(conn)
+        engine.dispose()
+    else:
+        _run(connection)
+
+
+def _run(connection) -> None:  # type: ignore[no-untyped-def]
+    # The version table sits in the outbox schema, which must exist before Alembic looks for it.
+    connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
+    connection.commit()
+    context.configure(connection=connection, target_metadata=metadata,
+                      version_table=VERSION_TABLE, version_table_schema=SCHEMA, include_schemas=True,
+                      include_name=lambda name, type_, parent: type_ != "schema" or name in (None, SCHEMA))
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

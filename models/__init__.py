@@ -1,0 +1,29 @@
+"""SQLAlchemy models of the outbox and of the relay's own state."""
+
+from models.outbox import (
+    EVENTS_TABLE,
+    LANES_TABLE,
+    SCHEMA,
+    SETTINGS_TABLE,
+    TOPIC_PATTERN,
+    Base,
+    EventState,
+    OutboxEvent,
+    RelayLane,
+    RelaySettings,
+    metadata,
+)
+
+__all__ = [
+    "EVENTS_TABLE",
+    "LANES_TABLE",
+    "SCHEMA",
+    "SETTINGS_TABLE",
+    "TOPIC_PATTERN",
+    "Base",
+    "EventState",
+    "OutboxEvent",
+    "RelayLane",
+    "RelaySettings",
+    "metadata",
+]

@@ -1,0 +1,95 @@
+"""Schema changes of the outbox, as functions any Alembic history can call.
+
+``outbox-relay migrate`` runs them from the project's own history (``alembic/``). A team that
+already has an Alembic history adds one revision of its own instead::
+
+    from models.migration import create_outbox_v1, drop_outbox_v1
+
+    def upgrade() -> None:
+        create_outbox_v1(lanes=1)
+
+    def downgrade() -> None:
+        drop_outbox_v1()
+
+Each function is frozen once released: later schema changes get new functions.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from alembic import op
+from models.outbox import EVENTS_TABLE, LANE_KEY_SQL, LANES_TABLE, SCHEMA, SETTINGS_TABLE, TOPIC_PATTERN
+
+
+def create_outbox_v1(lanes: int = 1) -> None:
+    """Create the outbox schema, the events table and the relay's state tables."""
+    if not 1 <= lanes <= 1024:
+        raise ValueError(f"lanes must be between 1 and 1024, got {lanes}")
+    op.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
+    op.create_table(
+        EVENTS_TABLE,
+        sa.Column("id", sa.BigInteger, sa.Identity(always=True), nullable=False),
+        sa.Column("event_id", postgresql.UUID(as_uuid=True), nullable=False,
+                  server_default=sa.text("gen_random_uuid()")),
+        sa.Column("topic", sa.Text, nullable=False),
+        sa.Column("key", sa.LargeBinary, nullable=True),
+        sa.Column("value", sa.LargeBinary, nullable=True),
+        sa.Column("header_names", postgresql.ARRAY(sa.Text), nullable=False, server_default=sa.text("'{}'")),
+        sa.Column("header_values", postgresql.ARRAY(sa.LargeBinary), nullable=False,
+                  server_default=sa.text("'{}'")),
+        sa.Column("partition", sa.Integer, nullable=True),
+        sa.Column("lane_key", sa.Integer, sa.Computed(LANE_KEY_SQL, persisted=True), nullable=False),
+        sa.Column("state", sa.Text, nullable=False, server_default=sa.text("'pending'")),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+        sa.Column("available_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("last_error", sa.Text, nullable=True),
+        sa.PrimaryKeyConstraint("id", name=f"pk_{EVENTS_TABLE}"),
+        sa.UniqueConstraint("event_id", name=f"uq_{EVENTS_TABLE}_event_id"),
+        sa.CheckConstraint(f"topic ~ '{TOPIC_PATTERN}' AND topic NOT IN ('.', '..')",
+                           name=op.f(f"ck_{EVENTS_TABLE}_topic_name")),
+        sa.CheckConstraint("partition >= 0", name=op.f(f"ck_{EVENTS_TABLE}_partition_non_negative")),
+        sa.CheckConstraint("state IN ('pending', 'sent', 'failed', 'discarded')",
+                           name=op.f(f"ck_{EVENTS_TABLE}_state_known")),
+        sa.CheckConstraint("cardinality(header_names) = cardinality(header_values)",
+                           name=op.f(f"ck_{EVENTS_TABLE}_headers_paired")),
+        sa.CheckConstraint("(state = 'sent') = (sent_at IS NOT NULL)",
+                           name=op.f(f"ck_{EVENTS_TABLE}_sent_at_iff_sent")),
+        sa.CheckConstraint("attempts >= 0", name=op.f(f"ck_{EVENTS_TABLE}_attempts_non_negative")),
+        schema=SCHEMA,
+    )
+    op.create_index(f"ix_{EVENTS_TABLE}_pending", EVENTS_TABLE, ["id"], schema=SCHEMA,
+                    postgresql_where=sa.text("state = 'pending'"))
+    op.create_index(f"ix_{EVENTS_TABLE}_failed_key", EVENTS_TABLE, ["key", "id"], schema=SCHEMA,
+                    postgresql_where=sa.text("state = 'failed'"))
+    op.create_index(f"ix_{EVENTS_TABLE}_sent_at", EVENTS_TABLE, ["sent_at"], schema=SCHEMA,
+                    postgresql_where=sa.text("state = 'sent'"))
+    op.create_table(
+        LANES_TABLE,
+        sa.Column("lane", sa.SmallInteger, autoincrement=False, nullable=False),
+        sa.Column("owner", sa.Text, nullable=True),
+        sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("lane", name=f"pk_{LANES_TABLE}"),
+        schema=SCHEMA,
+    )
+    op.create_table(
+        SETTINGS_TABLE,
+        sa.Column("id", sa.SmallInteger, nullable=False, server_default=sa.text("1")),
+        sa.Column("lane_count", sa.SmallInteger, nullable=False, server_default=sa.text("1")),
+        sa.PrimaryKeyConstraint("id", name=f"pk_{SETTINGS_TABLE}"),
+        sa.CheckConstraint("id = 1", name=op.f(f"ck_{SETTINGS_TABLE}_single_row")),
+        sa.CheckConstraint("lane_count BETWEEN 1 AND 1024", name=op.f(f"ck_{SETTINGS_TABLE}_lane_count_range")),
+        schema=SCHEMA,
+    )
+    op.execute(sa.text(f'INSERT INTO "{SCHEMA}"."{SETTINGS_TABLE}" (id, lane_count) VALUES (1, {int(lanes)})'))
+
+
+def drop_outbox_v1() -> None:
+    """Drop what ``create_outbox_v1`` created (the schema stays: it may hold other things)."""
+    op.drop_table(SETTINGS_TABLE, schema=SCHEMA)
+    op.drop_table(LANES_TABLE, schema=SCHEMA)
+    op.drop_table(EVENTS_TABLE, schema=SCHEMA)

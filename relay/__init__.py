@@ -1,0 +1,20 @@
+"""outbox-relay: a transactional outbox for PostgreSQL, relayed to Kafka exactly once.
+
+Application code needs one import::
+
+    from relay import enqueue
+"""
+
+from relay.errors import InvalidEvent, OutboxError
+from relay.write import Event, Outbox, default_serializer, encode_key, enqueue, enqueue_many
+
+__all__ = [
+    "Event",
+    "InvalidEvent",
+    "Outbox",
+    "OutboxError",
+    "default_serializer",
+    "encode_key",
+    "enqueue",
+    "enqueue_many",
+]

@@ -1,0 +1,186 @@
+"""Relay settings: typed, from flags and OUTBOX_-prefixed environment variables.
+
+Every field declares its environment variable; the CLI builds one flag per field and shows the
+variable in ``--help``. Precedence: flag, then environment, then default.
+
+Any librdkafka property passes through: ``OUTBOX_KAFKA_<PROPERTY>`` with dots written as
+underscores (``OUTBOX_KAFKA_SASL_MECHANISM=PLAIN`` is ``sasl.mechanism``), a properties file
+(``--kafka-config-file``) or ``-X property=value`` flags, later ones winning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from relay.errors import ConfigurationError
+
+KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
+# Settings of our own under the OUTBOX_KAFKA_ prefix, not librdkafka properties.
+_NOT_KAFKA_PROPERTIES = {"OUTBOX_KAFKA_CONFIG_FILE"}
+_SECRET = re.compile(r"password|secret|token|credential|oauthbearer\.config|ssl\.key\.pem|keystore|private", re.I)
+
+# What a transactional, idempotent, ordered relay needs; users may tune but not weaken these.
+REQUIRED_KAFKA = {"enable.idempotence": True, "acks": "all"}
+DEFAULT_KAFKA = {
+    "linger.ms": 5,
+    "compression.type": "lz4",
+    "transaction.timeout.ms": 60000,
+    "message.timeout.ms": 30000,
+    "socket.keepalive.enable": True,
+}
+
+
+def _field(env: str, help: str, default: Any = dataclasses.MISSING, flag: str | None = None, **meta: Any) -> Any:
+    metadata = {"env": env, "help": help, "flag": flag, **meta}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def default_instance_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclasses.dataclass
+class Settings:
+    database_url: str = _field("OUTBOX_DATABASE_URL", "PostgreSQL URL (postgresql+psycopg://user:pw@host/db)", "")
+    bootstrap_servers: str = _field("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "Kafka bootstrap servers (host:port,...)", "")
+    kafka_config_file: str = _field(
+        "OUTBOX_KAFKA_CONFIG_FILE", "file of librdkafka properties (key=value lines)", ""
+    )
+    batch_size: int = _field("OUTBOX_BATCH_SIZE", "events per Kafka transaction", 1000)
+    poll_interval: float = _field("OUTBOX_POLL_INTERVAL", "seconds between polls of an idle lane", 0.5)
+    lane_interval: float = _field(
+        "OUTBOX_LANE_INTERVAL", "seconds between attempts to take free lanes (bounds failover time)", 1.0
+    )
+    transactional_id_prefix: str = _field(
+        "OUTBOX_TRANSACTIONAL_ID_PREFIX",
+        "prefix of each lane's Kafka transactional.id (default: outbox-relay.<database>.<schema>.<table>)",
+        "",
+    )
+    instance: str = _field("OUTBOX_INSTANCE", "name of this relay instance (default: host-pid)", "")
+    max_attempts: int = _field(
+        "OUTBOX_MAX_ATTEMPTS", "attempts before an event that keeps failing is parked as failed", 3
+    )
+    failed_key_policy: str = _field(
+        "OUTBOX_FAILED_KEY_POLICY",
+        "hold: later events of a failed event's key wait behind it; skip: they go on",
+        "hold",
+        choices=("hold", "skip"),
+    )
+    backoff_initial: float = _field("OUTBOX_BACKOFF_INITIAL", "first retry delay in seconds", 0.5)
+    backoff_max: float = _field("OUTBOX_BACKOFF_MAX", "retry delay cap in seconds", 30.0)
+    breaker_threshold: int = _field(
+        "OUTBOX_BREAKER_THRESHOLD", "consecutive failures that open the circuit breaker", 5
+    )
+    shutdown_timeout: float = _field(
+        "OUTBOX_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take before exiting anyway", 30.0
+    )
+    log_level: str = _field("OUTBOX_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO")
+    log_format: str = _field("OUTBOX_LOG_FORMAT", "text or json", "text", choices=("text", "json"))
+    kafka_properties: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        """Flags (None = not given) over environment over defaults; validates the result."""
+        env = os.environ if env is None else env
+        flags = flags or {}
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name == "kafka_properties":
+                continue
+            raw = flags.get(field.name)
+            source = f"--{field.name.replace('_', '-')}"
+            if raw is None and field.metadata["env"] in env:
+                raw, source = env[field.metadata["env"]], field.metadata["env"]
+            if raw is None:
+                continue
+            values[field.name] = _convert(field, raw, source)
+        settings = cls(**values)
+        settings.kafka_properties = kafka_properties_from(env, settings.kafka_config_file, flags.get("kafka_property"))
+        if settings.bootstrap_servers:
+            settings.kafka_properties["bootstrap.servers"] = settings.bootstrap_servers
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.database_url:
+            raise ConfigurationError("no database: set OUTBOX_DATABASE_URL or --database-url")
+        if "bootstrap.servers" not in self.kafka_properties:
+            raise ConfigurationError("no Kafka: set OUTBOX_KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers")
+        for name in ("batch_size", "max_attempts", "breaker_threshold"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("poll_interval", "lane_interval", "backoff_initial", "backoff_max", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        for key, value in REQUIRED_KAFKA.items():
+            given = self.kafka_properties.get(key)
+            if given is not None and str(given).lower() != str(value).lower():
+                raise ConfigurationError(
+                    f"Kafka property {key}={given} would break delivery guarantees; it must be {value}"
+                )
+        if "transactional.id" in self.kafka_properties:
+            raise ConfigurationError(
+                "transactional.id is set per lane by the relay; use OUTBOX_TRANSACTIONAL_ID_PREFIX instead"
+            )
+
+    def instance_name(self) -> str:
+        return self.instance or default_instance_name()
+
+    def producer_config(self) -> dict[str, Any]:
+        return {**DEFAULT_KAFKA, **self.kafka_properties, **REQUIRED_KAFKA}
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict fit for logs: secrets and passwords in URLs masked."""
+        data = dataclasses.asdict(self)
+        data["database_url"] = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", self.database_url)
+        data["kafka_properties"] = redact_properties(self.kafka_properties)
+        return data
+
+
+def redact_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: "***" if _SECRET.search(key) else value for key, value in properties.items()}
+
+
+def _convert(field: dataclasses.Field[Any], raw: Any, source: str) -> Any:
+    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str}[str(field.type)]
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{source}={raw!r} is not a valid {kind.__name__}") from None
+    choices = field.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigurationError(f"{source}={raw!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: list[str] | None) -> dict[str, str]:
+    properties: dict[str, str] = {}
+    for name, value in env.items():
+        if name.startswith(KAFKA_ENV_PREFIX) and name not in _NOT_KAFKA_PROPERTIES:
+            properties[name[len(KAFKA_ENV_PREFIX):].lower().replace("_", ".")] = value
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigurationError(f"Kafka config file {config_file!r} does not exist")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                raise ConfigurationError(f"{config_file}:{number}: expected property=value, got {line!r}")
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigurationError(f"-X {item!r}: expected property=value")
+        key, value = item.split("=", 1)
+        properties[key.strip()] = value.strip()
+    return properties

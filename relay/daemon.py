@@ -1,0 +1,187 @@
+"""The relay daemon: APScheduler decides when each lane ticks; lanes do the work.
+
+Jobs:
+- ``lanes`` (every ``lane_interval``): read the lane count, take free lanes, heartbeat owned ones.
+- ``lane-N`` (one per owned lane): one tick, then the job re-schedules itself: at once while a
+  full batch came back (drain), after ``poll_interval`` when idle. A lane never ticks twice at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import psycopg
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from relay.config import Settings
+from relay.lane import LaneWorker
+from relay.publisher import LanePublisher
+from relay.store import Store, connect, database_name
+
+log = logging.getLogger(__name__)
+
+
+def transactional_id_prefix(settings: Settings) -> str:
+    from models import EVENTS_TABLE, SCHEMA
+
+    return settings.transactional_id_prefix or (
+        f"outbox-relay.{database_name(settings.database_url)}.{SCHEMA}.{EVENTS_TABLE}"
+    )
+
+
+class _LibrdkafkaLogger:
+    """Routes librdkafka's own log lines into Python logging (never printed raw)."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("relay.librdkafka")
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        self._log.log(logging.WARNING if level <= 4 else logging.DEBUG, message, *args)
+
+
+class Relay:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(hold_failed_keys=settings.failed_key_policy == "hold")
+        self.prefix = transactional_id_prefix(settings)
+        self.stopping = threading.Event()
+        self._stopped = threading.Event()
+        self.workers: dict[int, LaneWorker] = {}
+        self.lane_count: int | None = None
+        self._control: psycopg.Connection[Any] | None = None
+        self._kafka_logger = _LibrdkafkaLogger()
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=8)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=dt.UTC,
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
+                 extra={"action": "start"})
+        self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
+                               id="lanes", next_run_time=dt.datetime.now(dt.UTC))
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        """Finish the ticks in flight (each ends its transaction), release every lane."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        log.info("stopping: finishing transactions in flight", extra={"action": "stop"})
+        self.scheduler.shutdown(wait=True)
+        for worker in self.workers.values():
+            worker.release()
+        if self._control is not None:
+            self._control.close()
+        log.info("stopped", extra={"action": "stopped"})
+
+    def run_forever(self) -> int:
+        """Run until SIGTERM/SIGINT; a second signal exits at once."""
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            if self.stopping.is_set():
+                log.warning("second signal: exiting now", extra={"action": "abort"})
+                os._exit(130)
+            threading.Thread(target=self._stop_with_deadline, name="relay-stop", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not self._stopped.wait(0.2):  # a timed wait keeps the main thread responsive to signals
+            pass
+        return 0
+
+    def _stop_with_deadline(self) -> None:
+        timer = threading.Timer(self.settings.shutdown_timeout, self._give_up)
+        timer.daemon = True
+        timer.start()
+        self.stop()
+        timer.cancel()
+        self._stopped.set()
+
+    def _give_up(self) -> None:
+        log.error("shutdown took longer than %.0fs: exiting", self.settings.shutdown_timeout,
+                  extra={"action": "abort"})
+        os._exit(1)
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def _manage_lanes(self) -> None:
+        if self.stopping.is_set():
+            return
+        count = self._read_lane_count()
+        if count is None:
+            return
+        if count != self.lane_count:
+            if self.lane_count is not None:
+                log.warning("lane count changed from %d to %d: re-taking lanes", self.lane_count, count,
+                            extra={"action": "lanes_changed"})
+            for worker in self.workers.values():
+                worker.release()
+            self.workers = {lane: self._worker(lane, count) for lane in range(count)}
+            self.lane_count = count
+        for worker in self.workers.values():
+            was_owned = worker.owned
+            if worker.try_acquire():
+                if not was_owned:
+                    self._schedule(worker.lane, 0)
+                else:
+                    worker.heartbeat()
+
+    def _read_lane_count(self) -> int | None:
+        try:
+            if self._control is None or self._control.closed:
+                self._control = connect(self.settings.database_url, "outbox-relay control")
+            return self.store.lane_count(self._control)
+        except psycopg.OperationalError as exc:
+            if self._control is not None:
+                self._control.close()
+            self._control = None
+            log.debug("database unavailable for lane management: %s", exc, extra={"action": "lanes"})
+            return None
+
+    def _worker(self, lane: int, count: int) -> LaneWorker:
+        return LaneWorker(lane, count, self.settings, self.store, f"{self.prefix}.lane-{lane}",
+                          self._publisher)
+
+    def _publisher(self, transactional_id: str) -> LanePublisher:
+        return LanePublisher(self.settings.producer_config(), transactional_id, logger=self._kafka_logger)
+
+    def _tick(self, lane: int) -> None:
+        worker = self.workers.get(lane)
+        if worker is None or self.stopping.is_set():
+            return
+        delay = self.settings.poll_interval
+        try:
+            if worker.tick(self.stopping):
+                delay = 0
+        except Exception:
+            # A bug, not an outage; still never a tight loop of tracebacks.
+            log.exception("tick of lane %d failed unexpectedly", lane, extra={"lane": lane, "action": "tick"})
+            delay = self.settings.backoff_max
+        if worker.owned and self.workers.get(lane) is worker:
+            self._schedule(lane, delay)
+
+    def _schedule(self, lane: int, delay: float) -> None:
+        if self.stopping.is_set():
+            return
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+        self.scheduler.add_job(self._tick, "date", run_date=when, args=[lane], id=f"lane-{lane}",
+                               replace_existing=True)
+
+    def wake(self, lane: int) -> None:
+        """Run the lane's next tick now (new work was announced)."""
+        try:
+            self.scheduler.modify_job(f"lane-{lane}", next_run_time=dt.datetime.now(dt.UTC))
+        except JobLookupError:
+            pass  # ticking right now: it drains and re-schedules itself

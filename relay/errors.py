@@ -1,0 +1,62 @@
+"""One exception root for everything outbox-relay raises; each docstring is the default message."""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """outbox-relay failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class InvalidEvent(OutboxError, ValueError):
+    """The event was rejected at write time and nothing was written."""
+
+
+class InvalidTopic(InvalidEvent):
+    """Kafka topic names are 1-249 characters of [a-zA-Z0-9._-] and not '.' or '..'."""
+
+
+class InvalidKey(InvalidEvent):
+    """Keys are bytes, str, int or uuid.UUID (or None)."""
+
+
+class InvalidHeader(InvalidEvent):
+    """Header names must be str and header values bytes or str."""
+
+
+class EventTooLarge(InvalidEvent):
+    """The event is larger than the configured maximum message size."""
+
+
+class SerializationError(InvalidEvent):
+    """The value could not be serialized."""
+
+
+class InvalidPartition(InvalidEvent):
+    """An explicit partition must be a non-negative int."""
+
+
+class InvalidSchedule(InvalidEvent):
+    """available_at must be timezone-aware and delay a non-negative timedelta; give one or neither."""
+
+
+class ConfigurationError(OutboxError):
+    """The relay's configuration is invalid."""
+
+
+class ConnectionTrouble(OutboxError):
+    """An outside system could not be reached; the relay backs off and retries."""
+
+
+class DatabaseUnavailable(ConnectionTrouble):
+    """PostgreSQL could not be reached."""
+
+
+class BrokerUnavailable(ConnectionTrouble):
+    """Kafka could not be reached."""
+
+
+class LaneLost(OutboxError):
+    """This relay no longer owns the lane; it must not publish or mark rows for it."""

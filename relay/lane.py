@@ -1,0 +1,195 @@
+"""One lane: its ownership (advisory lock + transactional.id) and its tick (claim -> publish -> mark)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from relay.backoff import CircuitBreaker
+from relay.config import Settings
+from relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
+from relay.store import Row, Store, connect
+
+log = logging.getLogger(__name__)
+
+
+class LaneWorker:
+    """Owns at most one lane. Every method is called from scheduler threads; ``tick`` never runs twice at once."""
+
+    def __init__(
+        self,
+        lane: int,
+        lane_count: int,
+        settings: Settings,
+        store: Store,
+        transactional_id: str,
+        publisher_factory: Callable[[str], LanePublisher],
+    ) -> None:
+        self.lane = lane
+        self.lane_count = lane_count
+        self.settings = settings
+        self.store = store
+        self.transactional_id = transactional_id
+        self.owner = settings.instance_name()
+        self._new_publisher = publisher_factory
+        self._conn: psycopg.Connection[Any] | None = None
+        self._publisher: LanePublisher | None = None
+        self.owned = False
+        self._ticking = threading.Lock()
+        self._extra = {"lane": lane}
+        backoff = {"threshold": settings.breaker_threshold, "initial": settings.backoff_initial,
+                   "cap": settings.backoff_max, "extra": self._extra}
+        self.database = CircuitBreaker("postgres", **backoff)  # type: ignore[arg-type]
+        self.kafka = CircuitBreaker("kafka", **backoff)  # type: ignore[arg-type]
+        self.published_total = 0
+
+    # --- ownership --------------------------------------------------------------------
+
+    def try_acquire(self) -> bool:
+        """Take the lane if it is free; True when this worker owns it afterwards."""
+        if self.owned:
+            return True
+        if not self.database.ready():
+            return False
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.settings.database_url, f"outbox-relay lane {self.lane}")
+            if not self.store.try_lock_lane(self._conn, self.lane):
+                return False
+            self.store.record_owner(self._conn, self.lane, self.owner)
+        except psycopg.OperationalError as exc:
+            self._lost_database(exc)
+            return False
+        self.database.success()
+        self.owned = True
+        log.info("took lane %d as %s (transactional.id %s)", self.lane, self.owner, self.transactional_id,
+                 extra={**self._extra, "action": "lane_acquired"})
+        return True
+
+    def heartbeat(self) -> None:
+        if not self.owned or self._conn is None:
+            return
+        with self._ticking:  # the lane connection is not shared between threads at once
+            try:
+                self.store.heartbeat(self._conn, self.lane, self.owner)
+            except psycopg.OperationalError as exc:
+                self._lost_database(exc)
+
+    def release(self) -> None:
+        """Give the lane up: abort nothing committed, unlock, close. Safe to call twice."""
+        with self._ticking:
+            self._drop_publisher()
+            if self._conn is not None and not self._conn.closed:
+                if self.owned:
+                    try:
+                        self.store.release_owner(self._conn, self.lane, self.owner)
+                    except psycopg.Error:
+                        pass
+                self._conn.close()
+            if self.owned:
+                log.info("released lane %d", self.lane, extra={**self._extra, "action": "lane_released"})
+            self._conn = None
+            self.owned = False
+
+    def _lost_database(self, exc: Exception) -> None:
+        """The lane connection broke, and the advisory lock went with it: we own nothing any more."""
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        if self.owned:
+            log.warning("lost lane %d with its database connection", self.lane,
+                        extra={**self._extra, "action": "lane_lost"})
+        self.owned = False
+        self._drop_publisher()
+        self.database.failure(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+    def _drop_publisher(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+    # --- publishing -------------------------------------------------------------------
+
+    def tick(self, stopping: threading.Event) -> bool:
+        """Drain one batch. True when more work is waiting (a full batch was published)."""
+        if not self._ticking.acquire(blocking=False):
+            return False
+        try:
+            if not self.owned or self._conn is None or not self.kafka.ready():
+                return False
+            return self._tick_owned(self._conn, stopping)
+        finally:
+            self._ticking.release()
+
+    def _tick_owned(self, conn: psycopg.Connection[Any], stopping: threading.Event) -> bool:
+        try:
+            rows = self.store.claim(conn, self.lane, self.lane_count, self.settings.batch_size)
+            if not rows or stopping.is_set():
+                return False
+            publisher = self._ensure_publisher()
+            if publisher is None:
+                return False
+            try:
+                publisher.publish(rows)
+            except PoisonEvent as exc:
+                self._poison(conn, exc)
+                return True  # the rest of the batch goes again at once, in a new transaction
+            except TransactionAborted as exc:
+                self.kafka.failure(str(exc))
+                return False
+            except ProducerFailed as exc:
+                self._producer_failed(exc)
+                return False
+            self.kafka.success()
+            # Only now, after Kafka acknowledged the commit, are the rows sent.
+            self.store.mark_sent(conn, [row.id for row in rows])
+            self.published_total += len(rows)
+            log.debug("published %d events", len(rows), extra={**self._extra, "action": "published"})
+            return len(rows) == self.settings.batch_size
+        except psycopg.OperationalError as exc:
+            self._lost_database(exc)
+            return False
+
+    def _ensure_publisher(self) -> LanePublisher | None:
+        if self._publisher is not None:
+            return self._publisher
+        publisher = self._new_publisher(self.transactional_id)
+        try:
+            publisher.start()
+        except ProducerFailed as exc:
+            publisher.close()
+            self.kafka.failure(str(exc))
+            return None
+        self._publisher = publisher
+        return publisher
+
+    def _producer_failed(self, exc: ProducerFailed) -> None:
+        self._drop_publisher()
+        if exc.fenced:
+            # A newer producer holds our transactional.id: someone else owns the lane now.
+            log.warning("fenced on lane %d: another relay owns it; stepping back", self.lane,
+                        extra={**self._extra, "action": "fenced"})
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            self.owned = False
+        else:
+            self.kafka.failure(str(exc))
+
+    def _poison(self, conn: psycopg.Connection[Any], exc: PoisonEvent) -> None:
+        row: Row = exc.row
+        park = exc.permanent or row.attempts + 1 >= self.settings.max_attempts
+        self.store.record_failure(conn, row.id, str(exc), park)
+        extra = {**self._extra, "event_id": str(row.event_id), "topic": row.topic,
+                 "action": "event_parked" if park else "event_retry"}
+        if park:
+            log.error("parked event %s as failed after %d attempts: %s", row.event_id, row.attempts + 1, exc,
+                      extra=extra)
+        else:
+            log.warning("event %s failed (attempt %d of %d): %s", row.event_id, row.attempts + 1,
+                        self.settings.max_attempts, exc, extra=extra)
+            self.kafka.failure(str(exc))

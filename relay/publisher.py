@@ -1,0 +1,200 @@
+"""The relay's only door to Kafka: one transactional producer per lane.
+
+``publish(rows)`` puts a batch into one Kafka transaction and returns only once the transaction
+committed, or raises one of the outcomes below, following librdkafka's transactional error
+classes (retriable: retry the call; abortable: abort and retry the batch; fatal: new producer).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from relay.errors import BrokerUnavailable, OutboxError
+from relay.store import Row
+
+log = logging.getLogger(__name__)
+
+EVENT_ID_HEADER = "outbox-event-id"
+
+# Errors that say "this message can never be published as it is": park the event at once.
+PERMANENT_CODES = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.TOPIC_EXCEPTION,
+    KafkaError.POLICY_VIOLATION,
+    KafkaError._INVALID_ARG,
+})
+# Errors that blame the message but may heal (a topic or partition created later): retry, then park.
+EVENT_CODES = frozenset({
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError._UNKNOWN_PARTITION,
+})
+# What the other messages of an aborted batch report; never the culprit.
+_COLLATERAL_CODES = frozenset({
+    KafkaError._PURGE_QUEUE,
+    KafkaError._PURGE_INFLIGHT,
+    KafkaError._STATE,
+    KafkaError._FENCED,
+})
+
+
+class PoisonEvent(OutboxError):
+    """One event of the batch was rejected; the batch was aborted and nothing of it is visible."""
+
+    def __init__(self, row: Row, error: KafkaError) -> None:
+        self.row = row
+        self.error = error
+        self.permanent = error.code() in PERMANENT_CODES
+        super().__init__(f"event {row.event_id} (id {row.id}, topic {row.topic!r}) rejected: {describe(error)}")
+
+
+class TransactionAborted(BrokerUnavailable):
+    """The Kafka transaction was aborted for a reason that is not one event's fault; retry the batch later."""
+
+
+class ProducerFailed(BrokerUnavailable):
+    """The producer hit a fatal error (fenced by a newer owner, or broken); it must be replaced."""
+
+    def __init__(self, message: str, fenced: bool = False) -> None:
+        super().__init__(message)
+        self.fenced = fenced
+
+
+def describe(error: KafkaError) -> str:
+    return f"{error.name()}: {error.str()}"
+
+
+class LanePublisher:
+    """A transactional, idempotent producer bound to one lane's transactional.id."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        transactional_id: str,
+        *,
+        operation_timeout: float = 30.0,
+        logger: Any = None,
+    ) -> None:
+        self.transactional_id = transactional_id
+        self.operation_timeout = operation_timeout
+        conf = {**config, "transactional.id": transactional_id}
+        if logger is not None:
+            conf["logger"] = logger
+        self._producer = Producer(conf)
+
+    def start(self) -> None:
+        """Register the transactional.id: fences any older producer of the lane and ends its open transaction."""
+        try:
+            self._retrying(lambda: self._producer.init_transactions(self.operation_timeout))
+        except KafkaException as exc:
+            raise _fatal(exc.args[0], "init_transactions") from exc
+
+    def close(self) -> None:
+        """Drop the producer; an open transaction is aborted by the coordinator (fencing or timeout)."""
+        try:
+            self._producer.purge()
+            self._producer.flush(0)
+        except (KafkaException, RuntimeError):
+            pass
+
+    def publish(self, rows: Sequence[Row]) -> None:
+        """Publish rows in one transaction, in order; return only after the commit was acknowledged."""
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+        except KafkaException as exc:
+            raise _fatal(exc.args[0], "begin_transaction") from exc
+        reports: list[KafkaError | None] = [None] * len(rows)
+        for index, row in enumerate(rows):
+            try:
+                self._produce(row, _recorder(reports, index))
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                self.abort()
+                if error.fatal():
+                    raise _fatal(error, "produce") from exc
+                if error.txn_requires_abort() or error.retriable():
+                    raise TransactionAborted(f"produce failed: {describe(error)}") from exc
+                # A synchronous rejection: the message was never queued, so committing would lose it.
+                raise PoisonEvent(row, error) from exc
+        remaining = producer.flush(self.operation_timeout)
+        if remaining:
+            self.abort()
+            raise TransactionAborted(f"{remaining} messages not acknowledged within {self.operation_timeout}s")
+        failed = [(rows[i], error) for i, error in enumerate(reports) if error is not None]
+        if failed:
+            self.abort()
+            culprit = next(((row, e) for row, e in failed if e.code() not in _COLLATERAL_CODES), None)
+            if culprit is not None and (culprit[1].code() in PERMANENT_CODES or culprit[1].code() in EVENT_CODES):
+                raise PoisonEvent(*culprit)
+            row, error = culprit or failed[0]
+            if error.fatal():
+                raise _fatal(error, "delivery")
+            raise TransactionAborted(f"delivery of event {row.event_id} failed: {describe(error)}")
+        self._commit()
+
+    def _produce(self, row: Row, on_delivery: Callable[[KafkaError | None, Any], None]) -> None:
+        headers = list(zip(row.header_names, row.header_values))
+        headers.append((EVENT_ID_HEADER, str(row.event_id).encode()))
+        kwargs: dict[str, Any] = {"key": row.key, "value": row.value, "headers": headers, "on_delivery": on_delivery}
+        if row.partition is not None:
+            kwargs["partition"] = row.partition
+        while True:
+            try:
+                self._producer.produce(row.topic, **kwargs)
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room, then retry this message.
+                self._producer.poll(0.05)
+
+    def _commit(self) -> None:
+        try:
+            # A commit that times out is retriable and goes on in the background: call it again.
+            self._retrying(lambda: self._producer.commit_transaction(self.operation_timeout))
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.txn_requires_abort():
+                self.abort()
+                raise TransactionAborted(f"commit failed: {describe(error)}") from exc
+            raise _fatal(error, "commit_transaction") from exc
+
+    def abort(self) -> None:
+        try:
+            self._retrying(lambda: self._producer.abort_transaction(self.operation_timeout))
+        except KafkaException as exc:
+            raise _fatal(exc.args[0], "abort_transaction") from exc
+
+    def _retrying(self, call: Callable[[], None]) -> None:
+        """Repeat a transactional call while librdkafka says the same call may be retried."""
+        deadline = time.monotonic() + 4 * self.operation_timeout
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if not error.retriable() or time.monotonic() > deadline:
+                    raise
+                log.debug("retrying transactional call after %s", describe(error), extra={"action": "retry"})
+                time.sleep(0.1)
+
+
+def _recorder(reports: list[KafkaError | None], index: int) -> Callable[[KafkaError | None, Any], None]:
+    def on_delivery(error: KafkaError | None, _message: Any) -> None:
+        reports[index] = error
+
+    return on_delivery
+
+
+def _fatal(error: KafkaError, during: str) -> ProducerFailed:
+    fenced = error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
+    return ProducerFailed(f"{during} failed: {describe(error)}", fenced=fenced)

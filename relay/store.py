@@ -1,0 +1,157 @@
+"""The relay's only door to PostgreSQL: named queries over psycopg connections.
+
+Each lane owner keeps one connection that holds the lane's advisory lock. Claims and marks run
+on that same connection, so a relay whose connection (and with it the lock) is gone cannot mark
+rows any more: ownership and writes fail together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+import zlib
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from sqlalchemy.engine import make_url
+
+from models import EVENTS_TABLE, LANES_TABLE, SCHEMA, SETTINGS_TABLE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Row:
+    """One claimed outbox event, as the publisher needs it."""
+
+    id: int
+    event_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    header_names: list[str]
+    header_values: list[bytes]
+    partition: int | None
+    attempts: int
+    created_at: dt.datetime
+
+
+def conninfo(database_url: str) -> str:
+    """A libpq connection string from a SQLAlchemy URL (postgresql+psycopg://...)."""
+    url = make_url(database_url)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def database_name(database_url: str) -> str:
+    return make_url(database_url).database or "postgres"
+
+
+def connect(database_url: str, application_name: str = "outbox-relay") -> psycopg.Connection[Any]:
+    """An autocommit connection: each statement is its own short transaction.
+
+    TCP keepalives make a dead peer visible in seconds rather than hours, on both sides.
+    """
+    return psycopg.connect(
+        conninfo(database_url),
+        autocommit=True,
+        application_name=application_name,
+        connect_timeout=5,
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=3,
+        row_factory=tuple_row,
+    )
+
+
+_EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
+_LANES = sql.Identifier(SCHEMA, LANES_TABLE)
+_SETTINGS = sql.Identifier(SCHEMA, SETTINGS_TABLE)
+# Advisory locks are per database; the class id keeps two outbox tables in one database apart.
+LOCK_CLASS = zlib.crc32(f"{SCHEMA}.{EVENTS_TABLE}".encode()) & 0x7FFFFFFF
+
+_COLUMNS = sql.SQL(
+    "e.id, e.event_id, e.topic, e.key, e.value, e.header_names, e.header_values, e.partition, e.attempts, e.created_at"
+)
+_CLAIM = sql.SQL(
+    "SELECT {columns} FROM {events} e"
+    " WHERE e.state = 'pending' AND e.available_at <= now() AND e.lane_key %% %(lanes)s = %(lane)s {hold}"
+    " ORDER BY e.id LIMIT %(limit)s"
+)
+# A failed event holds back the later events of its key (per-key order over progress).
+_HOLD = sql.SQL(
+    "AND (e.key IS NULL OR NOT EXISTS ("
+    "SELECT 1 FROM {events} f WHERE f.state = 'failed' AND f.key = e.key AND f.id < e.id))"
+)
+
+
+class Store:
+    """Named queries. Methods take the connection to run on; the lane's for lane work."""
+
+    def __init__(self, hold_failed_keys: bool = True) -> None:
+        hold = _HOLD.format(events=_EVENTS) if hold_failed_keys else sql.SQL("")
+        self._claim = _CLAIM.format(columns=_COLUMNS, events=_EVENTS, hold=hold)
+
+    @staticmethod
+    def lane_count(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute(sql.SQL("SELECT lane_count FROM {} WHERE id = 1").format(_SETTINGS)).fetchone()
+        if row is None:
+            raise LookupError(f"{SCHEMA}.{SETTINGS_TABLE} has no row; run `outbox-relay migrate`")
+        return int(row[0])
+
+    @staticmethod
+    def try_lock_lane(conn: psycopg.Connection[Any], lane: int) -> bool:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, lane)).fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def record_owner(conn: psycopg.Connection[Any], lane: int, owner: str) -> None:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (lane, owner, acquired_at, heartbeat_at) VALUES (%s, %s, now(), now())"
+                " ON CONFLICT (lane) DO UPDATE SET owner = EXCLUDED.owner, acquired_at = now(), heartbeat_at = now()"
+            ).format(_LANES),
+            (lane, owner),
+        )
+
+    @staticmethod
+    def heartbeat(conn: psycopg.Connection[Any], lane: int, owner: str) -> None:
+        conn.execute(
+            sql.SQL("UPDATE {} SET heartbeat_at = now() WHERE lane = %s AND owner = %s").format(_LANES),
+            (lane, owner),
+        )
+
+    @staticmethod
+    def release_owner(conn: psycopg.Connection[Any], lane: int, owner: str) -> None:
+        conn.execute(
+            sql.SQL("UPDATE {} SET owner = NULL, heartbeat_at = now() WHERE lane = %s AND owner = %s").format(_LANES),
+            (lane, owner),
+        )
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, lane))
+
+    def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int) -> list[Row]:
+        """The lane's next available pending events in id order. Reads only: the lock is the claim."""
+        cursor = conn.execute(self._claim, {"lane": lane, "lanes": lanes, "limit": limit})
+        return [Row(*record) for record in cursor.fetchall()]
+
+    @staticmethod
+    def mark_sent(conn: psycopg.Connection[Any], ids: list[int]) -> int:
+        cursor = conn.execute(
+            sql.SQL("UPDATE {} SET state = 'sent', sent_at = now() WHERE id = ANY(%s) AND state = 'pending'").format(
+                _EVENTS
+            ),
+            (ids,),
+        )
+        return cursor.rowcount
+
+    @staticmethod
+    def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, park: bool) -> None:
+        """Count a failed attempt; park the event as failed when it cannot or may no longer be retried."""
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET attempts = attempts + 1, last_error = %s,"
+                " state = CASE WHEN %s THEN 'failed' ELSE state END WHERE id = %s AND state = 'pending'"
+            ).format(_EVENTS),
+            (error[:2000], park, event_id),
+        )

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""`make demo`: the relay moving real events from PostgreSQL to Kafka.
+
+Migrates the database, starts `outbox-relay run`, writes orders in real transactions (some roll
+back), and shows the committed ones arriving in Kafka through a read_committed consumer.
+Expects OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BOOTSTRAP_SERVERS (`make demo` sets them).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from sqlalchemy import create_engine, text
+
+from relay import enqueue
+
+TOPIC = "demo.orders"
+ORDERS = 20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ensure_topic(bootstrap: str) -> int:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if TOPIC not in admin.list_topics(timeout=10).topics:
+        admin.create_topics([NewTopic(TOPIC, num_partitions=3, replication_factor=1)])[TOPIC].result(30)
+    return len(admin.list_topics(TOPIC, timeout=10).topics[TOPIC].partitions)
+
+
+def consumer_from_now(bootstrap: str, partitions: int) -> Consumer:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "outbox-demo",
+                         "isolation.level": "read_committed", "enable.auto.commit": False})
+    ends = [consumer.get_watermark_offsets(TopicPartition(TOPIC, p), timeout=10)[1] for p in range(partitions)]
+    consumer.assign([TopicPartition(TOPIC, p, end) for p, end in enumerate(ends)])
+    return consumer
+
+
+def main() -> int:
+    url = os.environ["OUTBOX_DATABASE_URL"]
+    bootstrap = os.environ["OUTBOX_KAFKA_BOOTSTRAP_SERVERS"]
+    cli = [sys.executable, "-m", "relay.cli"]
+    subprocess.run([*cli, "migrate"], check=True)
+    partitions = ensure_topic(bootstrap)
+    consumer = consumer_from_now(bootstrap, partitions)
+
+    log_path = ROOT / ".services" / "demo-relay.log"
+    print(f"\n== starting the relay (log: {log_path})")
+    with open(log_path, "ab") as log_file:
+        relay = subprocess.Popen([*cli, "run", "--poll-interval", "0.2"], stdout=log_file, stderr=log_file)
+    try:
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE IF NOT EXISTS demo_orders (id bigserial PRIMARY KEY, customer text)"))
+        print(f"== writing {ORDERS} orders, each with its event, in one transaction per order")
+        committed: set[str] = set()
+        rolled_back: set[str] = set()
+        for n in range(ORDERS):
+            customer = random.choice(["ada", "grace", "linus", "barbara"])
+            with engine.connect() as conn, conn.begin() as transaction:
+                order_id = conn.execute(text("INSERT INTO demo_orders (customer) VALUES (:c) RETURNING id"),
+                                        {"c": customer}).scalar_one()
+                event_id = str(enqueue(conn, TOPIC, {"order": order_id, "customer": customer}, key=customer))
+                if n % 5 == 4:
+                    transaction.rollback()  # the business change failed: its event must never appear
+                    rolled_back.add(event_id)
+                    print(f"   order {order_id:>4} for {customer:<8} ROLLED BACK")
+                    continue
+            committed.add(event_id)
+            print(f"   order {order_id:>4} for {customer:<8} committed   event {event_id}")
+
+        print(f"== reading {TOPIC} (read_committed) until all {len(committed)} committed events arrived")
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while seen != committed and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None or message.error():
+                continue
+            event_id = dict(message.headers() or [])["outbox-event-id"].decode()
+            seen.add(event_id)
+            print(f"   partition {message.partition()} offset {message.offset():>5} key {message.key().decode():<8}"
+                  f" {message.value().decode()}")
+        consumer.close()
+        missing, leaked = committed - seen, seen & rolled_back
+        print(f"\n== {len(seen & committed)}/{len(committed)} committed events arrived; "
+              f"{len(leaked)} of {len(rolled_back)} rolled-back events leaked; {len(missing)} missing")
+        subprocess.run([*cli, "status"], check=False)
+        return 0 if not missing and not leaked else 1
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The write API against real PostgreSQL: atomicity, encodings, concurrency, and rejected input."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import multiprocessing
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
+
+from models import OutboxEvent
+from relay import Event, Outbox, enqueue, enqueue_many, errors
+
+
+def rows(engine: Engine) -> list[OutboxEvent]:
+    with Session(engine) as session:
+        return list(session.scalars(select(OutboxEvent).order_by(OutboxEvent.id)))
+
+
+def count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(OutboxEvent)).scalar_one()
+
+
+def test_rollback_leaves_no_row_and_commit_leaves_exactly_one(engine: Engine) -> None:
+    with Session(engine) as session:
+        enqueue(session, "orders", {"id": 1})
+        session.rollback()
+    assert count(engine) == 0
+
+    with Session(engine) as session, session.begin():
+        event_id = enqueue(session, "orders", {"id": 2})
+    stored = rows(engine)
+    assert [(r.event_id, r.topic, r.value, r.state) for r in stored] == [(event_id, "orders", b'{"id":2}', "pending")]
+
+
+def test_enqueue_joins_a_connection_transaction_and_never_commits(engine: Engine) -> None:
+    with engine.connect() as conn:
+        enqueue(conn, "orders", b"raw")
+        assert conn.in_transaction()
+        conn.rollback()
+    assert count(engine) == 0
+    with engine.begin() as conn:
+        enqueue(conn, "orders", b"raw")
+    assert count(engine) == 1
+
+
+def test_values_keys_and_headers_are_encoded_as_documented(engine: Engine) -> None:
+    @dataclasses.dataclass
+    class Shipped:
+        order: int
+        at: dt.date
+
+    with engine.begin() as conn:
+        enqueue(conn, "t", b"\x00\xff", key=b"\x01\x02")
+        enqueue(conn, "t", "héllo", key="k")
+        enqueue(conn, "t", Shipped(7, dt.date(2026, 1, 2)), key=42)
+        enqueue(conn, "t", None, key=uuid.UUID(int=1), headers=[("a", b"\x00"), ("a", "two"), ("b", b"")])
+    first, second, third, fourth = rows(engine)
+    assert (first.value, first.key, first.header_names) == (b"\x00\xff", b"\x01\x02", [])
+    assert (second.value, second.key) == ("héllo".encode(), b"k")
+    assert dict(zip(second.header_names, second.header_values))["content-type"] == b"text/plain; charset=utf-8"
+    assert third.value == b'{"order":7,"at":"2026-01-02"}' and third.key == b"42"
+    assert dict(zip(third.header_names, third.header_values))["content-type"] == b"application/json"
+    # A tombstone: no value, no content type; headers keep their order, duplicates and binary values.
+    assert fourth.value is None and fourth.key == b"00000000-0000-0000-0000-000000000001"
+    assert list(zip(fourth.header_names, fourth.header_values)) == [("a", b"\x00"), ("a", b"two"), ("b", b"")]
+
+
+def test_pluggable_serializer_records_its_content_type(engine: Engine) -> None:
+    outbox = Outbox(serializer=lambda value: (repr(value).encode(), "application/x-python-repr"))
+    with engine.begin() as conn:
+        outbox.enqueue(conn, "t", {1, 2})
+    (row,) = rows(engine)
+    assert row.value == b"{1, 2}"
+    assert dict(zip(row.header_names, row.header_values))["content-type"] == b"application/x-python-repr"
+
+
+def test_caller_event_id_partition_and_schedules(engine: Engine) -> None:
+    given = uuid.uuid4()
+    at = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    with engine.begin() as conn:
+        assert enqueue(conn, "t", b"1", event_id=given, partition=2) == given
+        enqueue(conn, "t", b"2", available_at=at)
+        enqueue(conn, "t", b"3", delay=dt.timedelta(hours=1))
+        db_now = conn.execute(text("SELECT now()")).scalar_one()
+    first, second, third = rows(engine)
+    assert (first.event_id, first.partition, first.available_at) == (given, 2, first.created_at)
+    assert second.available_at == at
+    assert abs((third.available_at - db_now) - dt.timedelta(hours=1)) < dt.timedelta(seconds=1)
+
+
+def test_enqueue_many_writes_all_in_one_call(engine: Engine) -> None:
+    with Session(engine) as session, session.begin():
+        ids = enqueue_many(session, [Event("t", {"n": n}, key=n % 3) for n in range(100)])
+    stored = rows(engine)
+    assert [r.event_id for r in stored] == ids and len(set(ids)) == 100
+
+
+def test_trace_context_of_the_active_span_is_captured(engine: Engine) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("checkout") as span, engine.begin() as conn:
+        enqueue(conn, "t", b"x")
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    (row,) = rows(engine)
+    headers = dict(zip(row.header_names, row.header_values))
+    assert headers["traceparent"].decode().split("-")[1] == trace_id
+    # Without an active span nothing is added.
+    with engine.begin() as conn:
+        enqueue(conn, "t", b"y")
+    assert "traceparent" not in rows(engine)[1].header_names
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+BAD_EVENTS: list[tuple[str, dict[str, Any], type[errors.InvalidEvent], str]] = [
+    ("empty topic", {"topic": ""}, errors.InvalidTopic, "invalid topic ''"),
+    ("dot topic", {"topic": "."}, errors.InvalidTopic, "invalid topic '.'"),
+    ("dotdot topic", {"topic": ".."}, errors.InvalidTopic, "invalid topic '..'"),
+    ("long topic", {"topic": "a" * 250}, errors.InvalidTopic, "1-249 characters"),
+    ("bad char topic", {"topic": "orders/eu"}, errors.InvalidTopic, "orders/eu"),
+    ("oversized value", {"value": b"x" * 1_048_588}, errors.EventTooLarge, "over the limit of 1048588"),
+    ("oversized headers", {"headers": {"h": b"x" * 1_048_588}}, errors.EventTooLarge, "over the limit"),
+    ("header name not str", {"headers": [(b"h", b"v")]}, errors.InvalidHeader, "header name b'h'"),
+    ("header value int", {"headers": {"h": 5}}, errors.InvalidHeader, "header 'h' has a int value"),
+    ("header not a pair", {"headers": ["h"]}, errors.InvalidHeader, "not a (name, value) pair"),
+    ("unserializable", {"value": object()}, errors.SerializationError, "cannot be serialized"),
+    ("nan", {"value": {"x": float("nan")}}, errors.SerializationError, "cannot be serialized"),
+    ("nested unserializable", {"value": {"x": {1, 2}}}, errors.SerializationError, "set is not JSON"),
+    ("negative partition", {"partition": -1}, errors.InvalidPartition, "invalid partition -1"),
+    ("bool partition", {"partition": True}, errors.InvalidPartition, "invalid partition True"),
+    ("naive available_at", {"available_at": dt.datetime(2030, 1, 1)}, errors.InvalidSchedule, "naive"),
+    ("negative delay", {"delay": dt.timedelta(seconds=-1)}, errors.InvalidSchedule, "non-negative"),
+    ("both schedules", {"delay": dt.timedelta(1), "available_at": dt.datetime.now(dt.UTC)},
+     errors.InvalidSchedule, "not both"),
+    ("float key", {"key": 1.5}, errors.InvalidKey, "key of type float"),
+    ("bool key", {"key": True}, errors.InvalidKey, "bool is not a key type"),
+    ("event id not uuid", {"event_id": "abc"}, errors.InvalidEvent, "is not a uuid.UUID"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "error", "message"), BAD_EVENTS, ids=[c[0] for c in BAD_EVENTS])
+def test_bad_input_is_rejected_with_a_clear_error_and_nothing_written(
+    engine: Engine, case: str, change: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    arguments: dict[str, Any] = {"topic": "orders", "value": b"ok", **change}
+    with engine.begin() as conn:
+        enqueue(conn, "orders", b"accepted before")
+        with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")) as raised:
+            enqueue(conn, **arguments)
+        assert isinstance(raised.value, errors.OutboxError) and isinstance(raised.value, ValueError)
+    # The caller's transaction went on: what was accepted before is kept, the bad event is absent.
+    assert [r.value for r in rows(engine)] == [b"accepted before"]
+
+
+def test_a_bad_event_in_a_batch_rejects_the_whole_batch_naming_it(engine: Engine) -> None:
+    with engine.begin() as conn, pytest.raises(errors.InvalidTopic, match="event #1: invalid topic 'bad topic'"):
+        enqueue_many(conn, [Event("good", b"1"), Event("bad topic", b"2")])
+    assert count(engine) == 0
+
+
+def test_the_limit_is_configurable(engine: Engine) -> None:
+    small = Outbox(max_message_bytes=1000)
+    with engine.begin() as conn:
+        small.enqueue(conn, "t", b"x" * 700)
+        with pytest.raises(errors.EventTooLarge, match="over the limit of 1000 bytes"):
+            small.enqueue(conn, "t", b"x" * 800)
+
+
+def test_the_database_rejects_what_bypasses_the_api(engine: Engine) -> None:
+    for column, value in (("topic", "'bad topic'"), ("partition", "-1"), ("state", "'lost'")):
+        with pytest.raises(Exception, match="violates check constraint"), engine.begin() as conn:
+            values = {"topic": "'t'", "partition": "NULL", "state": "'pending'", column: value}
+            conn.execute(text(f"INSERT INTO outbox.events (topic, partition, state) "
+                              f"VALUES ({values['topic']}, {values['partition']}, {values['state']})"))
+
+
+def test_concurrent_writer_threads_get_distinct_ids(engine: Engine) -> None:
+    def write(n: int) -> None:
+        for i in range(50):
+            with engine.begin() as conn:
+                enqueue(conn, "t", {"writer": n, "i": i}, key=n)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = rows(engine)
+    assert len(stored) == 400
+    assert len({r.id for r in stored}) == 400 and len({r.event_id for r in stored}) == 400
+
+
+def _write_from_process(url: str, writer: int) -> None:
+    engine = create_engine(url)
+    for i in range(50):
+        with engine.begin() as conn:
+            enqueue(conn, "t", {"writer": writer, "i": i}, key=writer)
+    engine.dispose()
+
+
+def test_concurrent_writer_processes_get_distinct_ids(engine: Engine, database_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_write_from_process, args=(database_url, n)) for n in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    stored = rows(engine)
+    assert len({r.id for r in stored}) == len({r.event_id for r in stored}) == 200
+    # Within one writer (one key), ids follow commit order.
+    for writer in range(4):
+        mine = [r for r in stored if r.key == str(writer).encode()]
+        assert [int(r.value.split(b'"i":')[1].rstrip(b"}")) for r in mine] == list(range(50))
+
+
+def test_async_session_and_connection(database_url: str, engine: Engine) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async def scenario() -> None:
+        async_engine = create_async_engine(database_url)
+        async with AsyncSession(async_engine) as session:
+            await enqueue(session, "t", b"rolled back")
+            await session.rollback()
+        async with AsyncSession(async_engine) as session, session.begin():
+            await enqueue(session, "t", b"session")
+            await enqueue_many(session, [Event("t", b"batch")])
+        async with async_engine.begin() as conn:
+            await enqueue(conn, "t", b"connection")
+        await async_engine.dispose()
+
+    asyncio.run(scenario())
+    assert [r.value for r in rows(engine)] == [b"session", b"batch", b"connection"]
