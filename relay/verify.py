@@ -1,0 +1,92 @@
+"""The ledger check: compare what the outbox table committed with what Kafka holds.
+
+Given the table's rows and the messages a read_committed consumer saw, it reports events lost
+(committed, not in Kafka), duplicated (one event id more than once), reordered (a key's events
+out of id order), unknown (in Kafka, but no row produced it) and rows marked sent that Kafka lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerRow:
+    id: int
+    event_id: str
+    topic: str
+    key: bytes | None
+    state: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    event_id: str | None
+
+
+@dataclasses.dataclass
+class LedgerReport:
+    committed: int
+    received: int
+    lost: list[str]
+    duplicates: dict[str, int]
+    reordered: list[tuple[bytes, str, str]]
+    unknown: list[str]
+    sent_but_missing: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicates or self.reordered or self.unknown or self.sent_but_missing)
+
+    @property
+    def duplicate_count(self) -> int:
+        return sum(n - 1 for n in self.duplicates.values())
+
+    def summary(self) -> str:
+        return (f"committed={self.committed} received={self.received} lost={len(self.lost)} "
+                f"duplicated={self.duplicate_count} reordered={len(self.reordered)} unknown={len(self.unknown)} "
+                f"sent_but_missing={len(self.sent_but_missing)}")
+
+
+def check(rows: Iterable[LedgerRow], messages: Iterable[LedgerMessage], *, expect_all_sent: bool = True) -> LedgerReport:
+    """Compare the table with Kafka. With ``expect_all_sent`` every pending row also counts as lost."""
+    rows = list(rows)
+    messages = sorted(messages, key=lambda m: (m.topic, m.partition, m.offset))
+    by_event = {row.event_id: row for row in rows}
+    counts = Counter(m.event_id for m in messages if m.event_id is not None)
+    # Failed and discarded rows were parked on purpose; pending ones are lost once all should be sent.
+    lost = [r.event_id for r in rows
+            if r.event_id not in counts and (r.state == "sent" or (expect_all_sent and r.state == "pending"))]
+    sent_but_missing = [r.event_id for r in rows if r.state == "sent" and r.event_id not in counts]
+    unknown = [m.event_id or f"{m.topic}/{m.partition}@{m.offset}" for m in messages
+               if m.event_id is None or m.event_id not in by_event]
+    # Per key, the first sighting of each event must follow id order (a key lives in one partition).
+    first_seen: dict[bytes, list[LedgerRow]] = defaultdict(list)
+    seen: set[str] = set()
+    for message in messages:
+        row = by_event.get(message.event_id or "")
+        if row is None or row.event_id in seen or row.key is None:
+            continue
+        seen.add(row.event_id)
+        first_seen[row.key].append(row)
+    reordered = [
+        (key, earlier.event_id, later.event_id)
+        for key, sequence in first_seen.items()
+        for earlier, later in zip(sequence, sequence[1:])
+        if later.id < earlier.id
+    ]
+    return LedgerReport(
+        committed=len(rows),
+        received=len(messages),
+        lost=lost,
+        duplicates={event_id: n for event_id, n in counts.items() if n > 1},
+        reordered=reordered,
+        unknown=unknown,
+        sent_but_missing=sent_but_missing,
+    )
