@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from itertools import pairwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,9 @@ class LedgerReport:
                 f"sent_but_missing={len(self.sent_but_missing)}")
 
 
-def check(rows: Iterable[LedgerRow], messages: Iterable[LedgerMessage], *, expect_all_sent: bool = True) -> LedgerReport:
+def check(
+    rows: Iterable[LedgerRow], messages: Iterable[LedgerMessage], *, expect_all_sent: bool = True
+) -> LedgerReport:
     """Compare the table with Kafka. With ``expect_all_sent`` every pending row also counts as lost."""
     rows = list(rows)
     messages = sorted(messages, key=lambda m: (m.topic, m.partition, m.offset))
@@ -78,7 +81,7 @@ def check(rows: Iterable[LedgerRow], messages: Iterable[LedgerMessage], *, expec
     reordered = [
         (key, earlier.event_id, later.event_id)
         for key, sequence in first_seen.items()
-        for earlier, later in zip(sequence, sequence[1:])
+        for earlier, later in pairwise(sequence)
         if later.id < earlier.id
     ]
     return LedgerReport(
