@@ -37,8 +37,9 @@ class Received:
     headers: list[tuple[str, bytes]]
 
     @property
-    def event_id(self) -> str:
-        return dict(self.headers)["outbox-event-id"].decode()
+    def event_id(self) -> str | None:
+        value = dict(self.headers).get("outbox-event-id")
+        return value.decode() if value is not None else None
 
 
 def consume(topics: list[str], *, expected: int, timeout: float = 60.0, quiet: float = 2.0,

@@ -102,8 +102,7 @@ def ledger(engine: Engine, topics: list[str], *, timeout: float = 60, quiet: flo
     expected = sum(1 for r in rows if r.state == "sent" or (expect_all_sent and r.state == "pending"))
     received = kafkatools.consume(topics, expected=expected, timeout=timeout, quiet=quiet)
     messages = [
-        LedgerMessage(m.topic, m.partition, m.offset, m.key, dict(m.headers).get("outbox-event-id", b"").decode() or None)
-        for m in received
+        LedgerMessage(m.topic, m.partition, m.offset, m.key, m.event_id) for m in received
     ]
     return check(rows, messages, expect_all_sent=expect_all_sent)
 
