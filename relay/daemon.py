@@ -131,12 +131,20 @@ class Relay:
             self.workers = {lane: self._worker(lane, count) for lane in range(count)}
             self.lane_count = count
         for worker in self.workers.values():
-            was_owned = worker.owned
-            if worker.try_acquire():
-                if not was_owned:
-                    self._schedule(worker.lane, 0)
-                else:
-                    worker.heartbeat()
+            if not worker.owned and worker.try_acquire():
+                self._schedule(worker.lane, 0)
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        """Show operators which lanes this instance owns and that it is alive (the lock is the truth)."""
+        owned = [lane for lane, worker in self.workers.items() if worker.owned]
+        if not owned or self._control is None:
+            return
+        try:
+            self.store.heartbeat(self._control, owned, self.settings.instance_name())
+        except psycopg.OperationalError:
+            self._control.close()
+            self._control = None
 
     def _read_lane_count(self) -> int | None:
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +17,14 @@ from relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, Transact
 from relay.store import Row, Store, connect
 
 log = logging.getLogger(__name__)
+
+ISOLATION_RETRIES = 5
+
+
+class _Outcome(enum.Enum):
+    PUBLISHED = "published"  # committed in Kafka and marked sent
+    POISONED = "poisoned"  # one event was parked or counted; the rest may go at once
+    RETRY = "retry"  # nothing published; the lane backs off
 
 
 class LaneWorker:
@@ -70,15 +80,6 @@ class LaneWorker:
                  extra={**self._extra, "action": "lane_acquired"})
         return True
 
-    def heartbeat(self) -> None:
-        if not self.owned or self._conn is None:
-            return
-        with self._ticking:  # the lane connection is not shared between threads at once
-            try:
-                self.store.heartbeat(self._conn, self.lane, self.owner)
-            except psycopg.OperationalError as exc:
-                self._lost_database(exc)
-
     def release(self) -> None:
         """Give the lane up: abort nothing committed, unlock, close. Safe to call twice."""
         with self._ticking:
@@ -133,26 +134,35 @@ class LaneWorker:
             publisher = self._ensure_publisher()
             if publisher is None:
                 return False
-            try:
-                publisher.publish(rows)
-            except PoisonEvent as exc:
-                self._poison(conn, exc)
+            outcome = self._publish(conn, publisher, rows)
+            if outcome is _Outcome.POISONED:
                 return True  # the rest of the batch goes again at once, in a new transaction
-            except TransactionAborted as exc:
-                self.kafka.failure(str(exc))
-                return False
-            except ProducerFailed as exc:
-                self._producer_failed(exc)
-                return False
-            self.kafka.success()
-            # Only now, after Kafka acknowledged the commit, are the rows sent.
-            self.store.mark_sent(conn, [row.id for row in rows])
-            self.published_total += len(rows)
-            log.debug("published %d events", len(rows), extra={**self._extra, "action": "published"})
-            return len(rows) == self.settings.batch_size
+            return outcome is _Outcome.PUBLISHED and len(rows) == self.settings.batch_size
         except psycopg.OperationalError as exc:
             self._lost_database(exc)
             return False
+
+    def _publish(self, conn: psycopg.Connection[Any], publisher: LanePublisher, rows: list[Row]) -> _Outcome:
+        """One Kafka transaction for the rows; on success (only then) mark them sent."""
+        try:
+            publisher.publish(rows)
+        except PoisonEvent as exc:
+            if exc.ambiguous and len(rows) > 1:
+                return self._isolate(conn, publisher, rows)
+            self._poison(conn, exc)
+            return _Outcome.POISONED
+        except TransactionAborted as exc:
+            self.kafka.failure(str(exc))
+            return _Outcome.RETRY
+        except ProducerFailed as exc:
+            self._producer_failed(exc)
+            return _Outcome.RETRY
+        self.kafka.success()
+        # Only now, after Kafka acknowledged the commit, are the rows sent.
+        self.store.mark_sent(conn, [row.id for row in rows])
+        self.published_total += len(rows)
+        log.debug("published %d events", len(rows), extra={**self._extra, "action": "published"})
+        return _Outcome.PUBLISHED
 
     def _ensure_publisher(self) -> LanePublisher | None:
         if self._publisher is not None:
@@ -179,6 +189,22 @@ class LaneWorker:
             self.owned = False
         else:
             self.kafka.failure(str(exc))
+
+    def _isolate(self, conn: psycopg.Connection[Any], publisher: LanePublisher, rows: list[Row]) -> _Outcome:
+        """One event per transaction, in order, until the one that fails: that one is the culprit.
+
+        Rare (only after a failure that several messages shared) and slow on purpose. The first
+        transaction after an abort may be purged while the producer bumps its epoch: retry it.
+        """
+        for row in rows:
+            for _ in range(ISOLATION_RETRIES):
+                outcome = self._publish(conn, publisher, [row])
+                if outcome is not _Outcome.RETRY or self._publisher is not publisher:
+                    break
+                time.sleep(self.kafka.delay())
+            if outcome is not _Outcome.PUBLISHED:
+                return outcome
+        return _Outcome.PUBLISHED
 
     def _poison(self, conn: psycopg.Connection[Any], exc: PoisonEvent) -> None:
         row: Row = exc.row

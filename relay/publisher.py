@@ -50,10 +50,13 @@ _COLLATERAL_CODES = frozenset({
 class PoisonEvent(OutboxError):
     """One event of the batch was rejected; the batch was aborted and nothing of it is visible."""
 
-    def __init__(self, row: Row, error: KafkaError) -> None:
+    def __init__(self, row: Row, error: KafkaError, *, ambiguous: bool = False) -> None:
         self.row = row
         self.error = error
         self.permanent = error.code() in PERMANENT_CODES
+        # Several messages failed together (the broker rejects a whole record batch at once), so the
+        # first of them is only a suspect: publish one by one to find the real culprit.
+        self.ambiguous = ambiguous
         super().__init__(f"event {row.event_id} (id {row.id}, topic {row.topic!r}) rejected: {describe(error)}")
 
 
@@ -133,10 +136,10 @@ class LanePublisher:
         failed = [(rows[i], error) for i, error in enumerate(reports) if error is not None]
         if failed:
             self.abort()
-            culprit = next(((row, e) for row, e in failed if e.code() not in _COLLATERAL_CODES), None)
-            if culprit is not None and (culprit[1].code() in PERMANENT_CODES or culprit[1].code() in EVENT_CODES):
-                raise PoisonEvent(*culprit)
-            row, error = culprit or failed[0]
+            suspects = [(row, e) for row, e in failed if e.code() not in _COLLATERAL_CODES]
+            if suspects and suspects[0][1].code() in PERMANENT_CODES | EVENT_CODES:
+                raise PoisonEvent(*suspects[0], ambiguous=len(suspects) > 1)
+            row, error = (suspects or failed)[0]
             if error.fatal():
                 raise _fatal(error, "delivery")
             raise TransactionAborted(f"delivery of event {row.event_id} failed: {describe(error)}")

@@ -116,10 +116,10 @@ class Store:
         )
 
     @staticmethod
-    def heartbeat(conn: psycopg.Connection[Any], lane: int, owner: str) -> None:
+    def heartbeat(conn: psycopg.Connection[Any], lanes: list[int], owner: str) -> None:
         conn.execute(
-            sql.SQL("UPDATE {} SET heartbeat_at = now() WHERE lane = %s AND owner = %s").format(_LANES),
-            (lane, owner),
+            sql.SQL("UPDATE {} SET heartbeat_at = now() WHERE lane = ANY(%s) AND owner = %s").format(_LANES),
+            (lanes, owner),
         )
 
     @staticmethod
