@@ -85,7 +85,7 @@ def database_url(template_database: str) -> Iterator[str]:
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
+    engine = create_engine(database_url, pool_pre_ping=True)  # survives the fault tests' restarts
     yield engine
     engine.dispose()
 
