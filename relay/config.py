@@ -64,6 +64,11 @@ class Settings:
         "prefix of each lane's Kafka transactional.id (default: outbox-relay.<database>.<schema>.<table>)",
         "",
     )
+    progress_topic: str = _field(
+        "OUTBOX_PROGRESS_TOPIC",
+        "compacted topic of the relay's progress records (default: <transactional id prefix>.progress)",
+        "",
+    )
     instance: str = _field("OUTBOX_INSTANCE", "name of this relay instance (default: host-pid)", "")
     max_attempts: int = _field(
         "OUTBOX_MAX_ATTEMPTS", "attempts before an event that keeps failing is parked as failed", 3

@@ -52,6 +52,7 @@ class Relay:
         self.settings = settings
         self.store = Store(hold_failed_keys=settings.failed_key_policy == "hold")
         self.prefix = transactional_id_prefix(settings)
+        self.progress_topic = settings.progress_topic or f"{self.prefix}.progress"
         self.stopping = threading.Event()
         self._stopped = threading.Event()
         self.workers: dict[int, LaneWorker] = {}
@@ -159,11 +160,11 @@ class Relay:
             return None
 
     def _worker(self, lane: int, count: int) -> LaneWorker:
-        return LaneWorker(lane, count, self.settings, self.store, f"{self.prefix}.lane-{lane}",
-                          self._publisher)
+        def new_publisher(transactional_id: str) -> LanePublisher:
+            return LanePublisher(self.settings.producer_config(), transactional_id, lane=lane, lane_count=count,
+                                 progress_topic=self.progress_topic, logger=self._kafka_logger)
 
-    def _publisher(self, transactional_id: str) -> LanePublisher:
-        return LanePublisher(self.settings.producer_config(), transactional_id, logger=self._kafka_logger)
+        return LaneWorker(lane, count, self.settings, self.store, f"{self.prefix}.lane-{lane}", new_publisher)
 
     def _tick(self, lane: int) -> None:
         worker = self.workers.get(lane)

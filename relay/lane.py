@@ -11,8 +11,10 @@ from typing import Any
 
 import psycopg
 
+from relay import faults
 from relay.backoff import CircuitBreaker
 from relay.config import Settings
+from relay.errors import BrokerUnavailable
 from relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
 from relay.store import Row, Store, connect
 
@@ -128,11 +130,13 @@ class LaneWorker:
 
     def _tick_owned(self, conn: psycopg.Connection[Any], stopping: threading.Event) -> bool:
         try:
-            rows = self.store.claim(conn, self.lane, self.lane_count, self.settings.batch_size)
-            if not rows or stopping.is_set():
-                return False
+            # Recovery (inside _ensure_publisher) marks what the last owner left unmarked; only a
+            # claim made after it can tell what is really still pending.
             publisher = self._ensure_publisher()
             if publisher is None:
+                return False
+            rows = self.store.claim(conn, self.lane, self.lane_count, self.settings.batch_size)
+            if not rows or stopping.is_set():
                 return False
             outcome = self._publish(conn, publisher, rows)
             if outcome is _Outcome.POISONED:
@@ -158,6 +162,7 @@ class LaneWorker:
             self._producer_failed(exc)
             return _Outcome.RETRY
         self.kafka.success()
+        faults.hit("after_commit")
         # Only now, after Kafka acknowledged the commit, are the rows sent.
         self.store.mark_sent(conn, [row.id for row in rows])
         self.published_total += len(rows)
@@ -165,15 +170,23 @@ class LaneWorker:
         return _Outcome.PUBLISHED
 
     def _ensure_publisher(self) -> LanePublisher | None:
+        """A producer that owns the lane in Kafka, after recovering what the last owner left unmarked."""
         if self._publisher is not None:
             return self._publisher
+        assert self._conn is not None
         publisher = self._new_publisher(self.transactional_id)
         try:
-            publisher.start()
-        except ProducerFailed as exc:
+            carried = publisher.start()
+        except BrokerUnavailable as exc:
             publisher.close()
             self.kafka.failure(str(exc))
             return None
+        # The last committed transaction may not have been marked (a crash, a lost connection):
+        # its events are in Kafka, so they are sent, and must not be published again.
+        recovered = self.store.mark_sent(self._conn, carried) if carried else 0
+        if recovered:
+            log.warning("recovered %d events that the lane's last transaction published but never marked",
+                        recovered, extra={**self._extra, "action": "recovered"})
         self._publisher = publisher
         return publisher
 

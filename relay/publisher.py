@@ -14,6 +14,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from relay import faults, progress
 from relay.errors import BrokerUnavailable, OutboxError
 from relay.store import Row
 
@@ -77,29 +78,46 @@ def describe(error: KafkaError) -> str:
 
 
 class LanePublisher:
-    """A transactional, idempotent producer bound to one lane's transactional.id."""
+    """A transactional, idempotent producer bound to one lane's transactional.id.
+
+    Each transaction carries the events and the lane's progress record (which ids it carried).
+    """
 
     def __init__(
         self,
         config: dict[str, Any],
         transactional_id: str,
         *,
+        lane: int,
+        lane_count: int,
+        progress_topic: str,
         operation_timeout: float = 30.0,
         logger: Any = None,
     ) -> None:
         self.transactional_id = transactional_id
+        self.lane = lane
+        self.lane_count = lane_count
+        self.progress_topic = progress_topic
         self.operation_timeout = operation_timeout
+        self._config = config
         conf = {**config, "transactional.id": transactional_id}
         if logger is not None:
             conf["logger"] = logger
         self._producer = Producer(conf)
 
-    def start(self) -> None:
-        """Register the transactional.id: fences any older producer of the lane and ends its open transaction."""
+    def start(self) -> list[int]:
+        """Take over the lane in Kafka; returns the ids its last committed transaction carried.
+
+        ``init_transactions`` fences any older producer of this transactional.id and settles its
+        open transaction, so the progress read afterwards is final. The caller marks those ids sent
+        before publishing anything new.
+        """
         try:
             self._retrying(lambda: self._producer.init_transactions(self.operation_timeout))
         except KafkaException as exc:
             raise _fatal(exc.args[0], "init_transactions") from exc
+        progress.ensure_topic(self._config, self.progress_topic, self.lane_count, self.operation_timeout)
+        return progress.last_committed_ids(self._config, self.progress_topic, self.lane, self.operation_timeout)
 
     def close(self) -> None:
         """Drop the producer; an open transaction is aborted by the coordinator (fencing or timeout)."""
@@ -116,6 +134,7 @@ class LanePublisher:
             producer.begin_transaction()
         except KafkaException as exc:
             raise _fatal(exc.args[0], "begin_transaction") from exc
+        faults.hit("before_produce")
         reports: list[KafkaError | None] = [None] * len(rows)
         for index, row in enumerate(rows):
             try:
@@ -129,6 +148,7 @@ class LanePublisher:
                     raise TransactionAborted(f"produce failed: {describe(error)}") from exc
                 # A synchronous rejection: the message was never queued, so committing would lose it.
                 raise PoisonEvent(row, error) from exc
+        self._produce_progress(rows)
         remaining = producer.flush(self.operation_timeout)
         if remaining:
             self.abort()
@@ -143,6 +163,7 @@ class LanePublisher:
             if error.fatal():
                 raise _fatal(error, "delivery")
             raise TransactionAborted(f"delivery of event {row.event_id} failed: {describe(error)}")
+        faults.hit("before_commit")
         self._commit()
 
     def _produce(self, row: Row, on_delivery: Callable[[KafkaError | None, Any], None]) -> None:
@@ -158,6 +179,18 @@ class LanePublisher:
             except BufferError:
                 # The local queue is full: serve delivery reports to make room, then retry this message.
                 self._producer.poll(0.05)
+
+    def _produce_progress(self, rows: Sequence[Row]) -> None:
+        value = progress.encode(self.lane, self.lane_count, (row.id for row in rows))
+        try:
+            self._producer.produce(self.progress_topic, key=progress.record_key(self.lane), value=value,
+                                   partition=self.lane)
+        except BufferError:
+            self._producer.poll(0.05)
+            self._produce_progress(rows)
+        except KafkaException as exc:
+            self.abort()
+            raise TransactionAborted(f"progress record not accepted: {describe(exc.args[0])}") from exc
 
     def _commit(self) -> None:
         try:

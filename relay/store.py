@@ -19,6 +19,7 @@ from psycopg.rows import tuple_row
 from sqlalchemy.engine import make_url
 
 from models import EVENTS_TABLE, LANES_TABLE, SCHEMA, SETTINGS_TABLE
+from relay import faults
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -137,13 +138,13 @@ class Store:
 
     @staticmethod
     def mark_sent(conn: psycopg.Connection[Any], ids: list[int]) -> int:
-        cursor = conn.execute(
-            sql.SQL("UPDATE {} SET state = 'sent', sent_at = now() WHERE id = ANY(%s) AND state = 'pending'").format(
-                _EVENTS
-            ),
-            (ids,),
-        )
-        return cursor.rowcount
+        """Mark published rows sent, in one statement; returns how many were still pending."""
+        query = sql.SQL("UPDATE {} SET state = 'sent', sent_at = now() WHERE id = ANY(%s) AND state = 'pending'")
+        if faults.armed("during_mark"):
+            with conn.transaction():
+                conn.execute(query.format(_EVENTS), (ids,))
+                faults.hit("during_mark")  # dies with the UPDATE done but never committed
+        return conn.execute(query.format(_EVENTS), (ids,)).rowcount
 
     @staticmethod
     def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, park: bool) -> None:
