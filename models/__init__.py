@@ -2,6 +2,7 @@
 
 from models.outbox import (
     EVENTS_TABLE,
+    INSTANCES_TABLE,
     LANES_TABLE,
     SCHEMA,
     SETTINGS_TABLE,
@@ -9,6 +10,7 @@ from models.outbox import (
     Base,
     EventState,
     OutboxEvent,
+    RelayInstance,
     RelayLane,
     RelaySettings,
     metadata,
@@ -16,6 +18,7 @@ from models.outbox import (
 
 __all__ = [
     "EVENTS_TABLE",
+    "INSTANCES_TABLE",
     "LANES_TABLE",
     "SCHEMA",
     "SETTINGS_TABLE",
@@ -23,6 +26,7 @@ __all__ = [
     "Base",
     "EventState",
     "OutboxEvent",
+    "RelayInstance",
     "RelayLane",
     "RelaySettings",
     "metadata",

@@ -7,8 +7,10 @@ already has an Alembic history adds one revision of its own instead::
 
     def upgrade() -> None:
         create_outbox_v1(lanes=1)
+        add_scale_out_v2()
 
     def downgrade() -> None:
+        drop_scale_out_v2()
         drop_outbox_v1()
 
 Each function is frozen once released: later schema changes get new functions.
@@ -20,7 +22,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from alembic import op
-from models.outbox import EVENTS_TABLE, LANE_KEY_SQL, LANES_TABLE, SCHEMA, SETTINGS_TABLE, TOPIC_PATTERN
+from models.outbox import (
+    EVENTS_TABLE,
+    INSTANCES_TABLE,
+    LANE_KEY_SQL,
+    LANES_TABLE,
+    SCHEMA,
+    SETTINGS_TABLE,
+    TOPIC_PATTERN,
+)
 
 
 def create_outbox_v1(lanes: int = 1) -> None:
@@ -93,3 +103,21 @@ def drop_outbox_v1() -> None:
     op.drop_table(SETTINGS_TABLE, schema=SCHEMA)
     op.drop_table(LANES_TABLE, schema=SCHEMA)
     op.drop_table(EVENTS_TABLE, schema=SCHEMA)
+
+
+def add_scale_out_v2() -> None:
+    """Relay instances register themselves (to share lanes); lane-count changes are announced."""
+    op.create_table(
+        INSTANCES_TABLE,
+        sa.Column("name", sa.Text, nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+        sa.PrimaryKeyConstraint("name", name=f"pk_{INSTANCES_TABLE}"),
+        schema=SCHEMA,
+    )
+    op.add_column(SETTINGS_TABLE, sa.Column("resize_to", sa.SmallInteger, nullable=True), schema=SCHEMA)
+
+
+def drop_scale_out_v2() -> None:
+    op.drop_column(SETTINGS_TABLE, "resize_to", schema=SCHEMA)
+    op.drop_table(INSTANCES_TABLE, schema=SCHEMA)

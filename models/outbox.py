@@ -44,6 +44,7 @@ SCHEMA = _identifier("OUTBOX_SCHEMA", "outbox")
 EVENTS_TABLE = _identifier("OUTBOX_TABLE", "events")
 LANES_TABLE = f"{EVENTS_TABLE}_lanes"
 SETTINGS_TABLE = f"{EVENTS_TABLE}_settings"
+INSTANCES_TABLE = f"{EVENTS_TABLE}_instances"
 
 # Kafka's topic rule (kafka.common.internals.Topic): 1-249 of [a-zA-Z0-9._-], and not "." or "..".
 TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"
@@ -137,11 +138,23 @@ class RelaySettings(Base):
 
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default=text("1"))
     lane_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
+    # Set by `outbox-relay lanes set N` while it changes the count; relays step back meanwhile.
+    resize_to: Mapped[int | None] = mapped_column(SmallInteger)
 
     __table_args__ = (
         CheckConstraint("id = 1", name="single_row"),
         CheckConstraint("lane_count BETWEEN 1 AND 1024", name="lane_count_range"),
     )
+
+
+class RelayInstance(Base):
+    """Live relay processes, so they can share the lanes evenly."""
+
+    __tablename__ = INSTANCES_TABLE
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
 
 
 metadata = Base.metadata

@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(status, only=["database_url"])
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    lanes = commands.add_parser("lanes", help="show the lanes, or change their number")
+    lanes_commands = lanes.add_subparsers(dest="lanes_command", required=True, metavar="ACTION")
+    lanes_show = lanes_commands.add_parser("show", help="lane count, owners and live instances")
+    _add_settings(lanes_show, only=["database_url"])
+    lanes_set = lanes_commands.add_parser(
+        "set", help="change the lane count (takes every lane first, so no two counts are ever live at once)")
+    lanes_set.add_argument("count", type=int, help="the new number of lanes (1-1024)")
+    _add_settings(lanes_set, only=["database_url", "bootstrap_servers", "kafka_config_file", "transactional_id_prefix",
+                                   "progress_topic", "log_level"])
+    lanes_set.add_argument("-X", dest="kafka_property", action="append", metavar="PROPERTY=VALUE",
+                           help="a librdkafka property (repeatable)")
+
     failed = commands.add_parser("failed", help="list, retry or discard failed events")
     failed_commands = failed.add_subparsers(dest="failed_command", required=True, metavar="ACTION")
     failed_list = failed_commands.add_parser("list", help="failed events with their errors")
@@ -123,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(_settings(args, kafka=False), as_json=args.json)
     if args.command == "failed":
         return _failed(args)
+    if args.command == "lanes":
+        return _lanes(args)
     raise AssertionError(args.command)
 
 
@@ -154,6 +168,30 @@ def _status(settings: Settings, *, as_json: bool) -> int:
     for lane, owner, last_seen in lanes:
         seen = "-" if last_seen is None else f"{last_seen:.1f}s ago"
         print(f"lane {lane}: {owner or '(free)'} (last seen {seen})")
+    return EXIT_OK
+
+
+def _lanes(args: argparse.Namespace) -> int:
+    from relay import logs, operations
+
+    if args.lanes_command == "set":
+        from relay.resize import resize
+
+        settings = _settings(args)
+        logs.configure(settings.log_level)
+        old, recovered = resize(settings, args.count)
+        print(f"lane count changed from {old} to {args.count} ({recovered} events recovered while settling lanes)")
+        return EXIT_OK
+    settings = _settings(args, kafka=False)
+    with _connect(settings) as conn:
+        count, resizing, instances = operations.lane_view(conn)
+        owners = operations.lane_owners(conn)
+    print(f"lanes: {count}{' (a change is under way)' if resizing else ''}")
+    print(f"live instances: {', '.join(instances) or '(none)'}")
+    for lane, owner, last_seen in owners:
+        if lane < count:
+            seen = "-" if last_seen is None else f"{last_seen:.1f}s ago"
+            print(f"lane {lane}: {owner or '(free)'} (last seen {seen})")
     return EXIT_OK
 
 

@@ -59,6 +59,11 @@ class Settings:
     lane_interval: float = _field(
         "OUTBOX_LANE_INTERVAL", "seconds between attempts to take free lanes (bounds failover time)", 1.0
     )
+    instance_timeout: float = _field(
+        "OUTBOX_INSTANCE_TIMEOUT",
+        "seconds without a heartbeat after which an instance no longer counts when sharing lanes",
+        10.0,
+    )
     transactional_id_prefix: str = _field(
         "OUTBOX_TRANSACTIONAL_ID_PREFIX",
         "prefix of each lane's Kafka transactional.id (default: outbox-relay.<database>.<schema>.<table>)",
@@ -122,7 +127,8 @@ class Settings:
         for name in ("batch_size", "max_attempts", "breaker_threshold"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("poll_interval", "lane_interval", "backoff_initial", "backoff_max", "shutdown_timeout"):
+        for name in ("poll_interval", "lane_interval", "instance_timeout", "backoff_initial", "backoff_max",
+                     "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for key, value in REQUIRED_KAFKA.items():
@@ -138,6 +144,20 @@ class Settings:
 
     def instance_name(self) -> str:
         return self.instance or default_instance_name()
+
+    def transactional_prefix(self) -> str:
+        """Lane N publishes as <prefix>.lane-N; the default is unique per outbox table."""
+        from models import EVENTS_TABLE, SCHEMA
+        from relay.store import database_name
+
+        default = f"outbox-relay.{database_name(self.database_url)}.{SCHEMA}.{EVENTS_TABLE}"
+        return self.transactional_id_prefix or default
+
+    def transactional_id(self, lane: int) -> str:
+        return f"{self.transactional_prefix()}.lane-{lane}"
+
+    def progress_topic_name(self) -> str:
+        return self.progress_topic or f"{self.transactional_prefix()}.progress"
 
     def producer_config(self) -> dict[str, Any]:
         return {**DEFAULT_KAFKA, **self.kafka_properties, **REQUIRED_KAFKA}

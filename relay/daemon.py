@@ -24,17 +24,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from relay.config import Settings
 from relay.lane import LaneWorker
 from relay.publisher import LanePublisher
-from relay.store import Store, connect, database_name
+from relay.store import Store, connect
 
 log = logging.getLogger(__name__)
 
 
-def transactional_id_prefix(settings: Settings) -> str:
-    from models import EVENTS_TABLE, SCHEMA
-
-    return settings.transactional_id_prefix or (
-        f"outbox-relay.{database_name(settings.database_url)}.{SCHEMA}.{EVENTS_TABLE}"
-    )
+def new_lane_publisher(settings: Settings, lane: int, lane_count: int, logger: Any = None) -> LanePublisher:
+    return LanePublisher(settings.producer_config(), settings.transactional_id(lane), lane=lane,
+                         lane_count=lane_count, progress_topic=settings.progress_topic_name(), logger=logger)
 
 
 class _LibrdkafkaLogger:
@@ -51,8 +48,6 @@ class Relay:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(hold_failed_keys=settings.failed_key_policy == "hold")
-        self.prefix = transactional_id_prefix(settings)
-        self.progress_topic = settings.progress_topic or f"{self.prefix}.progress"
         self.stopping = threading.Event()
         self._stopped = threading.Event()
         self.workers: dict[int, LaneWorker] = {}
@@ -83,7 +78,11 @@ class Relay:
         self.scheduler.shutdown(wait=True)
         for worker in self.workers.values():
             worker.release()
-        if self._control is not None:
+        if self._control is not None and not self._control.closed:
+            try:
+                self.store.deregister_instance(self._control, self.settings.instance_name())
+            except psycopg.Error:
+                pass
             self._control.close()
         log.info("stopped", extra={"action": "stopped"})
 
@@ -118,23 +117,47 @@ class Relay:
     # --- jobs -----------------------------------------------------------------------------
 
     def _manage_lanes(self) -> None:
+        """Register, then hold this instance's fair share of the lanes: ceil(lanes / live instances)."""
         if self.stopping.is_set():
             return
-        count = self._read_lane_count()
-        if count is None:
+        view = self._read_membership()
+        if view is None:
+            return
+        count, resizing, live = view
+        if resizing:
+            if any(worker.owned for worker in self.workers.values()):
+                log.warning("the lane count is being changed: releasing every lane until it is done",
+                            extra={"action": "resize_wait"})
+            self._release(list(self.workers.values()))
             return
         if count != self.lane_count:
             if self.lane_count is not None:
                 log.warning("lane count changed from %d to %d: re-taking lanes", self.lane_count, count,
                             extra={"action": "lanes_changed"})
-            for worker in self.workers.values():
-                worker.release()
+            self._release(list(self.workers.values()))
             self.workers = {lane: self._worker(lane, count) for lane in range(count)}
             self.lane_count = count
-        for worker in self.workers.values():
+        me = self.settings.instance_name()
+        members = live if me in live else sorted([*live, me])
+        share = -(-count // len(members))
+        rank = members.index(me)
+        # Prefer lanes spread by rank, so instances converge on disjoint sets without negotiating.
+        preferred = sorted(self.workers, key=lambda lane: (lane % len(members) != rank, lane))
+        owned = [lane for lane in preferred if self.workers[lane].owned]
+        if len(owned) > share:
+            self._release([self.workers[lane] for lane in owned[share:]])
+        for lane in preferred:
+            if sum(worker.owned for worker in self.workers.values()) >= share:
+                break
+            worker = self.workers[lane]
             if not worker.owned and worker.try_acquire():
-                self._schedule(worker.lane, 0)
+                self._schedule(lane, 0)
         self._heartbeat()
+
+    def _release(self, workers: list[LaneWorker]) -> None:
+        for worker in workers:
+            if worker.owned:
+                worker.release()
 
     def _heartbeat(self) -> None:
         """Show operators which lanes this instance owns and that it is alive (the lock is the truth)."""
@@ -147,11 +170,15 @@ class Relay:
             self._control.close()
             self._control = None
 
-    def _read_lane_count(self) -> int | None:
+    def _read_membership(self) -> tuple[int, bool, list[str]] | None:
+        """(lane count, resize under way, live instances), or None while the database is away."""
         try:
             if self._control is None or self._control.closed:
                 self._control = connect(self.settings.database_url, "outbox-relay control")
-            return self.store.lane_count(self._control)
+            count, resizing = self.store.lane_settings(self._control)
+            live = self.store.register_instance(self._control, self.settings.instance_name(),
+                                                self.settings.instance_timeout)
+            return count, resizing, live
         except psycopg.OperationalError as exc:
             if self._control is not None:
                 self._control.close()
@@ -160,11 +187,10 @@ class Relay:
             return None
 
     def _worker(self, lane: int, count: int) -> LaneWorker:
-        def new_publisher(transactional_id: str) -> LanePublisher:
-            return LanePublisher(self.settings.producer_config(), transactional_id, lane=lane, lane_count=count,
-                                 progress_topic=self.progress_topic, logger=self._kafka_logger)
+        def new_publisher() -> LanePublisher:
+            return new_lane_publisher(self.settings, lane, count, logger=self._kafka_logger)
 
-        return LaneWorker(lane, count, self.settings, self.store, f"{self.prefix}.lane-{lane}", new_publisher)
+        return LaneWorker(lane, count, self.settings, self.store, new_publisher)
 
     def _tick(self, lane: int) -> None:
         worker = self.workers.get(lane)

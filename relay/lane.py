@@ -38,14 +38,13 @@ class LaneWorker:
         lane_count: int,
         settings: Settings,
         store: Store,
-        transactional_id: str,
-        publisher_factory: Callable[[str], LanePublisher],
+        publisher_factory: Callable[[], LanePublisher],
     ) -> None:
         self.lane = lane
         self.lane_count = lane_count
         self.settings = settings
         self.store = store
-        self.transactional_id = transactional_id
+        self.transactional_id = settings.transactional_id(lane)
         self.owner = settings.instance_name()
         self._new_publisher = publisher_factory
         self._conn: psycopg.Connection[Any] | None = None
@@ -174,7 +173,7 @@ class LaneWorker:
         if self._publisher is not None:
             return self._publisher
         assert self._conn is not None
-        publisher = self._new_publisher(self.transactional_id)
+        publisher = self._new_publisher()
         try:
             carried = publisher.start()
         except BrokerUnavailable as exc:

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from models import EVENTS_TABLE, LANES_TABLE, SCHEMA
+from models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,17 @@ def lane_owners(conn: psycopg.Connection[Any]) -> list[tuple[int, str | None, fl
         "SELECT lane, owner, extract(epoch FROM now() - heartbeat_at) FROM {} ORDER BY lane"
     ).format(_LANES)
     return [(lane, owner, float(age) if age is not None else None) for lane, owner, age in conn.execute(query)]
+
+
+def lane_view(conn: psycopg.Connection[Any]) -> tuple[int, bool, list[str]]:
+    """(lane count, whether a change is under way, instances seen in the last minute)."""
+    from relay.store import Store
+
+    count, resizing = Store.lane_settings(conn)
+    instances = [row[0] for row in conn.execute(
+        sql.SQL("SELECT name FROM {} WHERE heartbeat_at > now() - interval '1 minute' ORDER BY name").format(
+            sql.Identifier(SCHEMA, INSTANCES_TABLE)))]
+    return count, resizing, instances
 
 
 def _selector(ids: list[int] | None, topic: str | None, everything: bool) -> tuple[sql.Composable, list[Any]]:

@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from sqlalchemy.engine import make_url
 
-from models import EVENTS_TABLE, LANES_TABLE, SCHEMA, SETTINGS_TABLE
+from models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA, SETTINGS_TABLE
 from relay import faults
 
 
@@ -69,8 +69,11 @@ def connect(database_url: str, application_name: str = "outbox-relay") -> psycop
 _EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
 _LANES = sql.Identifier(SCHEMA, LANES_TABLE)
 _SETTINGS = sql.Identifier(SCHEMA, SETTINGS_TABLE)
+_INSTANCES = sql.Identifier(SCHEMA, INSTANCES_TABLE)
 # Advisory locks are per database; the class id keeps two outbox tables in one database apart.
 LOCK_CLASS = zlib.crc32(f"{SCHEMA}.{EVENTS_TABLE}".encode()) & 0x7FFFFFFF
+# Held by `outbox-relay lanes set` while it changes the lane count (lanes use 0..1023).
+RESIZE_LOCK = 1_000_000
 
 _COLUMNS = sql.SQL(
     "e.id, e.event_id, e.topic, e.key, e.value, e.header_names, e.header_values, e.partition, e.attempts, e.created_at"
@@ -95,11 +98,62 @@ class Store:
         self._claim = _CLAIM.format(columns=_COLUMNS, events=_EVENTS, hold=hold)
 
     @staticmethod
-    def lane_count(conn: psycopg.Connection[Any]) -> int:
-        row = conn.execute(sql.SQL("SELECT lane_count FROM {} WHERE id = 1").format(_SETTINGS)).fetchone()
+    def lane_settings(conn: psycopg.Connection[Any]) -> tuple[int, bool]:
+        """(lane count, whether a lane-count change is under way right now)."""
+        row = conn.execute(
+            sql.SQL(
+                "SELECT lane_count, resize_to IS NOT NULL AND EXISTS (SELECT 1 FROM pg_locks WHERE"
+                " locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database()) AND classid = %s AND objid = %s AND objsubid = 2)"
+                " FROM {} WHERE id = 1"
+            ).format(_SETTINGS),
+            (LOCK_CLASS, RESIZE_LOCK),
+        ).fetchone()
         if row is None:
             raise LookupError(f"{SCHEMA}.{SETTINGS_TABLE} has no row; run `outbox-relay migrate`")
-        return int(row[0])
+        return int(row[0]), bool(row[1])
+
+    @staticmethod
+    def register_instance(conn: psycopg.Connection[Any], name: str, timeout_s: float) -> list[str]:
+        """Say this instance is alive; returns the names of all live instances, sorted."""
+        conn.execute(
+            sql.SQL("INSERT INTO {} (name) VALUES (%s) ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()").format(
+                _INSTANCES
+            ),
+            (name,),
+        )
+        # Instances silent for ten timeouts are gone for good; forget them.
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE heartbeat_at < now() - make_interval(secs => %s)").format(_INSTANCES),
+            (timeout_s * 10,),
+        )
+        rows = conn.execute(
+            sql.SQL("SELECT name FROM {} WHERE heartbeat_at >= now() - make_interval(secs => %s) ORDER BY name").format(
+                _INSTANCES
+            ),
+            (timeout_s,),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    @staticmethod
+    def deregister_instance(conn: psycopg.Connection[Any], name: str) -> None:
+        conn.execute(sql.SQL("DELETE FROM {} WHERE name = %s").format(_INSTANCES), (name,))
+
+    @staticmethod
+    def begin_resize(conn: psycopg.Connection[Any], lanes: int) -> bool:
+        """Announce a new lane count (relays step back); False if another resize holds the lock."""
+        row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, RESIZE_LOCK)).fetchone()
+        if not (row and row[0]):
+            return False
+        conn.execute(sql.SQL("UPDATE {} SET resize_to = %s WHERE id = 1").format(_SETTINGS), (lanes,))
+        return True
+
+    @staticmethod
+    def finish_resize(conn: psycopg.Connection[Any], lanes: int) -> None:
+        conn.execute(
+            sql.SQL("UPDATE {} SET lane_count = %s, resize_to = NULL WHERE id = 1").format(_SETTINGS), (lanes,)
+        )
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, RESIZE_LOCK))
 
     @staticmethod
     def try_lock_lane(conn: psycopg.Connection[Any], lane: int) -> bool:

@@ -1,0 +1,55 @@
+"""`outbox-relay lanes set N`: change the lane count without two counts ever being live at once.
+
+1. Announce the new count (``resize_to``) under the resize lock: relays release their lanes.
+2. Take every lane's lock, so no relay publishes with the old count.
+3. Settle each lane in Kafka: fence its producer, mark what its last transaction carried.
+4. Give the progress topic a partition per new lane, store the count, let go.
+If this dies half-way, its connection (and the resize lock) goes with it and relays carry on
+with the old count; running the command again finishes the change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from relay import progress
+from relay.config import Settings
+from relay.daemon import new_lane_publisher
+from relay.errors import OutboxError
+from relay.store import Store, connect
+
+log = logging.getLogger(__name__)
+
+
+def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[int, int]:
+    """Change the lane count; returns (old count, events recovered while settling the lanes)."""
+    if not 1 <= lanes <= 1024:
+        raise OutboxError(f"the lane count must be between 1 and 1024, got {lanes}")
+    store = Store()
+    with connect(settings.database_url, "outbox-relay lanes") as conn:
+        if not store.begin_resize(conn, lanes):
+            raise OutboxError("another lane-count change is under way; try again when it is done")
+        current, _ = store.lane_settings(conn)
+        log.info("changing the lane count from %d to %d: waiting for relays to release their lanes",
+                 current, lanes, extra={"action": "resize_start"})
+        waiting = set(range(current))
+        deadline = time.monotonic() + timeout
+        while waiting:
+            waiting = {lane for lane in waiting if not store.try_lock_lane(conn, lane)}
+            if waiting and time.monotonic() > deadline:
+                raise OutboxError(f"lanes {sorted(waiting)} were not released within {timeout:.0f}s; "
+                                  "is a relay of an older version running? Nothing was changed")
+            if waiting:
+                time.sleep(0.2)
+        recovered = 0
+        for lane in range(current):
+            publisher = new_lane_publisher(settings, lane, current)
+            try:
+                recovered += store.mark_sent(conn, publisher.start())
+            finally:
+                publisher.close()
+        progress.ensure_topic(settings.producer_config(), settings.progress_topic_name(), lanes)
+        store.finish_resize(conn, lanes)
+    log.info("lane count is now %d (was %d)", lanes, current, extra={"action": "resize_done"})
+    return current, recovered
