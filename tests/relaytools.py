@@ -167,3 +167,21 @@ class Writers:
             with self._lock:
                 self.committed += ids
             time.sleep(0.005)
+
+
+def set_lane_count(engine: Engine, lanes: int) -> None:
+    """Test set-up only, before any relay runs: production uses `outbox-relay lanes set`."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox.events_settings SET lane_count = :n"), {"n": lanes})
+
+
+def lane_owners(engine: Engine) -> dict[int, str]:
+    """Owners of lanes that are really held right now (their advisory lock is granted)."""
+    from relay.store import LOCK_CLASS
+
+    with engine.connect() as conn:
+        held = {row[0] for row in conn.execute(text(
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :c"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"), {"c": LOCK_CLASS})}
+        rows = conn.execute(text("SELECT lane, owner FROM outbox.events_lanes WHERE owner IS NOT NULL"))
+        return {lane: owner for lane, owner in rows if lane in held}
