@@ -38,7 +38,8 @@ def _tables(url: str) -> set[str]:
 
 def test_upgrade_from_empty_matches_the_models(empty_database_url: str) -> None:
     migrate.upgrade(empty_database_url)
-    assert _tables(empty_database_url) == {"events", "events_instances", "events_lanes", "events_settings", "outbox_relay_version"}
+    assert _tables(empty_database_url) == {
+        "events", "events_instances", "events_lanes", "events_settings", "outbox_relay_version"}
     assert _diff(empty_database_url) == []
 
 
