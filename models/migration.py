@@ -6,7 +6,7 @@ already has an Alembic history adds one revision of its own instead::
     from models.migration import create_outbox_v1, drop_outbox_v1
 
     def upgrade() -> None:
-        create_outbox_v1(lanes=1)
+        create_outbox_v1(lanes=4)
         add_scale_out_v2()
 
     def downgrade() -> None:
@@ -33,7 +33,7 @@ from models.outbox import (
 )
 
 
-def create_outbox_v1(lanes: int = 1) -> None:
+def create_outbox_v1(lanes: int = 4) -> None:
     """Create the outbox schema, the events table and the relay's state tables."""
     if not 1 <= lanes <= 1024:
         raise ValueError(f"lanes must be between 1 and 1024, got {lanes}")

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox tables")
     _add_settings(migrate, only=["database_url", "log_level"])
     migrate.add_argument("--lanes", type=int, default=None,
-                         help="lane count when the outbox is first created [env OUTBOX_LANES, default 1]")
+                         help="lane count when the outbox is first created [env OUTBOX_LANES, default 4]")
     migrate.add_argument("--revision", default="head", help="target revision (default head)")
     migrate.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
 
@@ -118,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         settings = _settings(args, kafka=False)
         logs.configure(settings.log_level)
-        lanes = args.lanes if args.lanes is not None else int(os.environ.get("OUTBOX_LANES", "1"))
+        lanes = args.lanes if args.lanes is not None else int(os.environ.get("OUTBOX_LANES", "4"))
         if args.downgrade:
             migrate.downgrade(settings.database_url, args.revision)
         else:

@@ -21,6 +21,7 @@ from relay.store import Row, Store, connect
 log = logging.getLogger(__name__)
 
 ISOLATION_RETRIES = 5
+DRAIN_SLICE_SECONDS = 1.0
 
 
 class _Outcome(enum.Enum):
@@ -68,7 +69,7 @@ class LaneWorker:
             return False
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = connect(self.settings.database_url, f"outbox-relay lane {self.lane}")
+                self._conn = connect(self.settings.database_url, f"outbox-relay lane {self.lane}", lane=True)
             if not self.store.try_lock_lane(self._conn, self.lane):
                 return False
             self.store.record_owner(self._conn, self.lane, self.owner)
@@ -117,13 +118,21 @@ class LaneWorker:
     # --- publishing -------------------------------------------------------------------
 
     def tick(self, stopping: threading.Event) -> bool:
-        """Drain one batch. True when more work is waiting (a full batch was published)."""
+        """Drain batch after batch for up to one time slice. True when more work is waiting.
+
+        Draining inside the tick saves a scheduler round trip per batch; the slice keeps the lane
+        responsive to ownership changes and shutdown (checked between batches).
+        """
         if not self._ticking.acquire(blocking=False):
             return False
         try:
-            if not self.owned or self._conn is None or not self.kafka.ready():
-                return False
-            return self._tick_owned(self._conn, stopping)
+            deadline = time.monotonic() + DRAIN_SLICE_SECONDS
+            more = True
+            while more and time.monotonic() < deadline and not stopping.is_set():
+                if not self.owned or self._conn is None or not self.kafka.ready():
+                    return False
+                more = self._tick_owned(self._conn, stopping)
+            return more
         finally:
             self._ticking.release()
 

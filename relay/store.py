@@ -48,7 +48,17 @@ def database_name(database_url: str) -> str:
     return make_url(database_url).database or "postgres"
 
 
-def connect(database_url: str, application_name: str = "outbox-relay") -> psycopg.Connection[Any]:
+# The claim must walk the pending index in id order and stop after one batch, whatever the planner
+# thinks of `lane_key % n = lane` (it cannot estimate it, and on a fresh table it has no statistics
+# at all): a bitmap scan + sort would read the whole backlog on every claim.
+_LANE_SESSION = "-c enable_bitmapscan=off -c enable_sort=off"
+# The server also notices a vanished relay within seconds (and frees its lanes' locks).
+_KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
+
+
+def connect(
+    database_url: str, application_name: str = "outbox-relay", *, lane: bool = False
+) -> psycopg.Connection[Any]:
     """An autocommit connection: each statement is its own short transaction.
 
     TCP keepalives make a dead peer visible in seconds rather than hours, on both sides.
@@ -62,6 +72,7 @@ def connect(database_url: str, application_name: str = "outbox-relay") -> psycop
         keepalives_idle=5,
         keepalives_interval=2,
         keepalives_count=3,
+        options=f"{_KEEPALIVES} {_LANE_SESSION}" if lane else _KEEPALIVES,
         row_factory=tuple_row,
     )
 
@@ -187,7 +198,8 @@ class Store:
 
     def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int) -> list[Row]:
         """The lane's next available pending events in id order. Reads only: the lock is the claim."""
-        cursor = conn.execute(self._claim, {"lane": lane, "lanes": lanes, "limit": limit})
+        # Binary results: bytea arrives as is instead of hex text twice its size.
+        cursor = conn.execute(self._claim, {"lane": lane, "lanes": lanes, "limit": limit}, binary=True)
         return [Row(*record) for record in cursor.fetchall()]
 
     @staticmethod

@@ -109,7 +109,12 @@ def ledger(engine: Engine, topics: list[str], *, timeout: float = 60, quiet: flo
 
 
 class Writers:
-    """Threads committing (and sometimes rolling back) transactions of events until stopped."""
+    """Threads committing (and sometimes rolling back) transactions of events until stopped.
+
+    Each key belongs to one writer thread, as each aggregate of an application is changed by one
+    transaction at a time (its row lock): per-key order is only defined for writes that are
+    ordered. Two concurrent transactions writing one key have no order for the relay to keep.
+    """
 
     def __init__(self, engine: Engine, topic: str, *, threads: int = 4, keys: int = 10,
                  per_transaction: int = 5, rollback_every: int = 5, limit: int | None = None) -> None:
@@ -153,7 +158,8 @@ class Writers:
             try:
                 with self.engine.connect() as conn, conn.begin() as tx:
                     for i in range(self.per_transaction):
-                        key = f"key-{(writer * 7 + transaction + i) % self.keys}"
+                        own_keys = max(1, self.keys // len(self._threads))
+                        key = f"key-{writer + len(self._threads) * ((transaction + i) % own_keys)}"
                         ids.append(str(enqueue(conn, self.topic, {"w": writer, "t": transaction, "i": i}, key=key)))
                     if self.rollback_every and transaction % self.rollback_every == 0:
                         tx.rollback()

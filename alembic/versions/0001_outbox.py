@@ -18,7 +18,7 @@ depends_on = None
 
 def upgrade() -> None:
     # The initial lane count: `outbox-relay migrate --lanes N` or OUTBOX_LANES.
-    lanes = context.config.attributes.get("lanes") or os.environ.get("OUTBOX_LANES") or 1
+    lanes = context.config.attributes.get("lanes") or os.environ.get("OUTBOX_LANES") or 4
     create_outbox_v1(lanes=int(lanes))
 
 
