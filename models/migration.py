@@ -8,8 +8,10 @@ already has an Alembic history adds one revision of its own instead::
     def upgrade() -> None:
         create_outbox_v1(lanes=4)
         add_scale_out_v2()
+        add_commit_notify_v3()
 
     def downgrade() -> None:
+        drop_commit_notify_v3()
         drop_scale_out_v2()
         drop_outbox_v1()
 
@@ -27,6 +29,7 @@ from models.outbox import (
     INSTANCES_TABLE,
     LANE_KEY_SQL,
     LANES_TABLE,
+    NOTIFY_CHANNEL,
     SCHEMA,
     SETTINGS_TABLE,
     TOPIC_PATTERN,
@@ -121,3 +124,30 @@ def add_scale_out_v2() -> None:
 def drop_scale_out_v2() -> None:
     op.drop_column(SETTINGS_TABLE, "resize_to", schema=SCHEMA)
     op.drop_table(INSTANCES_TABLE, schema=SCHEMA)
+
+
+_NOTIFY_FUNCTION = f"{EVENTS_TABLE}_notify"
+
+
+def add_commit_notify_v3() -> None:
+    """Wake relays when events commit: a statement-level trigger notifies with a constant payload.
+
+    Postgres folds identical notifications of one transaction into one, delivered at commit, so
+    a transaction costs one notification however many events it writes.
+    """
+    op.execute(sa.text(
+        f'''CREATE FUNCTION "{SCHEMA}"."{_NOTIFY_FUNCTION}"() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+            RETURN NULL;
+        END $$'''
+    ))
+    op.execute(sa.text(
+        f'''CREATE TRIGGER "{_NOTIFY_FUNCTION}" AFTER INSERT ON "{SCHEMA}"."{EVENTS_TABLE}"
+        FOR EACH STATEMENT EXECUTE FUNCTION "{SCHEMA}"."{_NOTIFY_FUNCTION}"()'''
+    ))
+
+
+def drop_commit_notify_v3() -> None:
+    op.execute(sa.text(f'DROP TRIGGER "{_NOTIFY_FUNCTION}" ON "{SCHEMA}"."{EVENTS_TABLE}"'))
+    op.execute(sa.text(f'DROP FUNCTION "{SCHEMA}"."{_NOTIFY_FUNCTION}"()'))

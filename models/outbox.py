@@ -45,6 +45,8 @@ EVENTS_TABLE = _identifier("OUTBOX_TABLE", "events")
 LANES_TABLE = f"{EVENTS_TABLE}_lanes"
 SETTINGS_TABLE = f"{EVENTS_TABLE}_settings"
 INSTANCES_TABLE = f"{EVENTS_TABLE}_instances"
+# LISTEN/NOTIFY channel that wakes relays when events commit (one notification per transaction).
+NOTIFY_CHANNEL = f"{SCHEMA}.{EVENTS_TABLE}"
 
 # Kafka's topic rule (kafka.common.internals.Topic): 1-249 of [a-zA-Z0-9._-], and not "." or "..".
 TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"

@@ -56,6 +56,10 @@ class Settings:
     )
     batch_size: int = _field("OUTBOX_BATCH_SIZE", "events per Kafka transaction", 1000)
     poll_interval: float = _field("OUTBOX_POLL_INTERVAL", "seconds between polls of an idle lane", 0.5)
+    listen: str = _field(
+        "OUTBOX_LISTEN", "on: wake lanes by LISTEN/NOTIFY when events commit; off: poll only", "on",
+        choices=("on", "off"),
+    )
     lane_interval: float = _field(
         "OUTBOX_LANE_INTERVAL", "seconds between attempts to take free lanes (bounds failover time)", 1.0
     )

@@ -21,10 +21,12 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from relay.backoff import CircuitBreaker
 from relay.config import Settings
 from relay.lane import LaneWorker
 from relay.publisher import LanePublisher
 from relay.store import Store, connect
+from relay.wakeups import CommitListener
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Relay:
         self.store = Store(hold_failed_keys=settings.failed_key_policy == "hold")
         self.stopping = threading.Event()
         self._stopped = threading.Event()
+        self._woken: set[int] = set()  # lanes notified while their tick was running
         self.workers: dict[int, LaneWorker] = {}
         self.lane_count: int | None = None
         self._control: psycopg.Connection[Any] | None = None
@@ -68,6 +71,10 @@ class Relay:
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
                                id="lanes", next_run_time=dt.datetime.now(dt.UTC))
         self.scheduler.start()
+        if self.settings.listen == "on":
+            breaker = CircuitBreaker("postgres listener", threshold=self.settings.breaker_threshold,
+                                     initial=self.settings.backoff_initial, cap=self.settings.backoff_max, extra={})
+            CommitListener(self.settings.database_url, self.wake_all, self.stopping, breaker).start()
 
     def stop(self) -> None:
         """Finish the ticks in flight (each ends its transaction), release every lane."""
@@ -197,8 +204,9 @@ class Relay:
         if worker is None or self.stopping.is_set():
             return
         delay = self.settings.poll_interval
+        self._woken.discard(lane)
         try:
-            if worker.tick(self.stopping):
+            if worker.tick(self.stopping) or lane in self._woken:
                 delay = 0
         except Exception:
             # A bug, not an outage; still never a tight loop of tracebacks.
@@ -214,9 +222,13 @@ class Relay:
         self.scheduler.add_job(self._tick, "date", run_date=when, args=[lane], id=f"lane-{lane}",
                                replace_existing=True)
 
-    def wake(self, lane: int) -> None:
-        """Run the lane's next tick now (new work was announced)."""
-        try:
-            self.scheduler.modify_job(f"lane-{lane}", next_run_time=dt.datetime.now(dt.UTC))
-        except JobLookupError:
-            pass  # ticking right now: it drains and re-schedules itself
+    def wake_all(self) -> None:
+        """New events committed: every owned lane ticks now instead of at its next poll."""
+        now = dt.datetime.now(dt.UTC)
+        for lane, worker in list(self.workers.items()):
+            if worker.owned and not self.stopping.is_set():
+                try:
+                    self.scheduler.modify_job(f"lane-{lane}", next_run_time=now)
+                except JobLookupError:
+                    # Ticking right now, maybe past its last claim: have it go again at once.
+                    self._woken.add(lane)

@@ -87,3 +87,32 @@ def test_graceful_shutdown_under_load_loses_nothing(engine: Engine, database_url
     report = ledger(engine, [topic])
     assert report.ok, report.summary()
     assert "released lane 0" in relay.log()
+
+
+def _commit_to_visible_latency(engine: Engine, database_url: str, topic: str, tmp_path: Path,
+                               listen: str) -> float:
+    relay = RelayProcess(database_url, tmp_path, name=f"listen-{listen}", OUTBOX_LISTEN=listen,
+                         OUTBOX_POLL_INTERVAL="2").start()
+    try:
+        wait_until(lambda: "took lane 0" in relay.log(), 30, "the relay to take the lane")
+        time.sleep(1)
+        latencies = []
+        for n in range(5):
+            with engine.begin() as conn:
+                enqueue(conn, topic, {"n": n}, key="k")
+            committed = time.monotonic()
+            wait_until(lambda: pending(engine) == 0, 10, "the event to be sent", poll=0.005)
+            latencies.append(time.monotonic() - committed)
+            time.sleep(0.3)
+    finally:
+        relay.stop()
+    return sorted(latencies)[len(latencies) // 2]
+
+
+def test_listen_notify_wakes_the_relay_at_commit_and_polling_remains(engine: Engine, database_url: str,
+                                                                     topic: str, tmp_path: Path) -> None:
+    woken = _commit_to_visible_latency(engine, database_url, topic, tmp_path, "on")
+    polled = _commit_to_visible_latency(engine, database_url, topic, tmp_path, "off")
+    print(f"\nmedian commit-to-sent, 2 s poll interval: NOTIFY {woken * 1000:.0f} ms, polling {polled * 1000:.0f} ms")
+    assert woken < 0.5 < polled  # without wake-ups it waits for the poll; with them it does not
+    assert len(kafkatools.consume([topic], expected=10, quiet=0.5)) == 10
