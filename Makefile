@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ENV    := eval "$$($(PY) scripts/services env)"
 
-.PHONY: venv services services-down check test demo clean
+.PHONY: venv services services-down check test demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: check services
 
 demo: services
 	$(ENV) && $(PY) scripts/demo.py
+
+# Takes ~10 minutes; BENCH_ARGS="--events 200000 --scale-rows 1000000" for a quicker look.
+bench: services
+	$(ENV) && $(PY) bench/bench.py $(BENCH_ARGS)
 
 clean: services-down
 	rm -rf $(VENV) .services
