@@ -9,8 +9,10 @@ already has an Alembic history adds one revision of its own instead::
         create_outbox_v1(lanes=4)
         add_scale_out_v2()
         add_commit_notify_v3()
+        add_discarded_index_v4()
 
     def downgrade() -> None:
+        drop_discarded_index_v4()
         drop_commit_notify_v3()
         drop_scale_out_v2()
         drop_outbox_v1()
@@ -151,3 +153,13 @@ def add_commit_notify_v3() -> None:
 def drop_commit_notify_v3() -> None:
     op.execute(sa.text(f'DROP TRIGGER "{_NOTIFY_FUNCTION}" ON "{SCHEMA}"."{EVENTS_TABLE}"'))
     op.execute(sa.text(f'DROP FUNCTION "{SCHEMA}"."{_NOTIFY_FUNCTION}"()'))
+
+
+def add_discarded_index_v4() -> None:
+    """Lets retention find old discarded events without walking the table."""
+    op.create_index(f"ix_{EVENTS_TABLE}_discarded", EVENTS_TABLE, ["created_at"], schema=SCHEMA,
+                    postgresql_where=sa.text("state = 'discarded'"))
+
+
+def drop_discarded_index_v4() -> None:
+    op.drop_index(f"ix_{EVENTS_TABLE}_discarded", EVENTS_TABLE, schema=SCHEMA)

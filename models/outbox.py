@@ -117,8 +117,10 @@ class OutboxEvent(Base):
         Index(f"ix_{EVENTS_TABLE}_pending", "id", postgresql_where=text("state = 'pending'")),
         # Failed rows hold back later rows of their key; looking them up must stay cheap.
         Index(f"ix_{EVENTS_TABLE}_failed_key", "key", "id", postgresql_where=text("state = 'failed'")),
-        # Retention deletes sent rows oldest first.
+        # Retention deletes sent rows oldest first; status counts the last minute's.
         Index(f"ix_{EVENTS_TABLE}_sent_at", "sent_at", postgresql_where=text("state = 'sent'")),
+        # Retention of discarded rows, without walking the whole table.
+        Index(f"ix_{EVENTS_TABLE}_discarded", "created_at", postgresql_where=text("state = 'discarded'")),
     )
 
 

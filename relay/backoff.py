@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +19,10 @@ class CircuitBreaker:
     until a success closes it again with one more log line.
     """
 
-    def __init__(self, name: str, *, threshold: int, initial: float, cap: float, extra: dict[str, object]) -> None:
+    def __init__(self, name: str, *, threshold: int, initial: float, cap: float, extra: Mapping[str, object],
+                 gauge: Any = None) -> None:
         self.name = name
+        self.gauge = gauge  # set to 1 while open (a prometheus Gauge child), if given
         self.threshold = threshold
         self.initial = initial
         self.cap = cap
@@ -42,6 +46,8 @@ class CircuitBreaker:
         wait = self.delay()
         self.retry_at = time.monotonic() + wait
         if self.failures == self.threshold:
+            if self.gauge is not None:
+                self.gauge.set(1)
             log.warning("%s unavailable, circuit open after %d failures (probing every <=%.0fs): %s",
                         self.name, self.failures, self.cap, reason,
                         extra={**self.extra, "action": "circuit_open", "system": self.name})
@@ -52,6 +58,8 @@ class CircuitBreaker:
 
     def success(self) -> None:
         if self.is_open:
+            if self.gauge is not None:
+                self.gauge.set(0)
             log.warning("%s available again, circuit closed", self.name,
                         extra={**self.extra, "action": "circuit_closed", "system": self.name})
         self.failures = 0

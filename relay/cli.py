@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from relay.config import Settings
-from relay.errors import OutboxError
+from relay.errors import ConfigurationError, OutboxError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_THRESHOLD = 3  # status: a --max-* threshold was exceeded
+
+# Settings every database-only command takes.
+_DB_ONLY = ["database_url", "log_level", "log_format"]
 
 
 def _add_settings(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -35,11 +40,28 @@ def _add_settings(parser: argparse.ArgumentParser, only: Sequence[str] | None = 
         )
 
 
+def _add_kafka_property_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-X", dest="kafka_property", action="append", metavar="PROPERTY=VALUE",
+                        help="a librdkafka property, e.g. -X sasl.mechanism=PLAIN (repeatable)")
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", dest="ids", type=int, action="append", help="outbox row id (repeatable)")
+    parser.add_argument("--topic", help="only events of this topic")
+    parser.add_argument("--key", help="only events of this key (as text; UTF-8)")
+    parser.add_argument("--all", dest="everything", action="store_true", help="every event that qualifies")
+    parser.add_argument("--dry-run", action="store_true", help="only count what would change")
+
+
 def _settings(args: argparse.Namespace, *, kafka: bool = True) -> Settings:
     flags = {key: value for key, value in vars(args).items() if value is not None}
     if not kafka:  # commands that only touch the database do not need Kafka settings
         flags.setdefault("bootstrap_servers", os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS") or "-")
-    return Settings.from_sources(flags)
+    settings = Settings.from_sources(flags)
+    from relay import logs
+
+    logs.configure(settings.log_level, settings.log_format)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     migrate = commands.add_parser("migrate", help="create or upgrade the outbox tables")
-    _add_settings(migrate, only=["database_url", "log_level"])
+    _add_settings(migrate, only=_DB_ONLY)
     migrate.add_argument("--lanes", type=int, default=None,
                          help="lane count when the outbox is first created [env OUTBOX_LANES, default 4]")
     migrate.add_argument("--revision", default="head", help="target revision (default head)")
@@ -58,36 +80,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the relay daemon")
     _add_settings(run)
-    run.add_argument("-X", dest="kafka_property", action="append", metavar="PROPERTY=VALUE",
-                     help="a librdkafka property, e.g. -X sasl.mechanism=PLAIN (repeatable)")
+    _add_kafka_property_flag(run)
 
-    status = commands.add_parser("status", help="show the backlog and lane owners")
-    _add_settings(status, only=["database_url"])
+    status = commands.add_parser("status", help="the backlog per topic and lane, and who owns the lanes")
+    _add_settings(status, only=_DB_ONLY)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted")
+    status.add_argument("--max-age", type=float, metavar="SECONDS",
+                        help=f"exit {EXIT_THRESHOLD} if the oldest claimable event is older")
+    status.add_argument("--max-pending", type=int, help=f"exit {EXIT_THRESHOLD} if more events are pending")
+    status.add_argument("--max-failed", type=int, help=f"exit {EXIT_THRESHOLD} if more events have failed")
 
     lanes = commands.add_parser("lanes", help="show the lanes, or change their number")
     lanes_commands = lanes.add_subparsers(dest="lanes_command", required=True, metavar="ACTION")
     lanes_show = lanes_commands.add_parser("show", help="lane count, owners and live instances")
-    _add_settings(lanes_show, only=["database_url"])
+    _add_settings(lanes_show, only=_DB_ONLY)
     lanes_set = lanes_commands.add_parser(
         "set", help="change the lane count (takes every lane first, so no two counts are ever live at once)")
     lanes_set.add_argument("count", type=int, help="the new number of lanes (1-1024)")
-    _add_settings(lanes_set, only=["database_url", "bootstrap_servers", "kafka_config_file", "transactional_id_prefix",
-                                   "progress_topic", "log_level"])
-    lanes_set.add_argument("-X", dest="kafka_property", action="append", metavar="PROPERTY=VALUE",
-                           help="a librdkafka property (repeatable)")
+    _add_settings(lanes_set, only=[*_DB_ONLY, "bootstrap_servers", "kafka_config_file", "transactional_id_prefix",
+                                   "progress_topic"])
+    _add_kafka_property_flag(lanes_set)
 
     failed = commands.add_parser("failed", help="list, retry or discard failed events")
     failed_commands = failed.add_subparsers(dest="failed_command", required=True, metavar="ACTION")
-    failed_list = failed_commands.add_parser("list", help="failed events with their errors")
-    _add_settings(failed_list, only=["database_url"])
-    for action in ("retry", "discard"):
-        sub = failed_commands.add_parser(action, help=f"{action} failed events")
-        _add_settings(sub, only=["database_url"])
-        sub.add_argument("--id", dest="ids", type=int, action="append", help="outbox row id (repeatable)")
-        sub.add_argument("--topic", help="every failed event of this topic")
-        sub.add_argument("--all", dest="everything", action="store_true", help="every failed event")
-        sub.add_argument("--dry-run", action="store_true", help="only count what would change")
+    _add_settings(failed_commands.add_parser("list", help="failed events grouped by error"), only=_DB_ONLY)
+    for action, text in (("retry", "put failed events back to pending"), ("discard", "give up on failed events")):
+        sub = failed_commands.add_parser(action, help=text)
+        _add_settings(sub, only=_DB_ONLY)
+        _add_selection(sub)
+
+    replay = commands.add_parser("replay", help="publish already-sent events again (marked with a replay header)")
+    _add_settings(replay, only=_DB_ONLY)
+    _add_selection(replay)
+    replay.add_argument("--since", type=dt.datetime.fromisoformat, help="sent at or after (ISO 8601, with zone)")
+    replay.add_argument("--until", type=dt.datetime.fromisoformat, help="sent before (ISO 8601, with zone)")
     return parser
 
 
@@ -95,9 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
+    except ValueError as exc:  # a selection or value the command cannot act on
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OutboxError as exc:
         _print_cause_chain(exc)
-        return EXIT_FAILURE
+        return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 
@@ -111,32 +141,20 @@ def _print_cause_chain(exc: BaseException) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from relay import logs
-
     if args.command == "migrate":
-        from relay import migrate
-
-        settings = _settings(args, kafka=False)
-        logs.configure(settings.log_level)
-        lanes = args.lanes if args.lanes is not None else int(os.environ.get("OUTBOX_LANES", "4"))
-        if args.downgrade:
-            migrate.downgrade(settings.database_url, args.revision)
-        else:
-            migrate.upgrade(settings.database_url, args.revision, lanes=lanes)
-        print(f"outbox schema at {'revision ' + args.revision if args.downgrade else args.revision}")
-        return EXIT_OK
+        return _migrate(args)
     if args.command == "run":
         from relay.daemon import Relay
 
-        settings = _settings(args)
-        logs.configure(settings.log_level, settings.log_format)
-        return Relay(settings).run_forever()
+        return Relay(_settings(args)).run_forever()
     if args.command == "status":
-        return _status(_settings(args, kafka=False), as_json=args.json)
-    if args.command == "failed":
-        return _failed(args)
+        return _status(args)
     if args.command == "lanes":
         return _lanes(args)
+    if args.command == "failed":
+        return _failed(args)
+    if args.command == "replay":
+        return _replay(args)
     raise AssertionError(args.command)
 
 
@@ -146,79 +164,100 @@ def _connect(settings: Settings) -> Any:
     return connect(settings.database_url, "outbox-relay cli")
 
 
-def _status(settings: Settings, *, as_json: bool) -> int:
-    from relay import operations
+def _migrate(args: argparse.Namespace) -> int:
+    from relay import migrate
 
-    with _connect(settings) as conn:
-        topics = operations.backlog(conn)
-        lanes = operations.lane_owners(conn)
-    if as_json:
-        print(json.dumps({
-            "topics": [dataclasses.asdict(t) for t in topics],
-            "lanes": [{"lane": lane, "owner": owner, "last_seen_s": age} for lane, owner, age in lanes],
-        }, indent=2))
-        return EXIT_OK
-    print(f"{'TOPIC':<40} {'PENDING':>9} {'CLAIMABLE':>9} {'DELAYED':>9} {'FAILED':>9} {'OLDEST':>10}")
-    for t in topics:
-        age = "-" if t.oldest_claimable_age_s is None else f"{t.oldest_claimable_age_s:.1f}s"
-        print(f"{t.topic:<40} {t.pending:>9} {t.claimable:>9} {t.delayed:>9} {t.failed:>9} {age:>10}")
-    if not topics:
-        print("(no pending or failed events)")
-    print()
-    for lane, owner, last_seen in lanes:
-        seen = "-" if last_seen is None else f"{last_seen:.1f}s ago"
-        print(f"lane {lane}: {owner or '(free)'} (last seen {seen})")
+    settings = _settings(args, kafka=False)
+    lanes = args.lanes if args.lanes is not None else int(os.environ.get("OUTBOX_LANES", "4"))
+    if args.downgrade:
+        migrate.downgrade(settings.database_url, args.revision)
+    else:
+        migrate.upgrade(settings.database_url, args.revision, lanes=lanes)
+    print(f"outbox schema at {'revision ' + args.revision if args.downgrade else args.revision}")
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from relay import monitor
+
+    settings = _settings(args, kafka=False)
+    with _connect(settings) as conn:
+        while True:
+            snap = monitor.snapshot(conn)
+            breaches = _breaches(args, snap)
+            if args.json:
+                print(json.dumps({**snap.to_json(), "breaches": breaches}, indent=2))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")  # clear the terminal between refreshes
+                print(monitor.render(snap))
+                for breach in breaches:
+                    print(f"THRESHOLD: {breach}")
+            if not args.watch:
+                return EXIT_THRESHOLD if breaches else EXIT_OK
+            time.sleep(args.watch)
+
+
+def _breaches(args: argparse.Namespace, snap: Any) -> list[str]:
+    breaches = []
+    age = snap.total.oldest_claimable_age_s
+    if args.max_age is not None and age is not None and age > args.max_age:
+        breaches.append(f"oldest claimable event is {age:.1f}s old (max {args.max_age:g}s)")
+    if args.max_pending is not None and snap.total.pending > args.max_pending:
+        breaches.append(f"{snap.total.pending} events pending (max {args.max_pending})")
+    if args.max_failed is not None and snap.total.failed > args.max_failed:
+        breaches.append(f"{snap.total.failed} events failed (max {args.max_failed})")
+    return breaches
 
 
 def _lanes(args: argparse.Namespace) -> int:
-    from relay import logs, operations
-
     if args.lanes_command == "set":
         from relay.resize import resize
 
-        settings = _settings(args)
-        logs.configure(settings.log_level)
-        old, recovered = resize(settings, args.count)
+        old, recovered = resize(_settings(args), args.count)
         print(f"lane count changed from {old} to {args.count} ({recovered} events recovered while settling lanes)")
         return EXIT_OK
-    settings = _settings(args, kafka=False)
-    with _connect(settings) as conn:
-        count, resizing, instances = operations.lane_view(conn)
-        owners = operations.lane_owners(conn)
-    print(f"lanes: {count}{' (a change is under way)' if resizing else ''}")
-    print(f"live instances: {', '.join(instances) or '(none)'}")
-    for lane, owner, last_seen in owners:
-        if lane < count:
-            seen = "-" if last_seen is None else f"{last_seen:.1f}s ago"
-            print(f"lane {lane}: {owner or '(free)'} (last seen {seen})")
+    from relay import monitor
+
+    with _connect(_settings(args, kafka=False)) as conn:
+        snap = monitor.snapshot(conn, cap=1)
+    print(monitor.render(snap).split("\n\n", 1)[1])
     return EXIT_OK
+
+
+def _selection(args: argparse.Namespace) -> Any:
+    from relay.operations import Selection
+
+    return Selection(ids=args.ids, topic=args.topic, key=args.key.encode() if args.key else None,
+                     everything=args.everything)
 
 
 def _failed(args: argparse.Namespace) -> int:
     from relay import operations
 
-    settings = _settings(args, kafka=False)
-    from relay import logs
-
-    logs.configure(settings.log_level)
-    with _connect(settings) as conn:
+    with _connect(_settings(args, kafka=False)) as conn:
         if args.failed_command == "list":
-            rows = operations.failed_events(conn)
-            for row_id, event_id, topic, attempts, error in rows:
-                print(f"{row_id}\t{event_id}\t{topic}\tattempts={attempts}\t{error}")
-            if not rows:
+            groups = operations.failed_groups(conn)
+            for group in groups:
+                print(f"{group.count:>7} failed  topics: {', '.join(group.topics)}  first ids: "
+                      f"{', '.join(map(str, group.first_ids))}\n        {group.error}")
+            if not groups:
                 print("(no failed events)")
             return EXIT_OK
         change = operations.retry_failed if args.failed_command == "retry" else operations.discard_failed
-        try:
-            count = change(conn, ids=args.ids, topic=args.topic, everything=args.everything, dry_run=args.dry_run)
-        except ValueError as exc:
-            print(f"outbox-relay: {exc} (--id, --topic or --all)", file=sys.stderr)
-            return EXIT_USAGE
-        verb = "would change" if args.dry_run else "changed"
-        print(f"{args.failed_command}: {verb} {count} failed events")
-        return EXIT_OK
+        count = change(conn, _selection(args), dry_run=args.dry_run)
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{args.failed_command}: {verb} {count} failed events")
+    return EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from relay import operations
+
+    with _connect(_settings(args, kafka=False)) as conn:
+        count = operations.replay(conn, _selection(args), since=args.since, until=args.until, dry_run=args.dry_run)
+    print(f"replay: {'would queue' if args.dry_run else 'queued'} {count} events again")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -96,6 +96,18 @@ class Settings:
     shutdown_timeout: float = _field(
         "OUTBOX_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take before exiting anyway", 30.0
     )
+    http: str = _field(
+        "OUTBOX_HTTP",
+        "serve the status page, /metrics, /healthz and /readyz on PORT (localhost) or HOST:PORT; off when empty",
+        "",
+    )
+    backlog_interval: float = _field(
+        "OUTBOX_BACKLOG_INTERVAL", "seconds between backlog measurements for metrics and the status page", 5.0
+    )
+    retention_hours: float = _field(
+        "OUTBOX_RETENTION_HOURS", "sent and discarded events are deleted after this many hours (0: keep)", 168.0
+    )
+    retention_interval: float = _field("OUTBOX_RETENTION_INTERVAL", "seconds between retention runs", 60.0)
     log_level: str = _field("OUTBOX_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO")
     log_format: str = _field("OUTBOX_LOG_FORMAT", "text or json", "text", choices=("text", "json"))
     kafka_properties: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -132,7 +144,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("poll_interval", "lane_interval", "instance_timeout", "backoff_initial", "backoff_max",
-                     "shutdown_timeout"):
+                     "shutdown_timeout", "backlog_interval", "retention_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for key, value in REQUIRED_KAFKA.items():

@@ -1,9 +1,12 @@
 """The relay daemon: APScheduler decides when each lane ticks; lanes do the work.
 
 Jobs:
-- ``lanes`` (every ``lane_interval``): read the lane count, take free lanes, heartbeat owned ones.
+- ``lanes`` (every ``lane_interval``): register, take this instance's share of the lanes, heartbeat.
 - ``lane-N`` (one per owned lane): one tick, then the job re-schedules itself: at once while a
-  full batch came back (drain), after ``poll_interval`` when idle. A lane never ticks twice at once.
+  full batch came back (drain) or a commit was announced, after ``poll_interval`` when idle.
+  A lane never ticks twice at once.
+- ``backlog`` (every ``backlog_interval``): measure the backlog for metrics and the status page.
+- ``retention`` (every ``retention_interval``): delete old sent and discarded events in small batches.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -21,12 +25,15 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from relay import monitor, operations
 from relay.backoff import CircuitBreaker
 from relay.config import Settings
 from relay.lane import LaneWorker
+from relay.metrics import Metrics
 from relay.publisher import LanePublisher
 from relay.store import Store, connect
 from relay.wakeups import CommitListener
+from relay.web import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,11 @@ class Relay:
         self.workers: dict[int, LaneWorker] = {}
         self.lane_count: int | None = None
         self._control: psycopg.Connection[Any] | None = None
+        self._monitor: psycopg.Connection[Any] | None = None
+        self._membership_seen = 0.0  # monotonic time the database last answered lane management
         self._kafka_logger = _LibrdkafkaLogger()
+        self.metrics = Metrics()
+        self.http = StatusServer(settings.http, self.metrics, self.readiness) if settings.http else None
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=8)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -68,9 +79,17 @@ class Relay:
     def start(self) -> None:
         log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
                  extra={"action": "start"})
+        now = dt.datetime.now(dt.UTC)
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
-                               id="lanes", next_run_time=dt.datetime.now(dt.UTC))
+                               id="lanes", next_run_time=now)
+        self.scheduler.add_job(self._measure_backlog, "interval", seconds=self.settings.backlog_interval,
+                               id="backlog", next_run_time=now)
+        if self.settings.retention_hours > 0:
+            self.scheduler.add_job(self._retention, "interval", seconds=self.settings.retention_interval,
+                                   id="retention", next_run_time=now)
         self.scheduler.start()
+        if self.http is not None:
+            self.http.start()
         if self.settings.listen == "on":
             breaker = CircuitBreaker("postgres listener", threshold=self.settings.breaker_threshold,
                                      initial=self.settings.backoff_initial, cap=self.settings.backoff_max, extra={})
@@ -85,6 +104,8 @@ class Relay:
         self.scheduler.shutdown(wait=True)
         for worker in self.workers.values():
             worker.release()
+        if self.http is not None:
+            self.http.stop()
         if self._control is not None and not self._control.closed:
             try:
                 self.store.deregister_instance(self._control, self.settings.instance_name())
@@ -185,6 +206,7 @@ class Relay:
             count, resizing = self.store.lane_settings(self._control)
             live = self.store.register_instance(self._control, self.settings.instance_name(),
                                                 self.settings.instance_timeout)
+            self._membership_seen = time.monotonic()
             return count, resizing, live
         except psycopg.OperationalError as exc:
             if self._control is not None:
@@ -193,11 +215,44 @@ class Relay:
             log.debug("database unavailable for lane management: %s", exc, extra={"action": "lanes"})
             return None
 
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready: the database answers, and every owned lane has a producer (or it waits for lanes)."""
+        problems = []
+        if time.monotonic() - self._membership_seen > max(3 * self.settings.lane_interval, 5.0):
+            problems.append("database unreachable")
+        stuck = [lane for lane, worker in self.workers.items() if worker.owned and not worker.ready]
+        if stuck:
+            problems.append(f"no Kafka producer for lanes {stuck}")
+        if self.stopping.is_set():
+            problems.append("stopping")
+        return not problems, problems
+
+    def _measure_backlog(self) -> None:
+        try:
+            if self._monitor is None or self._monitor.closed:
+                self._monitor = connect(self.settings.database_url, "outbox-relay monitor")
+            self.metrics.observe_backlog(monitor.snapshot(self._monitor))
+        except psycopg.OperationalError:
+            if self._monitor is not None:
+                self._monitor.close()
+            self._monitor = None
+
+    def _retention(self) -> None:
+        try:
+            with connect(self.settings.database_url, "outbox-relay retention") as conn:
+                deleted = operations.delete_expired(conn, dt.timedelta(hours=self.settings.retention_hours))
+        except psycopg.OperationalError:
+            return
+        if deleted:
+            self.metrics.retention_deleted.inc(deleted)
+            log.info("retention deleted %d sent or discarded events older than %gh", deleted,
+                     self.settings.retention_hours, extra={"action": "retention", "count": deleted})
+
     def _worker(self, lane: int, count: int) -> LaneWorker:
         def new_publisher() -> LanePublisher:
             return new_lane_publisher(self.settings, lane, count, logger=self._kafka_logger)
 
-        return LaneWorker(lane, count, self.settings, self.store, new_publisher)
+        return LaneWorker(lane, count, self.settings, self.store, new_publisher, self.metrics)
 
     def _tick(self, lane: int) -> None:
         worker = self.workers.get(lane)

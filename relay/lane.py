@@ -15,6 +15,7 @@ from relay import faults
 from relay.backoff import CircuitBreaker
 from relay.config import Settings
 from relay.errors import BrokerUnavailable
+from relay.metrics import Metrics
 from relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
 from relay.store import Row, Store, connect
 
@@ -40,6 +41,7 @@ class LaneWorker:
         settings: Settings,
         store: Store,
         publisher_factory: Callable[[], LanePublisher],
+        metrics: Metrics,
     ) -> None:
         self.lane = lane
         self.lane_count = lane_count
@@ -50,14 +52,30 @@ class LaneWorker:
         self._new_publisher = publisher_factory
         self._conn: psycopg.Connection[Any] | None = None
         self._publisher: LanePublisher | None = None
-        self.owned = False
+        self.metrics = metrics
+        self._owned = False
         self._ticking = threading.Lock()
         self._extra = {"lane": lane}
-        backoff = {"threshold": settings.breaker_threshold, "initial": settings.backoff_initial,
-                   "cap": settings.backoff_max, "extra": self._extra}
-        self.database = CircuitBreaker("postgres", **backoff)  # type: ignore[arg-type]
-        self.kafka = CircuitBreaker("kafka", **backoff)  # type: ignore[arg-type]
-        self.published_total = 0
+        self.database, self.kafka = (
+            CircuitBreaker(system, threshold=settings.breaker_threshold, initial=settings.backoff_initial,
+                           cap=settings.backoff_max, extra=self._extra,
+                           gauge=metrics.breaker_open.labels(system=system, lane=str(lane)))
+            for system in ("postgres", "kafka")
+        )
+
+    @property
+    def owned(self) -> bool:
+        return self._owned
+
+    @owned.setter
+    def owned(self, value: bool) -> None:
+        self._owned = value
+        self.metrics.lane_owned.labels(lane=str(self.lane)).set(int(value))
+
+    @property
+    def ready(self) -> bool:
+        """Owns the lane with a producer that took it over in Kafka, and the broker answers."""
+        return self.owned and self._publisher is not None and not self.kafka.is_open
 
     # --- ownership --------------------------------------------------------------------
 
@@ -108,6 +126,7 @@ class LaneWorker:
                         extra={**self._extra, "action": "lane_lost"})
         self.owned = False
         self._drop_publisher()
+        self.metrics.failures.labels(reason="database").inc()
         self.database.failure(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
     def _drop_publisher(self) -> None:
@@ -156,24 +175,29 @@ class LaneWorker:
 
     def _publish(self, conn: psycopg.Connection[Any], publisher: LanePublisher, rows: list[Row]) -> _Outcome:
         """One Kafka transaction for the rows; on success (only then) mark them sent."""
+        started = time.time()
         try:
             publisher.publish(rows)
         except PoisonEvent as exc:
+            self.metrics.failures.labels(reason="poison").inc()
             if exc.ambiguous and len(rows) > 1:
                 return self._isolate(conn, publisher, rows)
             self._poison(conn, exc)
             return _Outcome.POISONED
         except TransactionAborted as exc:
+            self.metrics.failures.labels(reason="aborted").inc()
             self.kafka.failure(str(exc))
             return _Outcome.RETRY
         except ProducerFailed as exc:
+            self.metrics.failures.labels(reason="fenced" if exc.fenced else "producer").inc()
             self._producer_failed(exc)
             return _Outcome.RETRY
+        committed = time.time()
         self.kafka.success()
         faults.hit("after_commit")
         # Only now, after Kafka acknowledged the commit, are the rows sent.
         self.store.mark_sent(conn, [row.id for row in rows])
-        self.published_total += len(rows)
+        self.metrics.observe_published(self.lane, (row.created_at.timestamp() for row in rows), started, committed)
         log.debug("published %d events", len(rows), extra={**self._extra, "action": "published"})
         return _Outcome.PUBLISHED
 

@@ -1,112 +1,134 @@
-"""Operator queries: the backlog at a glance and the failed-event tools."""
+"""Operator actions on events: failed-event tools, replay and retention. Every action is logged."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
+import time
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA
+from models import EVENTS_TABLE, SCHEMA
 
 log = logging.getLogger(__name__)
 
 _EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
-_LANES = sql.Identifier(SCHEMA, LANES_TABLE)
+REPLAY_HEADER = "outbox-replay-of"
 
 
 @dataclasses.dataclass(frozen=True)
-class TopicBacklog:
-    topic: str
-    pending: int
-    claimable: int
-    delayed: int
-    failed: int
-    oldest_claimable_age_s: float | None
+class Selection:
+    """Which events an action applies to: ids, a topic, a key, or everything (at least one)."""
+
+    ids: list[int] | None = None
+    topic: str | None = None
+    key: bytes | None = None
+    everything: bool = False
+
+    def where(self) -> tuple[sql.Composable, list[Any]]:
+        clauses: list[sql.Composable] = []
+        params: list[Any] = []
+        for column, value in (("id", self.ids), ("topic", self.topic), ("key", self.key)):
+            if value:
+                clauses.append(sql.SQL("{} = ANY(%s)" if column == "id" else "{} = %s").format(sql.Identifier(column)))
+                params.append(value)
+        if not clauses and not self.everything:
+            raise ValueError("say which events: ids, a topic, a key, or all")
+        return (sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("TRUE")), params
+
+    def describe(self) -> str:
+        key = self.key.decode(errors="replace") if self.key else None
+        parts = [f"{name}={value}" for name, value in (("ids", self.ids), ("topic", self.topic), ("key", key))
+                 if value]
+        return " ".join(parts) or "all"
 
 
-def backlog(conn: psycopg.Connection[Any]) -> list[TopicBacklog]:
-    """Per topic: counts of unsent events and the age of the oldest one the relay could publish now.
+@dataclasses.dataclass(frozen=True)
+class ErrorGroup:
+    error: str
+    count: int
+    topics: list[str]
+    first_ids: list[int]
 
-    Reads only unsent rows (through the pending and failed partial indexes), never sent history.
-    """
+
+def failed_groups(conn: psycopg.Connection[Any], limit: int = 50) -> list[ErrorGroup]:
+    """Failed events grouped by their error, the largest group first."""
     query = sql.SQL(
-        "SELECT topic,"
-        " count(*) FILTER (WHERE state = 'pending'),"
-        " count(*) FILTER (WHERE state = 'pending' AND available_at <= now()),"
-        " count(*) FILTER (WHERE state = 'pending' AND available_at > now()),"
-        " count(*) FILTER (WHERE state = 'failed'),"
-        " extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending' AND available_at <= now()))"
-        " FROM {} WHERE state IN ('pending', 'failed') GROUP BY topic ORDER BY topic"
+        "SELECT coalesce(last_error, ''), count(*), array_agg(DISTINCT topic), (array_agg(id ORDER BY id))[1:5]"
+        " FROM {} WHERE state = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT %s"
     ).format(_EVENTS)
-    return [
-        TopicBacklog(topic, pending, claimable, delayed, failed, float(age) if age is not None else None)
-        for topic, pending, claimable, delayed, failed, age in conn.execute(query).fetchall()
-    ]
+    rows = conn.execute(query, (limit,))
+    return [ErrorGroup(error, count, sorted(topics), ids) for error, count, topics, ids in rows]
 
 
-def lane_owners(conn: psycopg.Connection[Any]) -> list[tuple[int, str | None, float | None]]:
-    """(lane, owner, seconds since its last heartbeat) for every lane that ever had an owner."""
-    query = sql.SQL(
-        "SELECT lane, owner, extract(epoch FROM now() - heartbeat_at) FROM {} ORDER BY lane"
-    ).format(_LANES)
-    return [(lane, owner, float(age) if age is not None else None) for lane, owner, age in conn.execute(query)]
+def retry_failed(conn: psycopg.Connection[Any], selection: Selection, *, dry_run: bool = False) -> int:
+    """Failed events go back to pending with a fresh attempt count."""
+    return _change_failed(conn, "state = 'pending', attempts = 0, available_at = now()", "retry", selection, dry_run)
 
 
-def lane_view(conn: psycopg.Connection[Any]) -> tuple[int, bool, list[str]]:
-    """(lane count, whether a change is under way, instances seen in the last minute)."""
-    from relay.store import Store
-
-    count, resizing = Store.lane_settings(conn)
-    instances = [row[0] for row in conn.execute(
-        sql.SQL("SELECT name FROM {} WHERE heartbeat_at > now() - interval '1 minute' ORDER BY name").format(
-            sql.Identifier(SCHEMA, INSTANCES_TABLE)))]
-    return count, resizing, instances
+def discard_failed(conn: psycopg.Connection[Any], selection: Selection, *, dry_run: bool = False) -> int:
+    """Give up on failed events; they stay as discarded (for the record) until retention removes them."""
+    return _change_failed(conn, "state = 'discarded'", "discard", selection, dry_run)
 
 
-def _selector(ids: list[int] | None, topic: str | None, everything: bool) -> tuple[sql.Composable, list[Any]]:
-    if ids:
-        return sql.SQL("id = ANY(%s)"), [ids]
-    if topic:
-        return sql.SQL("topic = %s"), [topic]
-    if everything:
-        return sql.SQL("TRUE"), []
-    raise ValueError("say which failed events: ids, a topic, or all")
-
-
-def failed_events(conn: psycopg.Connection[Any], limit: int = 100) -> list[tuple[int, str, str, int, str]]:
-    """(id, event id, topic, attempts, last error) of failed events, oldest first."""
-    query = sql.SQL(
-        "SELECT id, event_id::text, topic, attempts, coalesce(last_error, '') FROM {}"
-        " WHERE state = 'failed' ORDER BY id LIMIT %s"
-    ).format(_EVENTS)
-    return list(conn.execute(query, (limit,)).fetchall())
-
-
-def retry_failed(conn: psycopg.Connection[Any], *, ids: list[int] | None = None, topic: str | None = None,
-                 everything: bool = False, dry_run: bool = False) -> int:
-    """Put failed events back to pending with a fresh attempt count; returns how many."""
-    return _change_failed(conn, "state = 'pending', attempts = 0, available_at = now()", "retry",
-                          ids, topic, everything, dry_run)
-
-
-def discard_failed(conn: psycopg.Connection[Any], *, ids: list[int] | None = None, topic: str | None = None,
-                   everything: bool = False, dry_run: bool = False) -> int:
-    """Give up on failed events (kept as discarded, for the record); returns how many."""
-    return _change_failed(conn, "state = 'discarded'", "discard", ids, topic, everything, dry_run)
-
-
-def _change_failed(conn: psycopg.Connection[Any], assignment: str, action: str, ids: list[int] | None,
-                   topic: str | None, everything: bool, dry_run: bool) -> int:
-    where, params = _selector(ids, topic, everything)
+def _change_failed(conn: psycopg.Connection[Any], assignment: str, action: str, selection: Selection,
+                   dry_run: bool) -> int:
+    where, params = selection.where()
     if dry_run:
         query = sql.SQL("SELECT count(*) FROM {} WHERE state = 'failed' AND {}").format(_EVENTS, where)
         row = conn.execute(query, params).fetchone()
         return int(row[0]) if row else 0
     query = sql.SQL("UPDATE {} SET " + assignment + " WHERE state = 'failed' AND {}").format(_EVENTS, where)
     count = conn.execute(query, params).rowcount
-    log.info("operator %s of %d failed events (ids=%s topic=%s all=%s)", action, count, ids, topic, everything,
-             extra={"action": f"failed_{action}", "count": count})
+    log.warning("operator: %s %d failed events (%s)", action, count, selection.describe(),
+                extra={"action": f"failed_{action}", "count": count})
     return count
+
+
+def replay(conn: psycopg.Connection[Any], selection: Selection, *, since: dt.datetime | None = None,
+           until: dt.datetime | None = None, dry_run: bool = False) -> int:
+    """Publish already-sent events again, as new events carrying an `outbox-replay-of` header.
+
+    The copies go through the outbox like any event (in order, exactly once each); consumers that
+    de-duplicate by `outbox-event-id` see new ids and can tell replays by the header.
+    """
+    where, params = selection.where() if selection != Selection() else (sql.SQL("TRUE"), [])
+    if since is None and until is None and selection == Selection():
+        raise ValueError("say which events to replay: ids, a topic, a key, all, or a time range")
+    window = sql.SQL("sent_at >= coalesce(%s, '-infinity') AND sent_at < coalesce(%s, 'infinity')")
+    params += [since, until]
+    if dry_run:
+        query = sql.SQL("SELECT count(*) FROM {} WHERE state = 'sent' AND {} AND {}").format(_EVENTS, where, window)
+        row = conn.execute(query, params).fetchone()
+        return int(row[0]) if row else 0
+    query = sql.SQL(
+        "INSERT INTO {events} (topic, key, value, header_names, header_values, partition)"
+        " SELECT topic, key, value, header_names || %s::text, header_values || convert_to(event_id::text, 'UTF8')"
+        " , partition FROM {events} WHERE state = 'sent' AND {where} AND {window} ORDER BY id"
+    ).format(events=_EVENTS, where=where, window=window)
+    count = conn.execute(query, [REPLAY_HEADER, *params]).rowcount
+    log.warning("operator: replay of %d sent events (%s, since=%s, until=%s)", count, selection.describe(), since,
+                until, extra={"action": "replay", "count": count})
+    return count
+
+
+def delete_expired(conn: psycopg.Connection[Any], retention: dt.timedelta, *, batch: int = 1000,
+                   budget_s: float = 10.0) -> int:
+    """Delete sent and discarded events older than the retention, in small batches (short locks,
+    no giant transaction), for at most ``budget_s`` seconds. Returns how many were deleted."""
+    deleted = 0
+    deadline = time.monotonic() + budget_s
+    for state, column in (("sent", "sent_at"), ("discarded", "created_at")):
+        query = sql.SQL(
+            "DELETE FROM {events} WHERE id IN (SELECT id FROM {events} WHERE state = %s"
+            " AND {column} < now() - %s ORDER BY {column} LIMIT %s FOR UPDATE SKIP LOCKED)"
+        ).format(events=_EVENTS, column=sql.Identifier(column))
+        while time.monotonic() < deadline:
+            count = conn.execute(query, (state, retention, batch)).rowcount
+            deleted += count
+            if count < batch:
+                break
+    return deleted
