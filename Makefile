@@ -24,10 +24,11 @@ services-down:
 	$(PYTHON) scripts/services down
 
 check: venv
-	$(VENV)/bin/ruff check relay models alembic tests scripts/services scripts/demo.py
+	$(VENV)/bin/ruff check relay models alembic tests bench scripts/services scripts/demo.py
 	$(VENV)/bin/mypy
 
 test: check services
+	scripts/test-tools
 	$(ENV) && $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: services

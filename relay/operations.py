@@ -98,7 +98,9 @@ def replay(conn: psycopg.Connection[Any], selection: Selection, *, since: dt.dat
     where, params = selection.where() if selection != Selection() else (sql.SQL("TRUE"), [])
     if since is None and until is None and selection == Selection():
         raise ValueError("say which events to replay: ids, a topic, a key, all, or a time range")
-    window = sql.SQL("sent_at >= coalesce(%s, '-infinity') AND sent_at < coalesce(%s, 'infinity')")
+    window = sql.SQL(
+        "sent_at >= coalesce(%s::timestamptz, '-infinity') AND sent_at < coalesce(%s::timestamptz, 'infinity')"
+    )
     params += [since, until]
     if dry_run:
         query = sql.SQL("SELECT count(*) FROM {} WHERE state = 'sent' AND {} AND {}").format(_EVENTS, where, window)

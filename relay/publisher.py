@@ -211,7 +211,7 @@ class LanePublisher:
 
     def _retrying(self, call: Callable[[], None]) -> None:
         """Repeat a transactional call while librdkafka says the same call may be retried."""
-        deadline = time.monotonic() + 4 * self.operation_timeout
+        deadline = time.monotonic() + self.operation_timeout
         while True:
             try:
                 call()
