@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ENV    := eval "$$($(PY) scripts/services env)"
 
-.PHONY: venv services services-down check test demo bench clean
+.PHONY: venv services services-down check test verify demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ check: venv
 test: check services
 	scripts/test-tools
 	$(ENV) && $(PY) -m pytest $(PYTEST_ARGS)
+
+# The reliability suite at full size (2-minute load) against the local services.
+verify: check services
+	scripts/test-tools
+	$(ENV) && OUTBOX_LOAD_SECONDS=120 $(PY) -m pytest -s tests/test_reliability.py tests/test_faults.py \
+		tests/test_exactly_once.py $(PYTEST_ARGS)
 
 demo: services
 	$(ENV) && $(PY) scripts/demo.py

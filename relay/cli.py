@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings(sub, only=_DB_ONLY)
         _add_selection(sub)
 
+    verify = commands.add_parser(
+        "verify", help="compare the outbox table with Kafka (read_committed): lost, duplicated, reordered events")
+    _add_settings(verify, only=[*_DB_ONLY, "bootstrap_servers", "kafka_config_file"])
+    _add_kafka_property_flag(verify)
+    verify.add_argument("--topic", dest="topics", action="append", help="topics to read (default: every topic"
+                        " in the table)")
+    verify.add_argument("--json", action="store_true", help="print the full report as JSON")
+
     replay = commands.add_parser("replay", help="publish already-sent events again (marked with a replay header)")
     _add_settings(replay, only=_DB_ONLY)
     _add_selection(replay)
@@ -155,6 +163,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _failed(args)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "verify":
+        return _verify(args)
     raise AssertionError(args.command)
 
 
@@ -249,6 +259,18 @@ def _failed(args: argparse.Namespace) -> int:
     verb = "would change" if args.dry_run else "changed"
     print(f"{args.failed_command}: {verb} {count} failed events")
     return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from relay import verify
+
+    settings = _settings(args)
+    with _connect(settings) as conn:
+        rows = verify.read_table(conn)
+    topics = args.topics or sorted({row.topic for row in rows})
+    report = verify.check(rows, verify.read_topics(settings.producer_config(), topics))
+    print(json.dumps(dataclasses.asdict(report), default=str, indent=2) if args.json else verify.render(report))
+    return EXIT_OK if report.ok else EXIT_FAILURE
 
 
 def _replay(args: argparse.Namespace) -> int:

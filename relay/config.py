@@ -21,8 +21,6 @@ from typing import Any
 from relay.errors import ConfigurationError
 
 KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
-# Settings of our own under the OUTBOX_KAFKA_ prefix, not librdkafka properties.
-_NOT_KAFKA_PROPERTIES = {"OUTBOX_KAFKA_CONFIG_FILE"}
 _SECRET = re.compile(r"password|secret|token|credential|oauthbearer\.config|ssl\.key\.pem|keystore|private", re.I)
 
 # What a transactional, idempotent, ordered relay needs; users may tune but not weaken these.
@@ -88,6 +86,9 @@ class Settings:
         "hold",
         choices=("hold", "skip"),
     )
+    kafka_timeout: float = _field(
+        "OUTBOX_KAFKA_TIMEOUT", "seconds a Kafka call (init, flush, commit) may take before it counts as failed", 30.0
+    )
     backoff_initial: float = _field("OUTBOX_BACKOFF_INITIAL", "first retry delay in seconds", 0.5)
     backoff_max: float = _field("OUTBOX_BACKOFF_MAX", "retry delay cap in seconds", 30.0)
     breaker_threshold: int = _field(
@@ -143,8 +144,8 @@ class Settings:
         for name in ("batch_size", "max_attempts", "breaker_threshold"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("poll_interval", "lane_interval", "instance_timeout", "backoff_initial", "backoff_max",
-                     "shutdown_timeout", "backlog_interval", "retention_interval"):
+        for name in ("poll_interval", "lane_interval", "instance_timeout", "kafka_timeout", "backoff_initial",
+                     "backoff_max", "shutdown_timeout", "backlog_interval", "retention_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for key, value in REQUIRED_KAFKA.items():
@@ -202,10 +203,15 @@ def _convert(field: dataclasses.Field[Any], raw: Any, source: str) -> Any:
     return value
 
 
+def _own_variables() -> set[str]:
+    """Settings of our own under the OUTBOX_KAFKA_ prefix: not librdkafka properties."""
+    return {field.metadata["env"] for field in dataclasses.fields(Settings) if "env" in field.metadata}
+
+
 def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: list[str] | None) -> dict[str, str]:
     properties: dict[str, str] = {}
     for name, value in env.items():
-        if name.startswith(KAFKA_ENV_PREFIX) and name not in _NOT_KAFKA_PROPERTIES:
+        if name.startswith(KAFKA_ENV_PREFIX) and name not in _own_variables():
             properties[name[len(KAFKA_ENV_PREFIX):].lower().replace("_", ".")] = value
     if config_file:
         path = Path(config_file)

@@ -24,10 +24,12 @@ import psycopg
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from confluent_kafka import KafkaException, Producer
 
 from relay import monitor, operations
 from relay.backoff import CircuitBreaker
 from relay.config import Settings
+from relay.errors import ConfigurationError
 from relay.lane import LaneWorker
 from relay.metrics import Metrics
 from relay.publisher import LanePublisher
@@ -38,9 +40,18 @@ from relay.web import StatusServer
 log = logging.getLogger(__name__)
 
 
+def validate_kafka_config(settings: Settings) -> None:
+    """Let librdkafka judge the configuration now, so a typo stops the daemon with one clear line."""
+    try:
+        Producer({**settings.producer_config(), "transactional.id": settings.transactional_id(0)})
+    except KafkaException as exc:
+        raise ConfigurationError(f"invalid Kafka configuration: {exc.args[0].str()}") from None
+
+
 def new_lane_publisher(settings: Settings, lane: int, lane_count: int, logger: Any = None) -> LanePublisher:
     return LanePublisher(settings.producer_config(), settings.transactional_id(lane), lane=lane,
-                         lane_count=lane_count, progress_topic=settings.progress_topic_name(), logger=logger)
+                         lane_count=lane_count, progress_topic=settings.progress_topic_name(),
+                         operation_timeout=settings.kafka_timeout, logger=logger)
 
 
 class _LibrdkafkaLogger:
@@ -79,6 +90,7 @@ class Relay:
     def start(self) -> None:
         log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
                  extra={"action": "start"})
+        validate_kafka_config(self.settings)
         now = dt.datetime.now(dt.UTC)
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
                                id="lanes", next_run_time=now)

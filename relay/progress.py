@@ -52,7 +52,7 @@ def record_key(lane: int) -> bytes:
 
 def ensure_topic(kafka_config: dict[str, Any], topic: str, partitions: int, timeout: float = 30.0) -> None:
     """Create the compacted progress topic, or add partitions so every lane has its own."""
-    admin = AdminClient(_client_config(kafka_config))
+    admin = AdminClient(client_config(kafka_config))
     try:
         metadata = admin.list_topics(timeout=timeout)
         existing = metadata.topics.get(topic)
@@ -79,7 +79,7 @@ def last_committed_ids(kafka_config: dict[str, Any], topic: str, lane: int, time
     so everything up to the end of the partition is decided.
     """
     consumer = Consumer({
-        **_client_config(kafka_config),
+        **client_config(kafka_config),
         "group.id": f"outbox-relay-progress-{uuid.uuid4()}",
         "isolation.level": "read_committed",
         "enable.auto.commit": False,
@@ -119,7 +119,7 @@ def _last_record(consumer: Consumer, topic: str, lane: int, start: int, timeout:
             last = message.value()
 
 
-def _client_config(kafka_config: dict[str, Any]) -> dict[str, Any]:
+def client_config(kafka_config: dict[str, Any]) -> dict[str, Any]:
     """Connection and security settings only: producer tuning means nothing to an admin or consumer."""
     producer_only = {"enable.idempotence", "acks", "linger.ms", "compression.type", "transaction.timeout.ms",
                      "message.timeout.ms", "transactional.id", "batch.size", "batch.num.messages",

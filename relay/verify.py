@@ -8,9 +8,11 @@ out of id order), unknown (in Kafka, but no row produced it) and rows marked sen
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from itertools import pairwise
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,3 +95,71 @@ def check(
         unknown=unknown,
         sent_but_missing=sent_but_missing,
     )
+
+
+def read_table(conn: Any) -> list[LedgerRow]:
+    """Every row of the outbox table (all states), in id order."""
+    from psycopg import sql
+
+    from models import EVENTS_TABLE, SCHEMA
+
+    query = sql.SQL("SELECT id, event_id::text, topic, key, state FROM {} ORDER BY id").format(
+        sql.Identifier(SCHEMA, EVENTS_TABLE))
+    return [LedgerRow(*row) for row in conn.execute(query)]
+
+
+def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: float = 30.0) -> list[LedgerMessage]:
+    """Everything committed in the topics (read_committed), from the beginning to the current end."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+    from relay.progress import client_config
+    from relay.publisher import EVENT_ID_HEADER
+
+    consumer = Consumer({**client_config(kafka_config), "group.id": f"outbox-relay-verify-{uuid.uuid4()}",
+                         "isolation.level": "read_committed", "enable.auto.commit": False,
+                         "enable.partition.eof": True})
+    messages: list[LedgerMessage] = []
+    try:
+        assignment = []
+        for topic in topics:
+            metadata = consumer.list_topics(topic, timeout=timeout).topics[topic]
+            if metadata.error is not None:
+                continue  # a topic that no longer exists holds nothing to compare
+            assignment += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
+        consumer.assign(assignment)
+        open_partitions = {(tp.topic, tp.partition) for tp in assignment}
+        while open_partitions:
+            message = consumer.poll(timeout)
+            if message is None:
+                raise TimeoutError(f"no answer from Kafka within {timeout}s; still reading {sorted(open_partitions)}")
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    open_partitions.discard((message.topic(), message.partition()))
+                    continue
+                raise KafkaException(error)
+            event_id = dict(message.headers() or []).get(EVENT_ID_HEADER)
+            key = message.key()
+            messages.append(LedgerMessage(
+                str(message.topic()), int(message.partition() or 0), int(message.offset() or 0),
+                key.encode() if isinstance(key, str) else key,
+                event_id.decode() if isinstance(event_id, bytes) else event_id,
+            ))
+    finally:
+        consumer.close()
+    return messages
+
+
+def render(report: LedgerReport, limit: int = 10) -> str:
+    lines = [("OK" if report.ok else "VIOLATIONS") + f": {report.summary()}"]
+    for title, items in (("lost (committed, not in Kafka)", report.lost),
+                         ("duplicated (event id: copies)", [f"{k}: {v}" for k, v in report.duplicates.items()]),
+                         ("out of key order (key, earlier, later)", [str(r) for r in report.reordered]),
+                         ("in Kafka without a row (or deleted by retention)", report.unknown),
+                         ("marked sent but not in Kafka", report.sent_but_missing)):
+        if items:
+            lines.append(f"{title}: {len(items)}")
+            lines += [f"  {item}" for item in list(items)[:limit]]
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more")
+    return "\n".join(lines)

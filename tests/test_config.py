@@ -1,0 +1,67 @@
+"""Settings: flags over environment over defaults, librdkafka passthrough, redaction, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.cli import build_parser
+from relay.config import Settings
+from relay.errors import ConfigurationError
+
+BASE = {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u:hunter2@db/app", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
+
+
+def test_flags_win_over_environment_over_defaults() -> None:
+    env = {**BASE, "OUTBOX_BATCH_SIZE": "70", "OUTBOX_POLL_INTERVAL": "2"}
+    settings = Settings.from_sources({"batch_size": "50"}, env)
+    assert (settings.batch_size, settings.poll_interval, settings.max_attempts) == (50, 2.0, 3)
+
+
+def test_librdkafka_properties_pass_through_from_env_file_and_flags(tmp_path: Path) -> None:
+    config = tmp_path / "kafka.properties"
+    config.write_text("# comment\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n")
+    settings = Settings.from_sources(
+        {"kafka_config_file": str(config), "kafka_property": ["sasl.mechanism=PLAIN"]},
+        {**BASE, "OUTBOX_KAFKA_SASL_PASSWORD": "s3cret", "OUTBOX_KAFKA_TIMEOUT": "5"},
+    )
+    assert settings.kafka_properties == {"sasl.password": "s3cret", "security.protocol": "SASL_SSL",
+                                         "sasl.mechanism": "PLAIN", "bootstrap.servers": "k:9092"}
+    assert settings.kafka_timeout == 5.0  # our own setting, not a librdkafka property
+    producer = settings.producer_config()
+    assert producer["enable.idempotence"] is True and producer["acks"] == "all"
+    redacted = str(settings.redacted())
+    assert "s3cret" not in redacted and "hunter2" not in redacted and "'sasl.password': '***'" in redacted
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"OUTBOX_BATCH_SIZE": "many"}, "OUTBOX_BATCH_SIZE='many' is not a valid int"),
+    ({"OUTBOX_BATCH_SIZE": "0"}, "batch_size must be >= 1"),
+    ({"OUTBOX_FAILED_KEY_POLICY": "drop"}, "choose one of hold, skip"),
+    ({"OUTBOX_KAFKA_ENABLE_IDEMPOTENCE": "false"}, "enable.idempotence=false would break delivery guarantees"),
+    ({"OUTBOX_KAFKA_TRANSACTIONAL_ID": "x"}, "transactional.id is set per lane"),
+    ({"OUTBOX_DATABASE_URL": ""}, "no database"),
+    ({"OUTBOX_KAFKA_CONFIG_FILE": "/nonexistent"}, "does not exist"),
+])
+def test_bad_settings_name_the_problem(change: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_sources({}, {**BASE, **change})
+
+
+def test_every_flag_shows_its_environment_variable_in_help() -> None:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    help_text = " ".join(out.getvalue().split())  # argparse wraps lines
+    for variable in ("OUTBOX_DATABASE_URL", "OUTBOX_BATCH_SIZE", "OUTBOX_LISTEN", "OUTBOX_HTTP", "OUTBOX_MAX_ATTEMPTS"):
+        assert f"env {variable}" in help_text
+
+
+def test_default_transactional_ids_and_progress_topic_are_unique_per_outbox() -> None:
+    settings = Settings.from_sources({}, BASE)
+    assert settings.transactional_id(3) == "outbox-relay.app.outbox.events.lane-3"
+    assert settings.progress_topic_name() == "outbox-relay.app.outbox.events.progress"

@@ -1,0 +1,312 @@
+"""The reliability suite: faults, load, bad input and configuration, security basics.
+
+Every fault scenario runs writers against a draining relay and ends with the ledger check.
+Sizes come from the environment so `make verify` can run the long version:
+OUTBOX_LOAD_SECONDS (default 20; make verify: 120).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+from sqlalchemy import Engine, create_engine, text
+
+from relay import enqueue
+from relay.web import parse_address
+from tests import kafkatools
+from tests.relaytools import (
+    ROOT,
+    RelayProcess,
+    Writers,
+    lane_owners,
+    ledger,
+    pending,
+    set_lane_count,
+    states,
+    wait_until,
+)
+
+LOAD_SECONDS = float(os.environ.get("OUTBOX_LOAD_SECONDS", "20"))
+
+
+def service(*args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def restores_services() -> Iterator[None]:
+    yield
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), "resume"], capture_output=True)
+    service("up", "postgres")
+    service("up", "kafka")
+
+
+def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay.cli", *args, "--database-url", database_url],
+                          capture_output=True, text=True, timeout=120)
+
+
+def run_with_fault(engine: Engine, database_url: str, topic: str, tmp_path: Path, fault: Callable[[], None],
+                   **settings: str) -> str:
+    relay = RelayProcess(database_url, tmp_path, OUTBOX_BATCH_SIZE="50", **settings).start()
+    try:
+        with Writers(engine, topic, threads=3, limit=1500) as writers:
+            wait_until(lambda: states(engine).get("sent", 0) >= 200, 60, "publishing to start")
+            fault()
+            wait_until(writers.done, 180, "writers to finish")
+        wait_until(lambda: pending(engine) == 0, 180, "the relay to recover and drain by itself")
+        assert relay.alive, f"the relay died instead of recovering:\n{relay.log()[-3000:]}"
+    finally:
+        relay.stop(timeout=60)
+    report = ledger(engine, [topic])
+    assert report.ok, report.summary()
+    assert report.committed == len(writers.committed)
+    return report.summary()
+
+
+def test_verify_command_reports_a_clean_ledger_and_catches_violations(engine: Engine, database_url: str, topic: str,
+                                                                       tmp_path: Path) -> None:
+    with engine.begin() as conn:
+        ids = [enqueue(conn, topic, {"n": n}, key=f"k{n % 3}") for n in range(30)]
+    relay = RelayProcess(database_url, tmp_path).start()
+    try:
+        wait_until(lambda: pending(engine) == 0, 30, "publication")
+    finally:
+        relay.stop()
+    clean = cli(database_url, "verify")
+    assert clean.returncode == 0 and clean.stdout.startswith("OK: committed=30 received=30 lost=0 duplicated=0")
+    # A duplicate written behind the relay's back, and a row marked sent that Kafka never got.
+    producer = Producer({"bootstrap.servers": kafkatools.bootstrap()})
+    producer.produce(topic, key=b"k0", value=b"{}", headers=[("outbox-event-id", str(ids[0]).encode())])
+    producer.flush(10)
+    with engine.begin() as conn:
+        enqueue(conn, topic, b"never published", key="k9")
+        conn.execute(text("UPDATE outbox.events SET state = 'sent', sent_at = now() WHERE state = 'pending'"))
+    broken = cli(database_url, "verify")
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "duplicated=1" in broken.stdout and "marked sent but not in Kafka: 1" in broken.stdout
+    assert str(ids[0]) in broken.stdout
+
+
+def test_broker_sigkill_and_restart(engine: Engine, database_url: str, topic: str, tmp_path: Path,
+                                   restores_services: None) -> None:
+    def fault() -> None:
+        service("kill")
+        time.sleep(2)
+        service("up", "kafka")
+
+    print(f"\nbroker SIGKILL: {run_with_fault(engine, database_url, topic, tmp_path, fault)}")
+
+
+def test_broker_paused_longer_than_the_transaction_timeout(engine: Engine, database_url: str, topic: str,
+                                                          tmp_path: Path, restores_services: None) -> None:
+    def fault() -> None:
+        service("pause")
+        time.sleep(8)  # the relay's transaction timeout is 5 s
+        service("resume")
+
+    summary = run_with_fault(engine, database_url, topic, tmp_path, fault,
+                             OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS="5000", OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS="4000")
+    print(f"\nbroker SIGSTOP 8 s > transaction timeout: {summary}")
+
+
+def test_relay_connections_terminated_by_postgres(engine: Engine, database_url: str, topic: str,
+                                                  tmp_path: Path) -> None:
+    def fault() -> None:
+        with engine.begin() as conn:
+            killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                       " WHERE application_name LIKE 'outbox-relay%' AND datname = current_database()"))
+            assert killed.scalar_one() >= 2
+
+    print(f"\npg_terminate_backend: {run_with_fault(engine, database_url, topic, tmp_path, fault)}")
+
+
+def test_two_relays_started_at_the_same_moment(engine: Engine, database_url: str, topic: str, tmp_path: Path) -> None:
+    set_lane_count(engine, 4)
+    relays = [RelayProcess(database_url, tmp_path, name=name, OUTBOX_BATCH_SIZE="50") for name in ("x", "y")]
+    try:
+        with Writers(engine, topic, threads=3, limit=1500) as writers:
+            for relay in relays:
+                relay.start()
+            owners = wait_until(lambda: (o := lane_owners(engine)) and len(o) == 4 and
+                                sorted(list(o.values()).count(name) for name in "xy") == [2, 2] and o, 30,
+                                "the two relays to split the 4 lanes evenly")
+            wait_until(writers.done, 120, "writers to finish")
+        wait_until(lambda: pending(engine) == 0, 60, "draining")
+    finally:
+        for relay in relays:
+            relay.stop()
+    report = ledger(engine, [topic])
+    assert report.ok, report.summary()
+    print(f"\ntwo relays started together: lanes {owners}; {report.summary()}")
+
+
+def test_topic_deleted_under_the_relay(engine: Engine, database_url: str, tmp_path: Path) -> None:
+    """Events published before the deletion are gone with the topic (that is what deleting means);
+    every event written after it is either published to the re-created topic or parked with a
+    readable error. None is marked sent without being in Kafka."""
+    topic = kafkatools.create_topic(f"doomed-{uuid.uuid4().hex[:10]}", 1)
+    relay = RelayProcess(database_url, tmp_path, OUTBOX_MAX_ATTEMPTS="2").start()
+    try:
+        with engine.begin() as conn:
+            for n in range(20):
+                enqueue(conn, topic, {"before": n})
+        wait_until(lambda: pending(engine) == 0, 30, "the first events")
+        client = kafkatools.admin()  # must outlive the future
+        client.delete_topics([topic])[topic].result(30)
+        with engine.begin() as conn:
+            watermark = conn.execute(text("SELECT max(id) FROM outbox.events")).scalar_one()
+            for n in range(20):
+                enqueue(conn, topic, {"after": n})
+        wait_until(lambda: pending(engine) == 0, 90, "the later events to be published or parked")
+    finally:
+        relay.stop()
+    received = {m.event_id for m in kafkatools.consume([topic], expected=1, quiet=2.0)}
+    with engine.connect() as conn:
+        later = conn.execute(text("SELECT event_id::text, state, last_error FROM outbox.events WHERE id > :w"),
+                             {"w": watermark}).all()
+    for event_id, state, error in later:
+        assert (state == "sent" and event_id in received) or (state == "failed" and error), (event_id, state, error)
+
+
+def _load_writer(url: str, topic: str, writer: int, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    engine = create_engine(url)
+    committed = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with engine.begin() as conn:
+            for i in range(5):
+                enqueue(conn, topic, {"writer": writer, "n": committed + i}, key=f"w{writer}-k{(committed + i) % 5}")
+        committed += 5
+    out.put(committed)
+    engine.dispose()
+
+
+def test_load_eight_writer_processes(engine: Engine, database_url: str, topic: str, tmp_path: Path) -> None:
+    set_lane_count(engine, 4)
+    relay = RelayProcess(database_url, tmp_path, OUTBOX_LOG_LEVEL="WARNING").start()
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    writers = [context.Process(target=_load_writer, args=(database_url, topic, n, LOAD_SECONDS, queue))
+               for n in range(8)]
+    curve = []
+    started = time.monotonic()
+    try:
+        for writer in writers:
+            writer.start()
+        while any(w.is_alive() for w in writers) or pending(engine):
+            curve.append((round(time.monotonic() - started), pending(engine)))
+            time.sleep(1)
+            assert time.monotonic() - started < LOAD_SECONDS + 180, "the relay did not catch up"
+        total = sum(queue.get(timeout=30) for _ in writers)
+    finally:
+        relay.stop()
+    report = ledger(engine, [topic], timeout=120)
+    print(f"\nload: 8 writers for {LOAD_SECONDS:.0f}s wrote {total} events ({total / LOAD_SECONDS:.0f}/s);"
+          f" backlog (s, pending): {curve}; {report.summary()}")
+    assert report.ok, report.summary()
+    assert report.committed == total
+
+
+def test_bad_configuration_says_what_is_wrong_in_one_line(database_url: str) -> None:
+    unknown = cli(database_url, "run", "-X", "no.such.property=1")
+    assert unknown.returncode == 2
+    assert 'error: invalid Kafka configuration: No such configuration property: "no.such.property"' in unknown.stderr
+    weakened = cli(database_url, "run", "-X", "acks=1")
+    assert weakened.returncode == 2 and "acks=1 would break delivery guarantees" in weakened.stderr
+    no_kafka = subprocess.run([sys.executable, "-m", "relay.cli", "run", "--database-url", database_url],
+                              capture_output=True, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"})
+    assert no_kafka.returncode == 2 and "no Kafka: set OUTBOX_KAFKA_BOOTSTRAP_SERVERS" in no_kafka.stderr
+
+
+def test_unreachable_broker_and_wrong_credentials_wait_without_publishing_or_leaking_secrets(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path
+) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        enqueue(conn, topic, b"waits")
+    port = kafkatools.bootstrap().rsplit(":", 1)[1]
+    relay = RelayProcess(database_url, tmp_path, OUTBOX_BREAKER_THRESHOLD="2", OUTBOX_SHUTDOWN_TIMEOUT="5",
+                         OUTBOX_KAFKA_TIMEOUT="3",
+                         OUTBOX_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT", OUTBOX_KAFKA_SASL_MECHANISM="PLAIN",
+                         OUTBOX_KAFKA_SASL_USERNAME="relay", OUTBOX_KAFKA_SASL_PASSWORD=secret,
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}").start()
+    try:
+        wait_until(lambda: "circuit open" in relay.log(), 90, "the relay to report the broker unusable")
+        time.sleep(2)
+        assert relay.alive and states(engine) == {"pending": 1}
+    finally:
+        relay.stop()
+    log = relay.log()
+    assert secret not in log and "'sasl.password': '***'" in log
+    assert log.count("circuit open") == 1, "one line per state change, not a log storm"
+
+
+def test_no_secret_in_status_output_or_metrics_and_http_is_local_by_default(engine: Engine, database_url: str,
+                                                                            tmp_path: Path) -> None:
+    assert parse_address("9466") == ("127.0.0.1", 9466)
+    with_password = database_url.replace("outbox@", "outbox:pw-not-shown@")
+    status = cli(with_password, "status", "--json")
+    assert status.returncode == 0 and "pw-not-shown" not in status.stdout + status.stderr
+    port = str(kafkatools_free_port())
+    relay = RelayProcess(with_password, tmp_path, OUTBOX_HTTP=port).start()
+    try:
+        wait_until(lambda: "serving status page" in relay.log(), 30, "the HTTP server")
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]  # local address
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10).read().decode()
+    finally:
+        relay.stop()
+    assert "pw-not-shown" not in metrics + page + relay.log()
+    assert "outbox:***@" in relay.log()
+
+
+def kafkatools_free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, database_url: str, topic: str,
+                                                              tmp_path: Path) -> None:
+    role = f"relay_{uuid.uuid4().hex[:8]}"
+    grants = (ROOT / "docs" / "least-privilege.sql").read_text().replace("outbox_relay", role)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(grants)
+        for n in range(50):
+            enqueue(conn, topic, {"n": n}, key=str(n % 4))
+    limited = database_url.replace("://outbox@", f"://{role}@")
+    relay = RelayProcess(limited, tmp_path, OUTBOX_RETENTION_INTERVAL="1", OUTBOX_HTTP="").start()
+    try:
+        wait_until(lambda: pending(engine) == 0, 30, "the limited relay to publish")
+        relay.stop()
+        assert "permission denied" not in relay.log() and "InsufficientPrivilege" not in relay.log()
+        # The role does the relay's work and nothing more: it cannot write events or change the schema.
+        limited_engine = create_engine(limited)
+        for statement in ("INSERT INTO outbox.events (topic) VALUES ('x')", "DROP TABLE outbox.events",
+                          "UPDATE outbox.events_settings SET lane_count = 2"):
+            with pytest.raises(Exception, match=r"permission denied|must be owner"), limited_engine.begin() as conn:
+                conn.exec_driver_sql(statement)
+        limited_engine.dispose()
+    finally:
+        if relay.alive:
+            relay.stop()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    report = ledger(engine, [topic])
+    assert report.ok, report.summary()
