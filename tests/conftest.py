@@ -7,6 +7,8 @@ clone (CREATE DATABASE ... TEMPLATE), and its own Kafka topics and transactional
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -88,6 +90,18 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine = create_engine(database_url, pool_pre_ping=True)  # survives the fault tests' restarts
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def restores_services() -> Iterator[None]:
+    """Whatever a fault test does to the services, they are up again afterwards."""
+    yield
+    from tests.relaytools import ROOT
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), "resume"], capture_output=True)
+    for name in ("postgres", "kafka"):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), "up", name], check=True,
+                       capture_output=True)
 
 
 @pytest.fixture

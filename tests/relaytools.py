@@ -66,6 +66,11 @@ class RelayProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
+def service(*args: str) -> None:
+    """Drive the local services (scripts/services): `service("down", "kafka")`, `service("kill")`..."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), *args], check=True, capture_output=True)
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,29 +6,12 @@ duplicates are counted and printed (run with -s to see them), never hidden.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine
 
-from tests.relaytools import ROOT, RelayProcess, Writers, lane_owner, ledger, pending, states, wait_until
-
-
-def service(action: str, name: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), action, name], check=True,
-                   capture_output=True)
-
-
-@pytest.fixture
-def restores_services() -> Iterator[None]:
-    """Whatever a fault test does, both services are up again afterwards."""
-    yield
-    service("up", "postgres")
-    service("up", "kafka")
+from tests.relaytools import RelayProcess, Writers, lane_owner, ledger, pending, service, states, wait_until
 
 
 def drain_through_outage(engine: Engine, database_url: str, topic: str, tmp_path: Path, name: str) -> None:

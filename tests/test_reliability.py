@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,24 +30,13 @@ from tests.relaytools import (
     lane_owners,
     ledger,
     pending,
+    service,
     set_lane_count,
     states,
     wait_until,
 )
 
 LOAD_SECONDS = float(os.environ.get("OUTBOX_LOAD_SECONDS", "20"))
-
-
-def service(*args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def restores_services() -> Iterator[None]:
-    yield
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), "resume"], capture_output=True)
-    service("up", "postgres")
-    service("up", "kafka")
 
 
 def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
