@@ -286,12 +286,12 @@ def claim_ms(url: str, runs: int = 30) -> float:
     """Median execution time of the relay's claim (lane 0 of 4, batch 1000), from EXPLAIN ANALYZE."""
     from relay.store import Store, connect
 
-    query = Store()._claim.as_string()
+    query = Store().claim_query(4).as_string()
     times = []
     with connect(url, lane=True) as conn:
         for _ in range(runs):
             plan = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}",
-                                {"lane": 0, "lanes": 4, "limit": BATCH}).fetchone()[0]  # type: ignore[index]
+                                {"lane": 0, "limit": BATCH}).fetchone()[0]  # type: ignore[index]
             times.append(plan[0]["Execution Time"])
     return statistics.median(times)
 

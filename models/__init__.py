@@ -3,6 +3,7 @@
 from models.outbox import (
     EVENTS_TABLE,
     INSTANCES_TABLE,
+    LANE_INDEX_PREFIX,
     LANES_TABLE,
     NOTIFY_CHANNEL,
     SCHEMA,
@@ -21,6 +22,7 @@ __all__ = [
     "EVENTS_TABLE",
     "INSTANCES_TABLE",
     "LANES_TABLE",
+    "LANE_INDEX_PREFIX",
     "NOTIFY_CHANNEL",
     "SCHEMA",
     "SETTINGS_TABLE",

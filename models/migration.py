@@ -10,8 +10,10 @@ already has an Alembic history adds one revision of its own instead::
         add_scale_out_v2()
         add_commit_notify_v3()
         add_discarded_index_v4()
+        add_lane_index_v5()
 
     def downgrade() -> None:
+        drop_lane_index_v5()
         drop_discarded_index_v4()
         drop_commit_notify_v3()
         drop_scale_out_v2()
@@ -29,6 +31,7 @@ from alembic import op
 from models.outbox import (
     EVENTS_TABLE,
     INSTANCES_TABLE,
+    LANE_INDEX_PREFIX,
     LANE_KEY_SQL,
     LANES_TABLE,
     NOTIFY_CHANNEL,
@@ -163,3 +166,26 @@ def add_discarded_index_v4() -> None:
 
 def drop_discarded_index_v4() -> None:
     op.drop_index(f"ix_{EVENTS_TABLE}_discarded", EVENTS_TABLE, schema=SCHEMA)
+
+
+def add_lane_index_v5() -> None:
+    """Each lane's claim walks its own slice of the pending rows: ((lane_key % N), id) for the
+    current lane count N. `outbox-relay lanes set` builds the next one before switching."""
+    op.execute(sa.text(
+        f"""DO $$ DECLARE n integer; BEGIN
+            SELECT lane_count INTO n FROM "{SCHEMA}"."{SETTINGS_TABLE}";
+            EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON "{SCHEMA}"."{EVENTS_TABLE}" ((lane_key %% %s), id)'
+                           || ' WHERE state = ''pending''', '{LANE_INDEX_PREFIX}' || n, n);
+        END $$"""
+    ))
+
+
+def drop_lane_index_v5() -> None:
+    op.execute(sa.text(
+        f"""DO $$ DECLARE name text; BEGIN
+            FOR name IN SELECT indexname FROM pg_indexes WHERE schemaname = '{SCHEMA}'
+                        AND indexname LIKE '{LANE_INDEX_PREFIX}%' LOOP
+                EXECUTE format('DROP INDEX "{SCHEMA}".%I', name);
+            END LOOP;
+        END $$"""
+    ))

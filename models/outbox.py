@@ -45,6 +45,9 @@ EVENTS_TABLE = _identifier("OUTBOX_TABLE", "events")
 LANES_TABLE = f"{EVENTS_TABLE}_lanes"
 SETTINGS_TABLE = f"{EVENTS_TABLE}_settings"
 INSTANCES_TABLE = f"{EVENTS_TABLE}_instances"
+# Prefix of the lane index ((lane_key % N), id) WHERE pending: one per lane count, made by
+# migrations and `outbox-relay lanes set`, not declared here because N lives in the database.
+LANE_INDEX_PREFIX = f"ix_{EVENTS_TABLE}_lane_"
 # LISTEN/NOTIFY channel that wakes relays when events commit (one notification per transaction).
 NOTIFY_CHANNEL = f"{SCHEMA}.{EVENTS_TABLE}"
 

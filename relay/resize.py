@@ -1,9 +1,10 @@
 """`outbox-relay lanes set N`: change the lane count without two counts ever being live at once.
 
+0. Build the new count's lane index while relays keep publishing (CREATE INDEX CONCURRENTLY).
 1. Announce the new count (``resize_to``) under the resize lock: relays release their lanes.
 2. Take every lane's lock, so no relay publishes with the old count.
 3. Settle each lane in Kafka: fence its producer, mark what its last transaction carried.
-4. Give the progress topic a partition per new lane, store the count, let go.
+4. Give the progress topic a partition per new lane, store the count, let go; drop the old index.
 If this dies half-way, its connection (and the resize lock) goes with it and relays carry on
 with the old count; running the command again finishes the change.
 """
@@ -28,6 +29,7 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         raise OutboxError(f"the lane count must be between 1 and 1024, got {lanes}")
     store = Store()
     with connect(settings.database_url, "outbox-relay lanes") as conn:
+        store.create_lane_index(conn, lanes)
         if not store.begin_resize(conn, lanes):
             raise OutboxError("another lane-count change is under way; try again when it is done")
         current, _ = store.lane_settings(conn)
@@ -51,5 +53,9 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
                 publisher.close()
         progress.ensure_topic(settings.producer_config(), settings.progress_topic_name(), lanes)
         store.finish_resize(conn, lanes)
+        for lane in range(current):
+            store.release_lane_lock(conn, lane)
+        if current != lanes:
+            store.drop_lane_index(conn, current)
     log.info("lane count is now %d (was %d)", lanes, current, extra={"action": "resize_done"})
     return current, recovered

@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from sqlalchemy.engine import make_url
 
-from models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA, SETTINGS_TABLE
+from models import EVENTS_TABLE, INSTANCES_TABLE, LANE_INDEX_PREFIX, LANES_TABLE, SCHEMA, SETTINGS_TABLE
 from relay import faults
 
 
@@ -89,9 +89,12 @@ RESIZE_LOCK = 1_000_000
 _COLUMNS = sql.SQL(
     "e.id, e.event_id, e.topic, e.key, e.value, e.header_names, e.header_values, e.partition, e.attempts, e.created_at"
 )
+# The lane count is written into the claim as a literal so that the planner matches the lane index
+# ((lane_key % N), id): each lane then walks only its own pending rows, in id order, however far
+# the other lanes are behind.
 _CLAIM = sql.SQL(
     "SELECT {columns} FROM {events} e"
-    " WHERE e.state = 'pending' AND e.available_at <= now() AND e.lane_key %% %(lanes)s = %(lane)s {hold}"
+    " WHERE e.state = 'pending' AND e.available_at <= now() AND (e.lane_key %% {lanes}) = %(lane)s {hold}"
     " ORDER BY e.id LIMIT %(limit)s"
 )
 # A failed event holds back the later events of its key (per-key order over progress).
@@ -101,12 +104,31 @@ _HOLD = sql.SQL(
 )
 
 
+def lane_index_name(lanes: int) -> str:
+    return f"{LANE_INDEX_PREFIX}{lanes}"
+
+
 class Store:
     """Named queries. Methods take the connection to run on; the lane's for lane work."""
 
     def __init__(self, hold_failed_keys: bool = True) -> None:
-        hold = _HOLD.format(events=_EVENTS) if hold_failed_keys else sql.SQL("")
-        self._claim = _CLAIM.format(columns=_COLUMNS, events=_EVENTS, hold=hold)
+        self._hold = _HOLD.format(events=_EVENTS) if hold_failed_keys else sql.SQL("")
+
+    def claim_query(self, lanes: int) -> sql.Composed:
+        return _CLAIM.format(columns=_COLUMNS, events=_EVENTS, lanes=sql.Literal(int(lanes)), hold=self._hold)
+
+    @staticmethod
+    def create_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:
+        """The index each lane's claim walks, for this lane count (built without blocking writers)."""
+        conn.execute(sql.SQL(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {events} ((lane_key % {lanes}), id)"
+            " WHERE state = 'pending'"
+        ).format(name=sql.Identifier(lane_index_name(lanes)), events=_EVENTS, lanes=sql.Literal(int(lanes))))
+
+    @staticmethod
+    def drop_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+            sql.Identifier(SCHEMA, lane_index_name(lanes))))
 
     @staticmethod
     def lane_settings(conn: psycopg.Connection[Any]) -> tuple[int, bool]:
@@ -189,6 +211,10 @@ class Store:
         )
 
     @staticmethod
+    def release_lane_lock(conn: psycopg.Connection[Any], lane: int) -> None:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, lane))
+
+    @staticmethod
     def release_owner(conn: psycopg.Connection[Any], lane: int, owner: str) -> None:
         conn.execute(
             sql.SQL("UPDATE {} SET owner = NULL, heartbeat_at = now() WHERE lane = %s AND owner = %s").format(_LANES),
@@ -199,7 +225,7 @@ class Store:
     def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int) -> list[Row]:
         """The lane's next available pending events in id order. Reads only: the lock is the claim."""
         # Binary results: bytea arrives as is instead of hex text twice its size.
-        cursor = conn.execute(self._claim, {"lane": lane, "lanes": lanes, "limit": limit}, binary=True)
+        cursor = conn.execute(self.claim_query(lanes), {"lane": lane, "limit": limit}, binary=True)
         return [Row(*record) for record in cursor.fetchall()]
 
     @staticmethod

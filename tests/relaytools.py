@@ -182,8 +182,12 @@ class Writers:
 
 def set_lane_count(engine: Engine, lanes: int) -> None:
     """Test set-up only, before any relay runs: production uses `outbox-relay lanes set`."""
+    from relay.store import Store
+
     with engine.begin() as conn:
         conn.execute(text("UPDATE outbox.events_settings SET lane_count = :n"), {"n": lanes})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        Store.create_lane_index(conn.connection.driver_connection, lanes)
 
 
 def lane_owners(engine: Engine) -> dict[int, str]:

@@ -262,3 +262,18 @@ def test_json_logs_name_the_event_topic_and_lane(engine: Engine, database_url: s
     assert parked and parked[0]["event_id"] == str(bad) and parked[0]["topic"] == topic and parked[0]["lane"] == 0
     assert all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
 
+
+
+def test_each_lane_claims_through_its_own_index(engine: Engine, database_url: str) -> None:
+    from relay.store import Store
+    from tests.relaytools import set_lane_count
+
+    set_lane_count(engine, 4)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO outbox.events (topic, key) SELECT 't', convert_to('k' || i, 'UTF8')"
+                          " FROM generate_series(1, 20000) i"))
+        conn.execute(text("ANALYZE outbox.events"))
+    with connect(database_url, lane=True) as conn:
+        plan = "\n".join(row[0] for row in conn.execute(
+            b"EXPLAIN " + Store().claim_query(4).as_bytes(conn), {"lane": 2, "limit": 1000}))
+    assert "Index Scan using ix_events_lane_4" in plan, plan
