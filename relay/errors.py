@@ -50,13 +50,5 @@ class ConnectionTrouble(OutboxError):
     """An outside system could not be reached; the relay backs off and retries."""
 
 
-class DatabaseUnavailable(ConnectionTrouble):
-    """PostgreSQL could not be reached."""
-
-
 class BrokerUnavailable(ConnectionTrouble):
     """Kafka could not be reached."""
-
-
-class LaneLost(OutboxError):
-    """This relay no longer owns the lane; it must not publish or mark rows for it."""
