@@ -192,6 +192,10 @@ class Relay:
             worker = self.workers[lane]
             if not worker.owned and worker.try_acquire():
                 self._schedule(lane, 0)
+        # Safety net: an owned lane always has its next tick scheduled or running.
+        for lane, worker in self.workers.items():
+            if worker.owned and not worker.ticking and self.scheduler.get_job(f"lane-{lane}") is None:
+                self._schedule(lane, self.settings.poll_interval)
         self._heartbeat()
 
     def _release(self, workers: list[LaneWorker]) -> None:
@@ -286,8 +290,11 @@ class Relay:
         if self.stopping.is_set():
             return
         when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+        # A tick schedules its successor just before it returns, so for a moment two instances of
+        # the job exist; with max_instances=1 APScheduler would skip the new one and the lane would
+        # stall. The worker's own lock is what keeps two ticks of a lane from ever overlapping.
         self.scheduler.add_job(self._tick, "date", run_date=when, args=[lane], id=f"lane-{lane}",
-                               replace_existing=True)
+                               replace_existing=True, max_instances=2)
 
     def wake_all(self) -> None:
         """New events committed: every owned lane ticks now instead of at its next poll."""

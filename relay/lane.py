@@ -73,6 +73,10 @@ class LaneWorker:
         self.metrics.lane_owned.labels(lane=str(self.lane)).set(int(value))
 
     @property
+    def ticking(self) -> bool:
+        return self._ticking.locked()
+
+    @property
     def ready(self) -> bool:
         """Owns the lane with a producer that took it over in Kafka, and the broker answers."""
         return self.owned and self._publisher is not None and not self.kafka.is_open
