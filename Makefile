@@ -40,7 +40,7 @@ verify: check services
 demo: services
 	$(ENV) && $(PY) scripts/demo.py
 
-# Takes ~10 minutes; BENCH_ARGS="--events 200000 --scale-rows 1000000" for a quicker look.
+# Takes ~20 minutes; BENCH_ARGS="--events 200000 --scale-rows 1000000" for a quicker look.
 bench: services
 	$(ENV) && $(PY) bench/bench.py $(BENCH_ARGS)
 

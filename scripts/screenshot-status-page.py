@@ -49,9 +49,9 @@ relay = subprocess.Popen([sys.executable, "-m", "relay.cli", "run"], env=env)
 writer = threading.Thread(target=write)
 writer.start()
 try:
-    time.sleep(90)  # a minute and a half of history for the chart
+    time.sleep(75)  # over a minute of history for the chart
     with engine.begin() as conn:  # one parked event, as an operator would see it
-        conn.execute(text("UPDATE outbox.events SET state = 'failed', last_error = 'MSG_SIZE_TOO_LARGE'"
+        conn.execute(text("UPDATE outbox.events SET state = 'failed', sent_at = NULL, last_error = 'MSG_SIZE_TOO_LARGE'"
                           " WHERE id = (SELECT max(id) FROM outbox.events WHERE state = 'sent')"))
     time.sleep(4)
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
