@@ -161,7 +161,8 @@ def render(snap: Snapshot) -> str:
         lines.append(f"(counts stop at {DEFAULT_CAP:,} rows per figure: these are lower bounds)")
     lines.append("")
     resize = " (a lane-count change is under way)" if snap.resizing else ""
-    lines.append(f"{snap.lane_count} lanes{resize}; live instances: {', '.join(snap.instances) or '(none)'}")
+    plural = "" if snap.lane_count == 1 else "s"
+    lines.append(f"{snap.lane_count} lane{plural}{resize}; live instances: {', '.join(snap.instances) or '(none)'}")
     owned = {o.lane: o for o in snap.owners}
     for lane in range(snap.lane_count):
         o = owned.get(lane)
