@@ -299,3 +299,58 @@ def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, da
             conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
     report = ledger(engine, [topic])
     assert report.ok, report.summary()
+
+
+def test_a_broker_that_cannot_run_transactions_is_reported_and_waited_for(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """A second, single-node broker whose transaction log needs 3 replicas: its transaction
+    coordinator can never start, so init_transactions can never succeed. The relay must say so
+    once and wait, publishing nothing."""
+    import shutil
+    import socket
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    def listening(port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    java = shutil.which("java")
+    jars = ROOT / ".services" / "kafka" / "jars"
+    assert java and jars.is_dir(), "the local Kafka jars are missing: run `scripts/services up` first"
+    port, controller = free(), free()
+    config = tmp_path / "server.properties"
+    config.write_text("\n".join([
+        "process.roles=broker,controller", "node.id=1", f"controller.quorum.bootstrap.servers=127.0.0.1:{controller}",
+        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}", "controller.listener.names=CONTROLLER",
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT", f"log.dirs={tmp_path / 'data'}",
+        "offsets.topic.replication.factor=1", "transaction.state.log.replication.factor=3",
+        "transaction.state.log.min.isr=2", ""]))
+    command = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={ROOT / 'scripts' / 'kafka' / 'log4j2.properties'}",
+               f"-Dkafka.logs.dir={tmp_path / 'logs'}", "-cp", f"{jars}/*"]
+    subprocess.run([*command, "kafka.tools.StorageTool", "format", "--standalone", "-t", "bm8tdHhuLXRlc3QtY2x1c3Rlcg",
+                    "-c", str(config)], check=True, capture_output=True)
+    broker = subprocess.Popen([*command, "kafka.Kafka", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: listening(port), 60, "the second broker")
+        with engine.begin() as conn:
+            enqueue(conn, "no-transactions", b"waits")
+        relay = RelayProcess(database_url, tmp_path, OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}",
+                             OUTBOX_BREAKER_THRESHOLD="2", OUTBOX_KAFKA_TIMEOUT="3",
+                             OUTBOX_SHUTDOWN_TIMEOUT="5").start()
+        try:
+            wait_until(lambda: "circuit open" in relay.log(), 90, "the relay to report the broker unusable")
+            assert relay.alive and states(engine) == {"pending": 1}
+        finally:
+            relay.stop()
+    finally:
+        broker.kill()
+        broker.wait(30)
+    opened = [line for line in relay.log().splitlines() if "circuit open" in line]
+    assert len(opened) == 1 and "init_transactions" in opened[0], opened
