@@ -24,28 +24,18 @@ import psycopg
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from confluent_kafka import KafkaException, Producer
 
 from relay import monitor, operations
 from relay.backoff import CircuitBreaker
 from relay.config import Settings
-from relay.errors import ConfigurationError
 from relay.lane import LaneWorker
 from relay.metrics import Metrics
-from relay.publisher import LanePublisher
+from relay.publisher import LanePublisher, validate_config
 from relay.store import Store, connect
 from relay.wakeups import CommitListener
 from relay.web import StatusServer
 
 log = logging.getLogger(__name__)
-
-
-def validate_kafka_config(settings: Settings) -> None:
-    """Let librdkafka judge the configuration now, so a typo stops the daemon with one clear line."""
-    try:
-        Producer({**settings.producer_config(), "transactional.id": settings.transactional_id(0)})
-    except KafkaException as exc:
-        raise ConfigurationError(f"invalid Kafka configuration: {exc.args[0].str()}") from None
 
 
 def new_lane_publisher(settings: Settings, lane: int, lane_count: int, logger: Any = None) -> LanePublisher:
@@ -90,7 +80,8 @@ class Relay:
     def start(self) -> None:
         log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
                  extra={"action": "start"})
-        validate_kafka_config(self.settings)
+        # librdkafka judges the configuration now, so a typo stops the daemon with one clear line.
+        validate_config(self.settings.producer_config(), self.settings.transactional_id(0))
         now = dt.datetime.now(dt.UTC)
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
                                id="lanes", next_run_time=now)

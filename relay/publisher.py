@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from relay import faults, progress
-from relay.errors import BrokerUnavailable, OutboxError
+from relay.errors import BrokerUnavailable, ConfigurationError, OutboxError
 from relay.store import Row
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,14 @@ class ProducerFailed(BrokerUnavailable):
     def __init__(self, message: str, fenced: bool = False) -> None:
         super().__init__(message)
         self.fenced = fenced
+
+
+def validate_config(config: dict[str, Any], transactional_id: str) -> None:
+    """Raise ConfigurationError naming what librdkafka rejects in the producer configuration."""
+    try:
+        Producer({**config, "transactional.id": transactional_id})
+    except KafkaException as exc:
+        raise ConfigurationError(f"invalid Kafka configuration: {exc.args[0].str()}") from None
 
 
 def describe(error: KafkaError) -> str:
