@@ -231,7 +231,7 @@ def _lanes(args: argparse.Namespace) -> int:
 
     with _connect(_settings(args, kafka=False)) as conn:
         snap = monitor.snapshot(conn, cap=1)
-    print(monitor.render(snap).split("\n\n", 1)[1])
+    print(monitor.render_lanes(snap))
     return EXIT_OK
 
 

@@ -203,15 +203,12 @@ def _convert(field: dataclasses.Field[Any], raw: Any, source: str) -> Any:
     return value
 
 
-def _own_variables() -> set[str]:
-    """Settings of our own under the OUTBOX_KAFKA_ prefix: not librdkafka properties."""
-    return {field.metadata["env"] for field in dataclasses.fields(Settings) if "env" in field.metadata}
-
-
 def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: list[str] | None) -> dict[str, str]:
+    # Settings of our own under the OUTBOX_KAFKA_ prefix are not librdkafka properties.
+    own = {field.metadata["env"] for field in dataclasses.fields(Settings) if "env" in field.metadata}
     properties: dict[str, str] = {}
     for name, value in env.items():
-        if name.startswith(KAFKA_ENV_PREFIX) and name not in _own_variables():
+        if name.startswith(KAFKA_ENV_PREFIX) and name not in own:
             properties[name[len(KAFKA_ENV_PREFIX):].lower().replace("_", ".")] = value
     if config_file:
         path = Path(config_file)

@@ -140,33 +140,38 @@ _INSTANCES = sql.SQL(
 STATUS_QUERIES = [*_QUERIES.values(), _OLDEST]  # what the EXPLAIN test checks
 
 
-def render(snap: Snapshot) -> str:
-    """The human table of `outbox-relay status`."""
-    def age(value: float | None) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.1f}s" if value < 120 else f"{value / 60:.1f}m" if value < 7200 else f"{value / 3600:.1f}h"
+def _age(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}s" if value < 120 else f"{value / 60:.1f}m" if value < 7200 else f"{value / 3600:.1f}h"
 
+
+def render(snap: Snapshot) -> str:
+    """The human table of `outbox-relay status`: the backlog, then the lanes."""
     header = f"{'':<34}{'PENDING':>10}{'CLAIMABLE':>10}{'DELAYED':>9}{'FAILED':>8}{'SENT/1m':>9}{'OLDEST':>9}"
     lines = [header]
 
     def row(label: str, b: Backlog) -> str:
         return (f"{label[:33]:<34}{b.pending:>10}{b.claimable:>10}{b.delayed:>9}{b.failed:>8}"
-                f"{b.sent_last_minute:>9}{age(b.oldest_claimable_age_s):>9}")
+                f"{b.sent_last_minute:>9}{_age(b.oldest_claimable_age_s):>9}")
 
     lines.append(row("all topics", snap.total))
     lines += [row(f"  topic {topic}", b) for topic, b in sorted(snap.topics.items())]
     lines += [row(f"  lane {lane}", b) for lane, b in sorted(snap.lanes.items())]
     if snap.capped:
         lines.append(f"(counts stop at {DEFAULT_CAP:,} rows per figure: these are lower bounds)")
-    lines.append("")
+    return "\n".join([*lines, "", render_lanes(snap)])
+
+
+def render_lanes(snap: Snapshot) -> str:
+    """Lane count, live instances and each lane's owner (`outbox-relay lanes show`)."""
     resize = " (a lane-count change is under way)" if snap.resizing else ""
     plural = "" if snap.lane_count == 1 else "s"
-    lines.append(f"{snap.lane_count} lane{plural}{resize}; live instances: {', '.join(snap.instances) or '(none)'}")
+    lines = [f"{snap.lane_count} lane{plural}{resize}; live instances: {', '.join(snap.instances) or '(none)'}"]
     owned = {o.lane: o for o in snap.owners}
     for lane in range(snap.lane_count):
         o = owned.get(lane)
         who = o.owner if o and o.owner else "(free)"
-        seen = f"last seen {age(o.last_seen_s)} ago" if o and o.last_seen_s is not None else "never seen"
+        seen = f"last seen {_age(o.last_seen_s)} ago" if o and o.last_seen_s is not None else "never seen"
         lines.append(f"  lane {lane}: {who} ({seen})")
     return "\n".join(lines)

@@ -95,8 +95,11 @@ def replay(conn: psycopg.Connection[Any], selection: Selection, *, since: dt.dat
     The copies go through the outbox like any event (in order, exactly once each); consumers that
     de-duplicate by `outbox-event-id` see new ids and can tell replays by the header.
     """
-    where, params = selection.where() if selection != Selection() else (sql.SQL("TRUE"), [])
-    if since is None and until is None and selection == Selection():
+    if selection != Selection():
+        where, params = selection.where()
+    elif since is not None or until is not None:
+        where, params = sql.SQL("TRUE"), []
+    else:
         raise ValueError("say which events to replay: ids, a topic, a key, all, or a time range")
     window = sql.SQL(
         "sent_at >= coalesce(%s::timestamptz, '-infinity') AND sent_at < coalesce(%s::timestamptz, 'infinity')"

@@ -113,9 +113,13 @@ class Store:
 
     def __init__(self, hold_failed_keys: bool = True) -> None:
         self._hold = _HOLD.format(events=_EVENTS) if hold_failed_keys else sql.SQL("")
+        self._claims: dict[int, sql.Composed] = {}  # built once per lane count, not once per claim
 
     def claim_query(self, lanes: int) -> sql.Composed:
-        return _CLAIM.format(columns=_COLUMNS, events=_EVENTS, lanes=sql.Literal(int(lanes)), hold=self._hold)
+        if lanes not in self._claims:
+            self._claims[lanes] = _CLAIM.format(columns=_COLUMNS, events=_EVENTS, lanes=sql.Literal(int(lanes)),
+                                                hold=self._hold)
+        return self._claims[lanes]
 
     @staticmethod
     def create_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, overload
 from sqlalchemy import Connection, bindparam, func, insert
 from sqlalchemy.orm import Session
 
-from models import OutboxEvent
+from models import TOPIC_PATTERN, OutboxEvent
 from relay import errors
 
 # Kafka's default message.max.bytes (broker) and max.request.size neighbourhood.
@@ -35,7 +35,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 RECORD_OVERHEAD_BYTES = 256
 
 CONTENT_TYPE_HEADER = "content-type"
-_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+_TOPIC = re.compile(TOPIC_PATTERN)  # the rule the table's CHECK constraint enforces too
 
 Serializer: TypeAlias = Callable[[Any], tuple[bytes, str | None]]
 """Turns a value into (bytes, content type or None). Raise TypeError/ValueError for what it cannot encode."""

@@ -82,10 +82,3 @@ def consume(topics: list[str], *, expected: int, timeout: float = 60.0, quiet: f
         consumer.close()
     return received
 
-
-def end_offsets(topic: str, partitions: int) -> list[int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap(), "group.id": f"offsets-{uuid.uuid4()}"})
-    try:
-        return [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)]
-    finally:
-        consumer.close()
