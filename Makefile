@@ -9,10 +9,12 @@ ENV    := eval "$$($(PY) scripts/services env)"
 
 .PHONY: venv services services-down check test verify demo bench clean
 
-$(STAMP): pyproject.toml
+# Strict editable install: a tree of links under build/ that mypy can read too. Links see edits;
+# a file added to a package folder changes the folder, which re-links.
+$(STAMP): pyproject.toml relay relay/static models alembic alembic/versions
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -9,13 +9,13 @@ import os
 from sqlalchemy import create_engine, pool, text
 
 from alembic import context
-from models import SCHEMA, metadata
+from outbox_relay.models import SCHEMA, metadata
 
 VERSION_TABLE = "outbox_relay_version"
 
 config = context.config
-url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url") or os.environ.get(
-    "OUTBOX_DATABASE_URL"
+url: str = config.attributes.get("url") or config.get_main_option("sqlalchemy.url") or os.environ.get(
+    "OUTBOX_DATABASE_URL", ""
 )
 if not url:
     raise SystemExit("no database URL: set OUTBOX_DATABASE_URL (e.g. postgresql+psycopg://user@host/db)")

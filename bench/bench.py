@@ -35,8 +35,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from relay import enqueue, migrate
-from relay.store import conninfo
+from outbox_relay import enqueue, migrate
+from outbox_relay.store import conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"
@@ -89,7 +89,7 @@ def start_relay(url: str, name: str, **env: str) -> subprocess.Popen[bytes]:
     environment = {**os.environ, **QUIET_RELAY, "OUTBOX_DATABASE_URL": url, "OUTBOX_INSTANCE": name,
                    "OUTBOX_BATCH_SIZE": str(BATCH), "OUTBOX_LANE_INTERVAL": "0.5", **env}
     log = open(RESULTS / f"relay-{name}.log", "ab")  # noqa: SIM115 - the child keeps it open
-    return subprocess.Popen([sys.executable, "-m", "relay.cli", "run"], env=environment, stdout=log, stderr=log)
+    return subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "run"], env=environment, stdout=log, stderr=log)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -284,7 +284,7 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def claim_ms(url: str, runs: int = 30) -> float:
     """Median execution time of the relay's claim (lane 0 of 4, batch 1000), from EXPLAIN ANALYZE."""
-    from relay.store import Store, connect
+    from outbox_relay.store import Store, connect
 
     query = Store().claim_query(4).as_string()
     times = []
@@ -313,7 +313,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             sql(url, "VACUUM ANALYZE outbox.events")
             results[f"{label}_claim_ms"] = claim_ms(url)
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "relay.cli", "status", "--json", "--database-url", url],
+            subprocess.run([sys.executable, "-m", "outbox_relay.cli", "status", "--json", "--database-url", url],
                            check=True, capture_output=True)
             results[f"{label}_status_s"] = time.perf_counter() - started
         finally:

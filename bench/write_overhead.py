@@ -20,7 +20,7 @@ from sqlalchemy import Column, Integer, LargeBinary, MetaData, Table, Text, crea
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.engine import make_url
 
-from relay import enqueue, migrate
+from outbox_relay import enqueue, migrate
 
 meta = MetaData()
 orders = Table("bench_orders", meta, Column("id", Integer, primary_key=True), Column("customer", Text))

@@ -1,6 +1,6 @@
 """SQLAlchemy models of the outbox and of the relay's own state."""
 
-from models.outbox import (
+from outbox_relay.models.outbox import (
     EVENTS_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,

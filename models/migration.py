@@ -3,7 +3,7 @@
 ``outbox-relay migrate`` runs them from the project's own history (``alembic/``). A team that
 already has an Alembic history adds one revision of its own instead::
 
-    from models.migration import create_outbox_v1, drop_outbox_v1
+    from outbox_relay.models.migration import create_outbox_v1, drop_outbox_v1
 
     def upgrade() -> None:
         create_outbox_v1(lanes=4)
@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from alembic import op
-from models.outbox import (
+from outbox_relay.models.outbox import (
     EVENTS_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,

@@ -2,11 +2,11 @@
 
 Application code needs one import::
 
-    from relay import enqueue
+    from outbox_relay import enqueue
 """
 
-from relay.errors import InvalidEvent, OutboxError
-from relay.write import Event, Outbox, default_serializer, encode_key, enqueue, enqueue_many
+from outbox_relay.errors import InvalidEvent, OutboxError
+from outbox_relay.write import Event, Outbox, default_serializer, encode_key, enqueue, enqueue_many
 
 __all__ = [
     "Event",

@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from relay.config import Settings
-from relay.errors import ConfigurationError, OutboxError
+from outbox_relay.config import Settings
+from outbox_relay.errors import ConfigurationError, OutboxError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -58,7 +58,7 @@ def _settings(args: argparse.Namespace, *, kafka: bool = True) -> Settings:
     if not kafka:  # commands that only touch the database do not need Kafka settings
         flags.setdefault("bootstrap_servers", os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS") or "-")
     settings = Settings.from_sources(flags)
-    from relay import logs
+    from outbox_relay import logs
 
     logs.configure(settings.log_level, settings.log_format)
     return settings
@@ -152,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         return _migrate(args)
     if args.command == "run":
-        from relay.daemon import Relay
+        from outbox_relay.daemon import Relay
 
         return Relay(_settings(args)).run_forever()
     if args.command == "status":
@@ -169,13 +169,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _connect(settings: Settings) -> Any:
-    from relay.store import connect
+    from outbox_relay.store import connect
 
     return connect(settings.database_url, "outbox-relay cli")
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from relay import migrate
+    from outbox_relay import migrate
 
     settings = _settings(args, kafka=False)
     lanes = args.lanes if args.lanes is not None else int(os.environ.get("OUTBOX_LANES", "4"))
@@ -188,7 +188,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from relay import monitor
+    from outbox_relay import monitor
 
     settings = _settings(args, kafka=False)
     with _connect(settings) as conn:
@@ -222,12 +222,12 @@ def _breaches(args: argparse.Namespace, snap: Any) -> list[str]:
 
 def _lanes(args: argparse.Namespace) -> int:
     if args.lanes_command == "set":
-        from relay.resize import resize
+        from outbox_relay.resize import resize
 
         old, recovered = resize(_settings(args), args.count)
         print(f"lane count changed from {old} to {args.count} ({recovered} events recovered while settling lanes)")
         return EXIT_OK
-    from relay import monitor
+    from outbox_relay import monitor
 
     with _connect(_settings(args, kafka=False)) as conn:
         snap = monitor.snapshot(conn, cap=1)
@@ -236,14 +236,14 @@ def _lanes(args: argparse.Namespace) -> int:
 
 
 def _selection(args: argparse.Namespace) -> Any:
-    from relay.operations import Selection
+    from outbox_relay.operations import Selection
 
     return Selection(ids=args.ids, topic=args.topic, key=args.key.encode() if args.key else None,
                      everything=args.everything)
 
 
 def _failed(args: argparse.Namespace) -> int:
-    from relay import operations
+    from outbox_relay import operations
 
     with _connect(_settings(args, kafka=False)) as conn:
         if args.failed_command == "list":
@@ -262,7 +262,7 @@ def _failed(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from relay import verify
+    from outbox_relay import verify
 
     settings = _settings(args)
     with _connect(settings) as conn:
@@ -274,7 +274,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from relay import operations
+    from outbox_relay import operations
 
     with _connect(_settings(args, kafka=False)) as conn:
         count = operations.replay(conn, _selection(args), since=args.since, until=args.until, dry_run=args.dry_run)

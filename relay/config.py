@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from relay.errors import ConfigurationError
+from outbox_relay.errors import ConfigurationError
 
 KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
 _SECRET = re.compile(r"password|secret|token|credential|oauthbearer\.config|ssl\.key\.pem|keystore|private", re.I)
@@ -164,8 +164,8 @@ class Settings:
 
     def transactional_prefix(self) -> str:
         """Lane N publishes as <prefix>.lane-N; the default is unique per outbox table."""
-        from models import EVENTS_TABLE, SCHEMA
-        from relay.store import database_name
+        from outbox_relay.models import EVENTS_TABLE, SCHEMA
+        from outbox_relay.store import database_name
 
         default = f"outbox-relay.{database_name(self.database_url)}.{SCHEMA}.{EVENTS_TABLE}"
         return self.transactional_id_prefix or default

@@ -25,15 +25,15 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from relay import monitor, operations
-from relay.backoff import CircuitBreaker
-from relay.config import Settings
-from relay.lane import LaneWorker
-from relay.metrics import Metrics
-from relay.publisher import LanePublisher, validate_config
-from relay.store import Store, connect
-from relay.wakeups import CommitListener
-from relay.web import StatusServer
+from outbox_relay import monitor, operations
+from outbox_relay.backoff import CircuitBreaker
+from outbox_relay.config import Settings
+from outbox_relay.lane import LaneWorker
+from outbox_relay.metrics import Metrics
+from outbox_relay.publisher import LanePublisher, validate_config
+from outbox_relay.store import Store, connect
+from outbox_relay.wakeups import CommitListener
+from outbox_relay.web import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _LibrdkafkaLogger:
     """Routes librdkafka's own log lines into Python logging (never printed raw)."""
 
     def __init__(self) -> None:
-        self._log = logging.getLogger("relay.librdkafka")
+        self._log = logging.getLogger("outbox_relay.librdkafka")
 
     def log(self, level: int, message: str, *args: Any) -> None:
         self._log.log(logging.WARNING if level <= 4 else logging.DEBUG, message, *args)

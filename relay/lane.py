@@ -11,13 +11,13 @@ from typing import Any
 
 import psycopg
 
-from relay import faults
-from relay.backoff import CircuitBreaker
-from relay.config import Settings
-from relay.errors import BrokerUnavailable
-from relay.metrics import Metrics
-from relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
-from relay.store import Row, Store, connect
+from outbox_relay import faults
+from outbox_relay.backoff import CircuitBreaker
+from outbox_relay.config import Settings
+from outbox_relay.errors import BrokerUnavailable
+from outbox_relay.metrics import Metrics
+from outbox_relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
+from outbox_relay.store import Row, Store, connect
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,16 @@ from pathlib import Path
 from alembic.config import Config
 
 from alembic import command
-from relay.errors import ConfigurationError
+from outbox_relay.errors import ConfigurationError
 
 
 def script_location() -> str:
-    """The alembic/ folder: shipped in the wheel as outbox_relay_alembic, or the source checkout's."""
-    spec = importlib.util.find_spec("outbox_relay_alembic")
+    """The outbox's Alembic folder (alembic/ in the repository), installed as outbox_relay.migrations."""
+    spec = importlib.util.find_spec("outbox_relay.migrations")
     if spec is not None and spec.submodule_search_locations:
-        return str(next(iter(spec.submodule_search_locations)))
-    source = Path(__file__).resolve().parent.parent / "alembic"
-    if (source / "env.py").exists():
-        return str(source)
+        for location in spec.submodule_search_locations:
+            if (Path(location) / "env.py").exists():
+                return str(location)
     raise ConfigurationError("the outbox migrations were not found; reinstall outbox-relay")
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA
-from relay.store import Store
+from outbox_relay.models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA
+from outbox_relay.store import Store
 
 _EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
 DEFAULT_CAP = 1_000_000

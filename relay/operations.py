@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from models import EVENTS_TABLE, SCHEMA
+from outbox_relay.models import EVENTS_TABLE, SCHEMA
 
 log = logging.getLogger(__name__)
 

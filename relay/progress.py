@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic  # type: ignore[attr-defined]
 
-from relay.errors import BrokerUnavailable
+from outbox_relay.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 

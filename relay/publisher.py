@@ -14,9 +14,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from relay import faults, progress
-from relay.errors import BrokerUnavailable, ConfigurationError, OutboxError
-from relay.store import Row
+from outbox_relay import faults, progress
+from outbox_relay.errors import BrokerUnavailable, ConfigurationError, OutboxError
+from outbox_relay.store import Row
 
 log = logging.getLogger(__name__)
 

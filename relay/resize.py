@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import time
 
-from relay import progress
-from relay.config import Settings
-from relay.daemon import new_lane_publisher
-from relay.errors import OutboxError
-from relay.store import Store, connect
+from outbox_relay import progress
+from outbox_relay.config import Settings
+from outbox_relay.daemon import new_lane_publisher
+from outbox_relay.errors import OutboxError
+from outbox_relay.store import Store, connect
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from sqlalchemy.engine import make_url
 
-from models import EVENTS_TABLE, INSTANCES_TABLE, LANE_INDEX_PREFIX, LANES_TABLE, SCHEMA, SETTINGS_TABLE
-from relay import faults
+from outbox_relay import faults
+from outbox_relay.models import EVENTS_TABLE, INSTANCES_TABLE, LANE_INDEX_PREFIX, LANES_TABLE, SCHEMA, SETTINGS_TABLE
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -101,7 +101,7 @@ def read_table(conn: Any) -> list[LedgerRow]:
     """Every row of the outbox table (all states), in id order."""
     from psycopg import sql
 
-    from models import EVENTS_TABLE, SCHEMA
+    from outbox_relay.models import EVENTS_TABLE, SCHEMA
 
     query = sql.SQL("SELECT id, event_id::text, topic, key, state FROM {} ORDER BY id").format(
         sql.Identifier(SCHEMA, EVENTS_TABLE))
@@ -112,8 +112,8 @@ def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: fl
     """Everything committed in the topics (read_committed), from the beginning to the current end."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-    from relay.progress import client_config
-    from relay.publisher import EVENT_ID_HEADER
+    from outbox_relay.progress import client_config
+    from outbox_relay.publisher import EVENT_ID_HEADER
 
     consumer = Consumer({**client_config(kafka_config), "group.id": f"outbox-relay-verify-{uuid.uuid4()}",
                          "isolation.level": "read_committed", "enable.auto.commit": False,

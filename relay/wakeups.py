@@ -13,9 +13,9 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from models import NOTIFY_CHANNEL
-from relay.backoff import CircuitBreaker
-from relay.store import connect
+from outbox_relay.backoff import CircuitBreaker
+from outbox_relay.models import NOTIFY_CHANNEL
+from outbox_relay.store import connect
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-from relay.errors import ConfigurationError
-from relay.metrics import Metrics
+from outbox_relay.errors import ConfigurationError
+from outbox_relay.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class StatusServer:
     def __init__(self, address: str, metrics: Metrics, readiness: Callable[[], tuple[bool, list[str]]]) -> None:
         self.metrics = metrics
         self.readiness = readiness
-        self.page = resources.files("relay").joinpath("static/status.html").read_bytes()
+        self.page = resources.files("outbox_relay").joinpath("static/status.html").read_bytes()
         host, port = parse_address(address)
         handler = type("Handler", (_Handler,), {"server_side": self})
         try:

@@ -1,6 +1,6 @@
 """The write API: application code adds events to the outbox inside its own transaction.
 
-    from relay import enqueue
+    from outbox_relay import enqueue
 
     with Session(engine) as session, session.begin():
         session.add(order)
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, overload
 from sqlalchemy import Connection, bindparam, func, insert
 from sqlalchemy.orm import Session
 
-from models import TOPIC_PATTERN, OutboxEvent
-from relay import errors
+from outbox_relay import errors
+from outbox_relay.models import TOPIC_PATTERN, OutboxEvent
 
 # Kafka's default message.max.bytes (broker) and max.request.size neighbourhood.
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588

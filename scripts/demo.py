@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import create_engine, text
 
-from relay import enqueue
+from outbox_relay import enqueue
 
 TOPIC = "demo.orders"
 ORDERS = 20
@@ -45,7 +45,7 @@ def consumer_from_now(bootstrap: str, partitions: int) -> Consumer:
 def main() -> int:
     url = os.environ["OUTBOX_DATABASE_URL"]
     bootstrap = os.environ["OUTBOX_KAFKA_BOOTSTRAP_SERVERS"]
-    cli = [sys.executable, "-m", "relay.cli"]
+    cli = [sys.executable, "-m", "outbox_relay.cli"]
     subprocess.run([*cli, "migrate"], check=True)
     partitions = ensure_topic(bootstrap)
     consumer = consumer_from_now(bootstrap, partitions)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from relay import enqueue, migrate
+from outbox_relay import enqueue, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 base = os.environ["OUTBOX_DATABASE_URL"]
@@ -45,7 +45,7 @@ def write() -> None:
 
 env = {**os.environ, "OUTBOX_DATABASE_URL": url, "OUTBOX_HTTP": "18466", "OUTBOX_BACKLOG_INTERVAL": "2",
        "OUTBOX_INSTANCE": "relay-a", "OUTBOX_LOG_LEVEL": "WARNING"}
-relay = subprocess.Popen([sys.executable, "-m", "relay.cli", "run"], env=env)
+relay = subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "run"], env=env)
 writer = threading.Thread(target=write)
 writer.start()
 try:

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
-from relay import migrate
-from relay.store import conninfo
+from outbox_relay import migrate
+from outbox_relay.store import conninfo
 from tests import kafkatools
 
 DATABASE_URL = os.environ.get("OUTBOX_DATABASE_URL", "")

@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from relay import enqueue
-from relay.verify import LedgerMessage, LedgerReport, LedgerRow, check
+from outbox_relay import enqueue
+from outbox_relay.verify import LedgerMessage, LedgerReport, LedgerRow, check
 from tests import kafkatools
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ class RelayProcess:
 
     def start(self) -> RelayProcess:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "relay.cli", "run"], env=self.env,
+            self.process = subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "run"], env=self.env,
                                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         return self
 
@@ -182,7 +182,7 @@ class Writers:
 
 def set_lane_count(engine: Engine, lanes: int) -> None:
     """Test set-up only, before any relay runs: production uses `outbox-relay lanes set`."""
-    from relay.store import Store
+    from outbox_relay.store import Store
 
     with engine.begin() as conn:
         conn.execute(text("UPDATE outbox.events_settings SET lane_count = :n"), {"n": lanes})
@@ -192,7 +192,7 @@ def set_lane_count(engine: Engine, lanes: int) -> None:
 
 def lane_owners(engine: Engine) -> dict[int, str]:
     """Owners of lanes that are really held right now (their advisory lock is granted)."""
-    from relay.store import LOCK_CLASS
+    from outbox_relay.store import LOCK_CLASS
 
     with engine.connect() as conn:
         held = {row[0] for row in conn.execute(text(

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from relay.config import Settings
+from outbox_relay.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

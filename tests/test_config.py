@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import build_parser
-from relay.config import Settings
-from relay.errors import ConfigurationError
+from outbox_relay.cli import build_parser
+from outbox_relay.config import Settings
+from outbox_relay.errors import ConfigurationError
 
 BASE = {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u:hunter2@db/app", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from relay import enqueue_many
-from relay.faults import POINTS
-from relay.write import Event
+from outbox_relay import enqueue_many
+from outbox_relay.faults import POINTS
+from outbox_relay.write import Event
 from tests.relaytools import (
     RelayProcess,
     Writers,
@@ -121,7 +121,7 @@ def test_changing_the_lane_count_while_writers_run(engine: Engine, database_url:
     try:
         with Writers(engine, topic, threads=3, keys=30, limit=3000) as writers:
             wait_until(lambda: states(engine).get("sent", 0) > 300, 60, "publishing to start")
-            result = subprocess.run([sys.executable, "-m", "relay.cli", "lanes", "set", "5", "--database-url",
+            result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "lanes", "set", "5", "--database-url",
                                      database_url], capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, result.stderr
             assert "lane count changed from 2 to 5" in result.stdout

@@ -10,8 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from models import LANE_INDEX_PREFIX, SCHEMA, metadata
-from relay import migrate
+from outbox_relay import migrate
+from outbox_relay.models import LANE_INDEX_PREFIX, SCHEMA, metadata
 
 
 def _diff(url: str) -> list[object]:
@@ -55,7 +55,7 @@ def test_downgrade_removes_the_outbox_and_upgrade_again_works(empty_database_url
 
 def test_cli_migrate_sets_the_lane_count(empty_database_url: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "migrate", "--lanes", "8", "--database-url", empty_database_url],
+        [sys.executable, "-m", "outbox_relay.cli", "migrate", "--lanes", "8", "--database-url", empty_database_url],
         capture_output=True, text=True, check=True,
     )
     assert "outbox schema at head" in result.stdout

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from relay import enqueue
-from relay.monitor import STATUS_QUERIES
-from relay.store import connect
+from outbox_relay import enqueue
+from outbox_relay.monitor import STATUS_QUERIES
+from outbox_relay.store import connect
 from tests import kafkatools
 from tests.relaytools import RelayProcess, pending, states, wait_until
 
@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay.cli", *args, "--database-url", database_url],
+    return subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -265,7 +265,7 @@ def test_json_logs_name_the_event_topic_and_lane(engine: Engine, database_url: s
 
 
 def test_each_lane_claims_through_its_own_index(engine: Engine, database_url: str) -> None:
-    from relay.store import Store
+    from outbox_relay.store import Store
     from tests.relaytools import set_lane_count
 
     set_lane_count(engine, 4)

@@ -11,7 +11,7 @@ from pathlib import Path
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from sqlalchemy import Engine, text
 
-from relay import enqueue
+from outbox_relay import enqueue
 from tests import kafkatools
 from tests.relaytools import RelayProcess, wait_until
 
@@ -28,7 +28,7 @@ def _label(value: bytes) -> bytes:
 
 
 def cli(database_url: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "relay.cli", *args, "--database-url", database_url],
+    result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
                             capture_output=True, text=True, check=True)
     return result.stdout
 

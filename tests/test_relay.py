@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from relay import enqueue
+from outbox_relay import enqueue
 from tests import kafkatools
 from tests.relaytools import RelayProcess, Writers, ledger, pending, states, wait_until
 

@@ -20,8 +20,8 @@ import pytest
 from confluent_kafka import Producer
 from sqlalchemy import Engine, create_engine, text
 
-from relay import enqueue
-from relay.web import parse_address
+from outbox_relay import enqueue
+from outbox_relay.web import parse_address
 from tests import kafkatools
 from tests.relaytools import (
     ROOT,
@@ -40,7 +40,7 @@ LOAD_SECONDS = float(os.environ.get("OUTBOX_LOAD_SECONDS", "20"))
 
 
 def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay.cli", *args, "--database-url", database_url],
+    return subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -212,7 +212,7 @@ def test_bad_configuration_says_what_is_wrong_in_one_line(database_url: str) -> 
     assert 'error: invalid Kafka configuration: No such configuration property: "no.such.property"' in unknown.stderr
     weakened = cli(database_url, "run", "-X", "acks=1")
     assert weakened.returncode == 2 and "acks=1 would break delivery guarantees" in weakened.stderr
-    no_kafka = subprocess.run([sys.executable, "-m", "relay.cli", "run", "--database-url", database_url],
+    no_kafka = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "run", "--database-url", database_url],
                               capture_output=True, text=True,
                               env={k: v for k, v in os.environ.items() if k != "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"})
     assert no_kafka.returncode == 2 and "no Kafka: set OUTBOX_KAFKA_BOOTSTRAP_SERVERS" in no_kafka.stderr

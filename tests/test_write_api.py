@@ -15,8 +15,8 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
-from models import OutboxEvent
-from relay import Event, Outbox, enqueue, enqueue_many, errors
+from outbox_relay import Event, Outbox, enqueue, enqueue_many, errors
+from outbox_relay.models import OutboxEvent
 
 
 def rows(engine: Engine) -> list[OutboxEvent]:

@@ -8,7 +8,7 @@ Create Date: 2026-11-27
 import os
 
 from alembic import context
-from models.migration import create_outbox_v1, drop_outbox_v1
+from outbox_relay.models.migration import create_outbox_v1, drop_outbox_v1
 
 revision = "0001_outbox"
 down_revision = None

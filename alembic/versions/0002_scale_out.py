@@ -5,7 +5,7 @@ Revises: 0001_outbox
 Create Date: 2026-11-27
 """
 
-from models.migration import add_scale_out_v2, drop_scale_out_v2
+from outbox_relay.models.migration import add_scale_out_v2, drop_scale_out_v2
 
 revision = "0002_scale_out"
 down_revision = "0001_outbox"

@@ -5,7 +5,7 @@ Revises: 0002_scale_out
 Create Date: 2026-11-27
 """
 
-from models.migration import add_commit_notify_v3, drop_commit_notify_v3
+from outbox_relay.models.migration import add_commit_notify_v3, drop_commit_notify_v3
 
 revision = "0003_commit_notify"
 down_revision = "0002_scale_out"

@@ -5,7 +5,7 @@ Revises: 0003_commit_notify
 Create Date: 2026-11-27
 """
 
-from models.migration import add_discarded_index_v4, drop_discarded_index_v4
+from outbox_relay.models.migration import add_discarded_index_v4, drop_discarded_index_v4
 
 revision = "0004_discarded_index"
 down_revision = "0003_commit_notify"

@@ -5,7 +5,7 @@ Revises: 0004_discarded_index
 Create Date: 2026-11-27
 """
 
-from models.migration import add_lane_index_v5, drop_lane_index_v5
+from outbox_relay.models.migration import add_lane_index_v5, drop_lane_index_v5
 
 revision = "0005_lane_index"
 down_revision = "0004_discarded_index"
