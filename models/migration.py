@@ -11,8 +11,12 @@ already has an Alembic history adds one revision of its own instead::
         add_commit_notify_v3()
         add_discarded_index_v4()
         add_lane_index_v5()
+        add_outbox_identity_v6()
+        add_instance_sessions_v7()
 
     def downgrade() -> None:
+        drop_instance_sessions_v7()
+        drop_outbox_identity_v6()
         drop_lane_index_v5()
         drop_discarded_index_v4()
         drop_commit_notify_v3()
@@ -189,3 +193,26 @@ def drop_lane_index_v5() -> None:
             END LOOP;
         END $$"""
     ))
+
+
+def add_outbox_identity_v6() -> None:
+    """Give the outbox a durable identity, made here once and kept by copies of the database.
+
+    It is part of the default transactional.id prefix and progress topic and of every progress
+    record: two outboxes whose databases share a name never fence or "recover" each other.
+    """
+    op.add_column(SETTINGS_TABLE, sa.Column("outbox_id", postgresql.UUID(as_uuid=True), nullable=False,
+                                            server_default=sa.text("gen_random_uuid()")), schema=SCHEMA)
+
+
+def drop_outbox_identity_v6() -> None:
+    op.drop_column(SETTINGS_TABLE, "outbox_id", schema=SCHEMA)
+
+
+def add_instance_sessions_v7() -> None:
+    """Instances record their control session: a dead instance stops counting as soon as it is gone."""
+    op.add_column(INSTANCES_TABLE, sa.Column("backend_pid", sa.Integer, nullable=True), schema=SCHEMA)
+
+
+def drop_instance_sessions_v7() -> None:
+    op.drop_column(INSTANCES_TABLE, "backend_pid", schema=SCHEMA)

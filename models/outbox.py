@@ -147,6 +147,9 @@ class RelaySettings(Base):
     lane_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
     # Set by `outbox-relay lanes set N` while it changes the count; relays step back meanwhile.
     resize_to: Mapped[int | None] = mapped_column(SmallInteger)
+    # This outbox's durable identity, made once by `migrate`: part of the default Kafka names and of
+    # every progress record, so two outboxes on one Kafka cluster never take each other's progress.
+    outbox_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), server_default=text("gen_random_uuid()"))
 
     __table_args__ = (
         CheckConstraint("id = 1", name="single_row"),
@@ -162,6 +165,9 @@ class RelayInstance(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    # The instance's control session: it counts as live only while that backend exists, so a killed
+    # instance stops counting at once instead of after its heartbeat times out.
+    backend_pid: Mapped[int | None] = mapped_column(Integer)
 
 
 metadata = Base.metadata

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from outbox_relay.errors import ConfigurationError
+from outbox_relay.progress import MAX_RECORD_IDS
+from outbox_relay.write import DEFAULT_MAX_MESSAGE_BYTES
 
 KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
 _SECRET = re.compile(r"password|secret|token|credential|oauthbearer\.config|ssl\.key\.pem|keystore|private", re.I)
@@ -26,6 +28,8 @@ _SECRET = re.compile(r"password|secret|token|credential|oauthbearer\.config|ssl\
 # What a transactional, idempotent, ordered relay needs; users may tune but not weaken these.
 REQUIRED_KAFKA = {"enable.idempotence": True, "acks": "all"}
 DEFAULT_KAFKA = {
+    # What the write API accepts, the producer sends: one limit (Kafka's broker default), not two.
+    "message.max.bytes": DEFAULT_MAX_MESSAGE_BYTES,
     "linger.ms": 5,
     "compression.type": "lz4",
     "transaction.timeout.ms": 60000,
@@ -68,7 +72,8 @@ class Settings:
     )
     transactional_id_prefix: str = _field(
         "OUTBOX_TRANSACTIONAL_ID_PREFIX",
-        "prefix of each lane's Kafka transactional.id (default: outbox-relay.<database>.<schema>.<table>)",
+        "prefix of each lane's Kafka transactional.id"
+        " (default: outbox-relay.<database>.<schema>.<table>.<outbox id>)",
         "",
     )
     progress_topic: str = _field(
@@ -144,6 +149,9 @@ class Settings:
         for name in ("batch_size", "max_attempts", "breaker_threshold"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > MAX_RECORD_IDS:
+            # A transaction's progress record names every id it carried; it must fit in one message.
+            raise ConfigurationError(f"batch_size must be <= {MAX_RECORD_IDS}, got {self.batch_size}")
         for name in ("poll_interval", "lane_interval", "instance_timeout", "kafka_timeout", "backoff_initial",
                      "backoff_max", "shutdown_timeout", "backlog_interval", "retention_interval"):
             if getattr(self, name) <= 0:
@@ -162,19 +170,15 @@ class Settings:
     def instance_name(self) -> str:
         return self.instance or default_instance_name()
 
-    def transactional_prefix(self) -> str:
-        """Lane N publishes as <prefix>.lane-N; the default is unique per outbox table."""
+    def kafka_names(self, outbox_id: str) -> KafkaNames:
+        """This outbox's names in Kafka; the defaults carry its durable identity (made by `migrate`)."""
         from outbox_relay.models import EVENTS_TABLE, SCHEMA
         from outbox_relay.store import database_name
 
-        default = f"outbox-relay.{database_name(self.database_url)}.{SCHEMA}.{EVENTS_TABLE}"
-        return self.transactional_id_prefix or default
-
-    def transactional_id(self, lane: int) -> str:
-        return f"{self.transactional_prefix()}.lane-{lane}"
-
-    def progress_topic_name(self) -> str:
-        return self.progress_topic or f"{self.transactional_prefix()}.progress"
+        database = database_name(self.database_url)
+        default = kafka_safe(f"outbox-relay.{database}.{SCHEMA}.{EVENTS_TABLE}.{outbox_id[:12]}")
+        prefix = self.transactional_id_prefix or default
+        return KafkaNames(outbox_id, prefix, self.progress_topic or f"{prefix}.progress")
 
     def producer_config(self) -> dict[str, Any]:
         return {**DEFAULT_KAFKA, **self.kafka_properties, **REQUIRED_KAFKA}
@@ -185,6 +189,23 @@ class Settings:
         data["database_url"] = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", self.database_url)
         data["kafka_properties"] = redact_properties(self.kafka_properties)
         return data
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaNames:
+    """Where one outbox lives in Kafka: lane N publishes as <prefix>.lane-N, recording progress in one topic."""
+
+    outbox_id: str
+    transactional_prefix: str
+    progress_topic: str
+
+    def transactional_id(self, lane: int) -> str:
+        return f"{self.transactional_prefix}.lane-{lane}"
+
+
+def kafka_safe(name: str) -> str:
+    """A valid Kafka topic or transactional.id part: any character outside [a-zA-Z0-9._-] becomes '_'."""
+    return re.sub(r"[^a-zA-Z0-9._-]", "_", name)
 
 
 def redact_properties(properties: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,8 +15,10 @@ import datetime as dt
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from types import FrameType
 from typing import Any
 
@@ -25,23 +27,24 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from outbox_relay import monitor, operations
+from outbox_relay import monitor, operations, progress
 from outbox_relay.backoff import CircuitBreaker
-from outbox_relay.config import Settings
+from outbox_relay.config import KafkaNames, Settings
 from outbox_relay.lane import LaneWorker
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher, validate_config
-from outbox_relay.store import Store, connect
+from outbox_relay.store import OutboxState, Store, connect
 from outbox_relay.wakeups import CommitListener
 from outbox_relay.web import StatusServer
 
 log = logging.getLogger(__name__)
 
 
-def new_lane_publisher(settings: Settings, lane: int, lane_count: int, logger: Any = None) -> LanePublisher:
-    return LanePublisher(settings.producer_config(), settings.transactional_id(lane), lane=lane,
-                         lane_count=lane_count, progress_topic=settings.progress_topic_name(),
-                         operation_timeout=settings.kafka_timeout, logger=logger)
+def new_lane_publisher(settings: Settings, names: KafkaNames, scope: progress.Scope, logger: Any = None,
+                       stopping: threading.Event | None = None) -> LanePublisher:
+    return LanePublisher(settings.producer_config(), names.transactional_id(scope.lane), scope=scope,
+                         progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout,
+                         logger=logger, stopping=stopping)
 
 
 class _LibrdkafkaLogger:
@@ -63,6 +66,7 @@ class Relay:
         self._woken: set[int] = set()  # lanes notified while their tick was running
         self.workers: dict[int, LaneWorker] = {}
         self.lane_count: int | None = None
+        self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
         self._control: psycopg.Connection[Any] | None = None
         self._monitor: psycopg.Connection[Any] | None = None
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
@@ -81,7 +85,7 @@ class Relay:
         log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
                  extra={"action": "start"})
         # librdkafka judges the configuration now, so a typo stops the daemon with one clear line.
-        validate_config(self.settings.producer_config(), self.settings.transactional_id(0))
+        validate_config(self.settings.producer_config(), "outbox-relay.configuration-check")
         now = dt.datetime.now(dt.UTC)
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
                                id="lanes", next_run_time=now)
@@ -98,15 +102,24 @@ class Relay:
                                      initial=self.settings.backoff_initial, cap=self.settings.backoff_max, extra={})
             CommitListener(self.settings.database_url, self.wake_all, self.stopping, breaker).start()
 
-    def stop(self) -> None:
-        """Finish the ticks in flight (each ends its transaction), release every lane."""
+    def stop(self) -> bool:
+        """Finish the ticks in flight (each ends its transaction), release every lane.
+
+        Ticks notice ``stopping`` within about a second. One that does not end within half the
+        shutdown bound (stuck in a call that cannot be interrupted) is abandoned: its lane's
+        session ends with the process, and recovery settles whatever it published. Returns False
+        when a tick was abandoned.
+        """
         if self.stopping.is_set():
-            return
+            return True
         self.stopping.set()
         log.info("stopping: finishing transactions in flight", extra={"action": "stop"})
-        self.scheduler.shutdown(wait=True)
-        for worker in self.workers.values():
-            worker.release()
+        self.scheduler.shutdown(wait=False)
+        grace = time.monotonic() + self.settings.shutdown_timeout / 2
+        abandoned = [lane for lane, worker in self.workers.items() if not worker.release(until=grace)]
+        if abandoned:
+            log.warning("lanes %s: their ticks did not end within %.0fs; abandoning them", abandoned,
+                        self.settings.shutdown_timeout / 2, extra={"action": "abandon"})
         if self.http is not None:
             self.http.stop()
         if self._control is not None and not self._control.closed:
@@ -116,6 +129,7 @@ class Relay:
                 pass
             self._control.close()
         log.info("stopped", extra={"action": "stopped"})
+        return not abandoned
 
     def run_forever(self) -> int:
         """Run until SIGTERM/SIGINT; a second signal exits at once."""
@@ -136,13 +150,22 @@ class Relay:
         timer = threading.Timer(self.settings.shutdown_timeout, self._give_up)
         timer.daemon = True
         timer.start()
-        self.stop()
+        clean = self.stop()
         timer.cancel()
+        if not clean:
+            # An abandoned tick's thread would hold up the interpreter's exit (it joins worker threads).
+            logging.shutdown()
+            os._exit(0)
         self._stopped.set()
 
     def _give_up(self) -> None:
-        log.error("shutdown took longer than %.0fs: exiting", self.settings.shutdown_timeout,
-                  extra={"action": "abort"})
+        stacks = "".join(
+            f"\n--- thread {thread.name}:\n" + "".join(traceback.format_stack(frame))
+            for thread in threading.enumerate()
+            if (frame := sys._current_frames().get(thread.ident or 0)) is not None
+        )
+        log.error("shutdown took longer than %.0fs: exiting; where each thread was:%s", self.settings.shutdown_timeout,
+                  stacks, extra={"action": "abort"})
         os._exit(1)
 
     # --- jobs -----------------------------------------------------------------------------
@@ -154,19 +177,27 @@ class Relay:
         view = self._read_membership()
         if view is None:
             return
-        count, resizing, live = view
-        if resizing:
+        state, live = view
+        count = state.lane_count
+        if state.resizing:
             if any(worker.owned for worker in self.workers.values()):
                 log.warning("the lane count is being changed: releasing every lane until it is done",
                             extra={"action": "resize_wait"})
             self._release(list(self.workers.values()))
             return
+        if self.names is None or self.names.outbox_id != state.outbox_id:
+            self._release(list(self.workers.values()))
+            self.workers, self.lane_count = {}, None
+            self.names = self.settings.kafka_names(state.outbox_id)
+            log.info("outbox %s: transactional.id prefix %s, progress topic %s", state.outbox_id,
+                     self.names.transactional_prefix, self.names.progress_topic, extra={"action": "identity"})
         if count != self.lane_count:
             if self.lane_count is not None:
                 log.warning("lane count changed from %d to %d: re-taking lanes", self.lane_count, count,
                             extra={"action": "lanes_changed"})
             self._release(list(self.workers.values()))
-            self.workers = {lane: self._worker(lane, count) for lane in range(count)}
+            self.workers = {lane: self._worker(self.names, progress.Scope(state.outbox_id, lane, count))
+                            for lane in range(count)}
             self.lane_count = count
         me = self.settings.instance_name()
         members = live if me in live else sorted([*live, me])
@@ -177,17 +208,39 @@ class Relay:
         owned = [lane for lane in preferred if self.workers[lane].owned]
         if len(owned) > share:
             self._release([self.workers[lane] for lane in owned[share:]])
+        refused = []
         for lane in preferred:
-            if sum(worker.owned for worker in self.workers.values()) >= share:
+            if sum(worker.owned for worker in self.workers.values()) >= share or self.stopping.is_set():
                 break
             worker = self.workers[lane]
-            if not worker.owned and worker.try_acquire():
-                self._schedule(lane, 0)
+            if not worker.owned:
+                if worker.try_acquire():
+                    self._schedule(lane, 0)
+                else:
+                    refused.append(lane)
+        if refused and len(owned) < share:
+            self._free_hung_lanes(refused)
         # Safety net: an owned lane always has its next tick scheduled or running.
         for lane, worker in self.workers.items():
             if worker.owned and not worker.ticking and self.scheduler.get_job(f"lane-{lane}") is None:
                 self._schedule(lane, self.settings.poll_interval)
         self._heartbeat()
+
+    def _free_hung_lanes(self, lanes: list[int]) -> None:
+        """Lanes held by an owner without a heartbeat for instance_timeout: end its sessions.
+
+        It may be hung rather than dead (stopped, swapping, a frozen VM): its kernel still answers
+        keepalives, so its lock would stay. Kafka fences it when the lane's next owner starts.
+        """
+        if self._control is None:
+            return
+        try:
+            freed = self.store.terminate_stale_owners(self._control, lanes, self.settings.instance_timeout)
+        except psycopg.OperationalError:
+            return
+        if freed:
+            log.warning("lanes %s: their owner showed no heartbeat for %gs; ended its sessions to take them over",
+                        freed, self.settings.instance_timeout, extra={"action": "hung_owner"})
 
     def _release(self, workers: list[LaneWorker]) -> None:
         for worker in workers:
@@ -205,16 +258,16 @@ class Relay:
             self._control.close()
             self._control = None
 
-    def _read_membership(self) -> tuple[int, bool, list[str]] | None:
-        """(lane count, resize under way, live instances), or None while the database is away."""
+    def _read_membership(self) -> tuple[OutboxState, list[str]] | None:
+        """(the outbox's state, live instances), or None while the database is away."""
         try:
             if self._control is None or self._control.closed:
                 self._control = connect(self.settings.database_url, "outbox-relay control")
-            count, resizing = self.store.lane_settings(self._control)
+            state = self.store.outbox_state(self._control)
             live = self.store.register_instance(self._control, self.settings.instance_name(),
                                                 self.settings.instance_timeout)
             self._membership_seen = time.monotonic()
-            return count, resizing, live
+            return state, live
         except psycopg.OperationalError as exc:
             if self._control is not None:
                 self._control.close()
@@ -255,11 +308,12 @@ class Relay:
             log.info("retention deleted %d sent or discarded events older than %gh", deleted,
                      self.settings.retention_hours, extra={"action": "retention", "count": deleted})
 
-    def _worker(self, lane: int, count: int) -> LaneWorker:
+    def _worker(self, names: KafkaNames, scope: progress.Scope) -> LaneWorker:
         def new_publisher() -> LanePublisher:
-            return new_lane_publisher(self.settings, lane, count, logger=self._kafka_logger)
+            return new_lane_publisher(self.settings, names, scope, logger=self._kafka_logger, stopping=self.stopping)
 
-        return LaneWorker(lane, count, self.settings, self.store, new_publisher, self.metrics)
+        return LaneWorker(scope, names.transactional_id(scope.lane), self.settings, self.store, new_publisher,
+                          self.metrics)
 
     def _tick(self, lane: int) -> None:
         worker = self.workers.get(lane)

@@ -11,12 +11,13 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay import faults
+from outbox_relay import faults, progress
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.config import Settings
 from outbox_relay.errors import BrokerUnavailable
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
+from outbox_relay.recovery import recover
 from outbox_relay.store import Row, Store, connect
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,19 @@ class LaneWorker:
 
     def __init__(
         self,
-        lane: int,
-        lane_count: int,
+        scope: progress.Scope,
+        transactional_id: str,
         settings: Settings,
         store: Store,
         publisher_factory: Callable[[], LanePublisher],
         metrics: Metrics,
     ) -> None:
-        self.lane = lane
-        self.lane_count = lane_count
+        self.scope = scope
+        self.lane = scope.lane
+        self.lane_count = scope.lane_count
         self.settings = settings
         self.store = store
-        self.transactional_id = settings.transactional_id(lane)
+        self.transactional_id = transactional_id
         self.owner = settings.instance_name()
         self._new_publisher = publisher_factory
         self._conn: psycopg.Connection[Any] | None = None
@@ -55,11 +57,11 @@ class LaneWorker:
         self.metrics = metrics
         self._owned = False
         self._ticking = threading.Lock()
-        self._extra = {"lane": lane}
+        self._extra = {"lane": self.lane}
         self.database, self.kafka = (
             CircuitBreaker(system, threshold=settings.breaker_threshold, initial=settings.backoff_initial,
                            cap=settings.backoff_max, extra=self._extra,
-                           gauge=metrics.breaker_open.labels(system=system, lane=str(lane)))
+                           gauge=metrics.breaker_open.labels(system=system, lane=str(self.lane)))
             for system in ("postgres", "kafka")
         )
 
@@ -92,7 +94,16 @@ class LaneWorker:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self.settings.database_url, f"outbox-relay lane {self.lane}", lane=True)
+            faults.hit("before_lane_lock")
             if not self.store.try_lock_lane(self._conn, self.lane):
+                return False
+            # What was read before the lock may be stale by now (a lane-count change may have
+            # finished meanwhile): check again on the connection that holds the lock.
+            state = self.store.outbox_state(self._conn)
+            if (state.lane_count, state.resizing, state.outbox_id) != (self.lane_count, False, self.scope.outbox_id):
+                self.store.release_lane_lock(self._conn, self.lane)
+                log.info("not taking lane %d: the lane count changed to %d", self.lane, state.lane_count,
+                         extra={**self._extra, "action": "lane_stale"})
                 return False
             self.store.record_owner(self._conn, self.lane, self.owner)
         except psycopg.OperationalError as exc:
@@ -104,9 +115,16 @@ class LaneWorker:
                  extra={**self._extra, "action": "lane_acquired"})
         return True
 
-    def release(self) -> None:
-        """Give the lane up: abort nothing committed, unlock, close. Safe to call twice."""
-        with self._ticking:
+    def release(self, until: float | None = None) -> bool:
+        """Give the lane up: abort nothing committed, unlock, close. Safe to call twice.
+
+        Waits for a running tick to end, until the monotonic time ``until`` at most; False when
+        it did not end by then (the lane is left to the end of the process).
+        """
+        wait = -1 if until is None else max(0.0, until - time.monotonic())
+        if not self._ticking.acquire(timeout=wait):
+            return False
+        try:
             self._drop_publisher()
             if self._conn is not None and not self._conn.closed:
                 if self.owned:
@@ -119,6 +137,9 @@ class LaneWorker:
                 log.info("released lane %d", self.lane, extra={**self._extra, "action": "lane_released"})
             self._conn = None
             self.owned = False
+        finally:
+            self._ticking.release()
+        return True
 
     def _lost_database(self, exc: Exception) -> None:
         """The lane connection broke, and the advisory lock went with it: we own nothing any more."""
@@ -200,7 +221,13 @@ class LaneWorker:
         self.kafka.success()
         faults.hit("after_commit")
         # Only now, after Kafka acknowledged the commit, are the rows sent.
-        self.store.mark_sent(conn, [row.id for row in rows])
+        try:
+            self.store.mark_sent(conn, [row.id for row in rows])
+        except Exception:
+            # Published but not marked: only recovery, from the progress records, can tell what
+            # is sent now. Dropping the producer makes the next tick recover before it publishes.
+            self._drop_publisher()
+            raise
         self.metrics.observe_published(self.lane, (row.created_at.timestamp() for row in rows), started, committed)
         log.debug("published %d events", len(rows), extra={**self._extra, "action": "published"})
         return _Outcome.PUBLISHED
@@ -212,23 +239,33 @@ class LaneWorker:
         assert self._conn is not None
         publisher = self._new_publisher()
         try:
-            carried = publisher.start()
+            publisher.start()
+            # Committed transactions may not have been marked (a crash, a lost connection, a
+            # database that lost writes): their events are in Kafka, so they are sent, and must
+            # not be published again.
+            recovered = recover(self.store, self._conn, publisher.committed_records(), self.scope)
         except BrokerUnavailable as exc:
             publisher.close()
             self.kafka.failure(str(exc))
             return None
-        # The last committed transaction may not have been marked (a crash, a lost connection):
-        # its events are in Kafka, so they are sent, and must not be published again.
-        recovered = self.store.mark_sent(self._conn, carried) if carried else 0
+        except BaseException:
+            publisher.close()
+            raise
         if recovered:
-            log.warning("recovered %d events that the lane's last transaction published but never marked",
+            log.warning("recovered %d events that the lane's last transactions published but never marked",
                         recovered, extra={**self._extra, "action": "recovered"})
         self._publisher = publisher
         return publisher
 
     def _producer_failed(self, exc: ProducerFailed) -> None:
         self._drop_publisher()
-        if exc.fenced:
+        if exc.fenced and self._still_locked():
+            # Nobody else can own the lane while we hold its lock: the coordinator aborted a
+            # transaction that ran past transaction.timeout.ms and bumped the epoch.
+            log.warning("lane %d: the producer lost its epoch (a transaction timed out?): starting a new one",
+                        self.lane, extra={**self._extra, "action": "producer_epoch_lost"})
+            self.kafka.failure(str(exc))
+        elif exc.fenced:
             # A newer producer holds our transactional.id: someone else owns the lane now.
             log.warning("fenced on lane %d: another relay owns it; stepping back", self.lane,
                         extra={**self._extra, "action": "fenced"})
@@ -238,6 +275,13 @@ class LaneWorker:
             self.owned = False
         else:
             self.kafka.failure(str(exc))
+
+    def _still_locked(self) -> bool:
+        conn = self._conn
+        try:
+            return conn is not None and not conn.closed and self.store.holds_lane_lock(conn, self.lane)
+        except psycopg.Error:
+            return False
 
     def _isolate(self, conn: psycopg.Connection[Any], publisher: LanePublisher, rows: list[Row]) -> _Outcome:
         """One event per transaction, in order, until the one that fails: that one is the culprit.

@@ -47,5 +47,12 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # APScheduler narrates every job run at INFO; our ticks run many times a second.
+    # APScheduler narrates every job run at INFO; our ticks run many times a second. It also warns
+    # whenever a periodic job's next run comes while the last one still runs: that is our design
+    # (a slow run is simply not repeated), not news.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler.scheduler").addFilter(_not_still_running)
+
+
+def _not_still_running(record: logging.LogRecord) -> bool:
+    return "maximum number of running instances reached" not in record.getMessage()

@@ -74,7 +74,8 @@ class Snapshot:
 
 
 def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP) -> Snapshot:
-    lane_count, resizing = Store.lane_settings(conn)
+    state = Store.outbox_state(conn)
+    lane_count, resizing = state.lane_count, state.resizing
     topics: dict[str, Backlog] = defaultdict(Backlog)
     lanes: dict[int, Backlog] = defaultdict(Backlog)
     capped = False

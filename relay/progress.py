@@ -3,47 +3,130 @@
 Every transaction of a lane also writes one record to the progress topic (compacted, one
 partition per lane, key ``lane-N``) naming the ids it carried, as ranges. It commits or aborts
 with the events. Whoever takes a lane fences the old producer (``init_transactions``), then
-reads the lane's last committed record and marks those ids sent before publishing anything, so
-a crash between "Kafka committed" and "rows marked" never publishes a batch twice.
+reads the lane's committed records back from the newest and marks their ids sent until it
+meets a record whose ids were all marked already (``recovery.recover``). PostgreSQL may lose
+the marks of several transactions (an asynchronous standby promoted, a restore), never an older
+one while keeping a newer one, so that record is where the missing marks end.
+
+A record names its outbox (the durable identity ``migrate`` made), its lane and its lane count;
+recovery trusts nothing else. ``min.compaction.lag.ms`` keeps a day of records uncompacted, so
+the read-back finds every transaction whose marks a failover can have lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
 
-from outbox_relay.errors import BrokerUnavailable
+from outbox_relay.errors import BrokerUnavailable, ConfigurationError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The most ids one transaction may carry: the largest batch the relay accepts. It keeps a record
+# (at most ~12 bytes an id) far below Kafka's default 1 MB message limit.
+MAX_RECORD_IDS = 10_000
+# Records younger than this are never compacted away: recovery can read back a day of transactions.
+MIN_COMPACTION_LAG_MS = 24 * 3600 * 1000
+TOPIC_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(MIN_COMPACTION_LAG_MS)}
+_POLL_SLICE = 0.5  # seconds; a stop request is noticed within one slice
+# What a partition answers while its leader is being elected or its topic is still being made.
+_LEADERSHIP_SETTLING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                                  KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION})
 
 
-def encode(lane: int, lane_count: int, ids: Iterable[int]) -> bytes:
-    return json.dumps({"v": FORMAT_VERSION, "lane": lane, "lane_count": lane_count, "ids": to_ranges(ids)},
-                      separators=(",", ":")).encode()
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """Whose progress a record is: one lane of one outbox under one lane count."""
+
+    outbox_id: str
+    lane: int
+    lane_count: int
 
 
-def decode_ids(value: bytes) -> list[int]:
-    record = json.loads(value)
-    return [i for start, end in record["ids"] for i in range(start, end + 1)]
+class ForeignRecord(Exception):
+    """A record in the lane's partition that is not this lane's progress under this lane count."""
+
+    def __init__(self, reason: str, *, older_generation: bool = False) -> None:
+        super().__init__(reason)
+        # Written under another lane count or format: everything before it was settled when the
+        # count or the relay changed, so reading back may stop there.
+        self.older_generation = older_generation
 
 
-def to_ranges(ids: Iterable[int]) -> list[list[int]]:
-    """[1, 2, 3, 7, 9, 10] -> [[1, 3], [7, 7], [9, 10]]: compact for the usual runs of ids."""
+def encode(scope: Scope, ids: Iterable[int]) -> bytes:
+    return json.dumps({"v": FORMAT_VERSION, "outbox": scope.outbox_id, "lane": scope.lane,
+                       "lane_count": scope.lane_count, "ids": to_ranges(ids)}, separators=(",", ":")).encode()
+
+
+def decode(value: bytes | None, scope: Scope) -> list[int]:
+    """The ids a record of this scope carried; ForeignRecord for anything else, however malformed."""
+    try:
+        record = json.loads(value) if value is not None else None
+    except ValueError:
+        raise ForeignRecord("not a progress record (not JSON)") from None
+    if not isinstance(record, dict):
+        raise ForeignRecord("not a progress record")
+    if record.get("v") == 1:
+        raise ForeignRecord("a record of an earlier relay version", older_generation=True)
+    if record.get("v") != FORMAT_VERSION:
+        raise ForeignRecord(f"unknown progress record format {record.get('v')!r}")
+    if record.get("outbox") != scope.outbox_id:
+        raise ForeignRecord(f"a record of another outbox ({record.get('outbox')!r}, this is {scope.outbox_id!r})")
+    if record.get("lane") != scope.lane:
+        raise ForeignRecord(f"a record of lane {record.get('lane')!r} in the partition of lane {scope.lane}")
+    if record.get("lane_count") != scope.lane_count:
+        raise ForeignRecord(f"a record written under {record.get('lane_count')!r} lanes, now {scope.lane_count}",
+                            older_generation=True)
+    return from_ranges(record.get("ids"))
+
+
+def to_ranges(ids: Iterable[int]) -> list[int | list[int]]:
+    """[1, 2, 3, 7, 9, 10] -> [[1, 3], 7, [9, 10]]: compact for runs of ids and for lone ones."""
     ranges: list[list[int]] = []
     for i in sorted(ids):
         if ranges and i == ranges[-1][1] + 1:
             ranges[-1][1] = i
         else:
             ranges.append([i, i])
-    return ranges
+    return [start if start == end else [start, end] for start, end in ranges]
+
+
+def from_ranges(ranges: Any) -> list[int]:
+    """The inverse of ``to_ranges``, refusing anything a relay cannot have written."""
+    if not isinstance(ranges, list):
+        raise ForeignRecord("malformed progress record: ids is not a list")
+    ids: list[int] = []
+    for item in ranges:
+        start, end = (item, item) if _is_id(item) else (item if _is_range(item) else (0, -1))
+        if not (_is_id(start) and _is_id(end) and start <= end):
+            raise ForeignRecord(f"malformed progress record: {item!r} is not an id or a range of ids")
+        if len(ids) + end - start + 1 > MAX_RECORD_IDS:
+            raise ForeignRecord(f"malformed progress record: more than {MAX_RECORD_IDS} ids")
+        ids.extend(range(start, end + 1))
+    return ids
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
+
+
+def _is_range(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2
 
 
 def record_key(lane: int) -> bytes:
@@ -51,14 +134,18 @@ def record_key(lane: int) -> bytes:
 
 
 def ensure_topic(kafka_config: dict[str, Any], topic: str, partitions: int, timeout: float = 30.0) -> None:
-    """Create the compacted progress topic, or add partitions so every lane has its own."""
+    """Create the compacted progress topic, or add partitions so every lane has its own.
+
+    An existing topic that deletes records by age would drop the progress recovery relies on:
+    refuse it with one line rather than publish without a safety net.
+    """
     admin = AdminClient(client_config(kafka_config))
     try:
         metadata = admin.list_topics(timeout=timeout)
         existing = metadata.topics.get(topic)
         if existing is None or existing.error is not None:
             futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1,
-                                                    config={"cleanup.policy": "compact"})])
+                                                    config=TOPIC_CONFIG)])
             try:
                 futures[topic].result(timeout)
                 log.info("created progress topic %s with %d partitions", topic, partitions,
@@ -66,16 +153,28 @@ def ensure_topic(kafka_config: dict[str, Any], topic: str, partitions: int, time
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
-        elif len(existing.partitions) < partitions:
+            return
+        resource = ConfigResource("topic", topic)
+        config = admin.describe_configs([resource])[resource].result(timeout)
+        policy = config["cleanup.policy"].value if "cleanup.policy" in config else "delete"
+        if policy != "compact":
+            raise ConfigurationError(
+                f"progress topic {topic!r} has cleanup.policy={policy}: the relay needs 'compact' (records kept "
+                "per lane); fix the topic or choose another with OUTBOX_PROGRESS_TOPIC"
+            )
+        if len(existing.partitions) < partitions:
             admin.create_partitions([NewPartitions(topic, partitions)])[topic].result(timeout)
     except KafkaException as exc:
         raise BrokerUnavailable(f"cannot prepare progress topic {topic!r}: {exc.args[0].str()}") from exc
 
 
-def last_committed_ids(kafka_config: dict[str, Any], topic: str, lane: int, timeout: float = 30.0) -> list[int]:
-    """The ids of the lane's last committed transaction (read_committed), or [] if it has none.
+def read_back(
+    kafka_config: dict[str, Any], topic: str, lane: int, *, timeout: float = 30.0,
+    stopping: threading.Event | None = None,
+) -> Iterator[tuple[int, bytes | None]]:
+    """The lane's committed records as (offset, value), newest first, read lazily in growing windows.
 
-    Call only after ``init_transactions`` for the lane: that resolves any transaction still open,
+    Call only after ``init_transactions`` for the lane: that settles any transaction still open,
     so everything up to the end of the partition is decided.
     """
     consumer = Consumer({
@@ -86,37 +185,56 @@ def last_committed_ids(kafka_config: dict[str, Any], topic: str, lane: int, time
         "enable.partition.eof": True,
     })
     try:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, lane), timeout=timeout)
-        if high <= low:
-            return []
-        # Each transaction adds a record and a commit/abort marker; look back in growing windows.
-        window = 64
-        while True:
-            start = max(low, high - window)
-            last = _last_record(consumer, topic, lane, start, timeout)
-            if last is not None or start == low:
-                return decode_ids(last) if last is not None else []
-            window *= 8
+        low, end = _watermarks(consumer, TopicPartition(topic, lane), timeout, stopping)
+        window = 64  # each transaction adds a record and a commit marker
+        while end > low:
+            start = max(low, end - window)
+            yield from reversed(_read_range(consumer, topic, lane, start, end, timeout, stopping))
+            end, window = start, window * 4
     except KafkaException as exc:
         raise BrokerUnavailable(f"cannot read progress of lane {lane}: {exc.args[0].str()}") from exc
     finally:
         consumer.close()
 
 
-def _last_record(consumer: Consumer, topic: str, lane: int, start: int, timeout: float) -> bytes | None:
-    consumer.assign([TopicPartition(topic, lane, start if start > 0 else OFFSET_BEGINNING)])
-    last: bytes | None = None
+def _watermarks(consumer: Consumer, partition: TopicPartition, timeout: float,
+                stopping: threading.Event | None) -> tuple[int, int]:
+    """The partition's offsets, waiting out a leader still being elected (a topic just created or moved)."""
+    deadline = time.monotonic() + timeout
     while True:
-        message = consumer.poll(timeout)
+        try:
+            low, high = consumer.get_watermark_offsets(partition, timeout=timeout)
+            return int(low), int(high)
+        except KafkaException as exc:
+            settling = exc.args[0].retriable() or exc.args[0].code() in _LEADERSHIP_SETTLING
+            if not settling or time.monotonic() > deadline or (stopping and stopping.is_set()):
+                raise
+            time.sleep(_POLL_SLICE)
+
+
+def _read_range(consumer: Consumer, topic: str, lane: int, start: int, end: int, timeout: float,
+                stopping: threading.Event | None) -> list[tuple[int, bytes | None]]:
+    consumer.assign([TopicPartition(topic, lane, start if start > 0 else OFFSET_BEGINNING)])
+    found: list[tuple[int, bytes | None]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        if stopping is not None and stopping.is_set():
+            raise BrokerUnavailable(f"stopped while reading the progress of lane {lane}")
+        message = consumer.poll(_POLL_SLICE)
         if message is None:
-            raise BrokerUnavailable(f"no answer reading progress of lane {lane} within {timeout}s")
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"no answer reading progress of lane {lane} within {timeout}s")
+            continue
         error = message.error()
         if error is not None:
             if error.code() == KafkaError._PARTITION_EOF:
-                return last
+                return found
             raise KafkaException(error)
-        if message.key() == record_key(lane) and message.value() is not None:
-            last = message.value()
+        offset: int = message.offset() or 0
+        if offset >= end:
+            return found
+        if message.key() == record_key(lane):
+            found.append((offset, message.value()))
 
 
 def client_config(kafka_config: dict[str, Any]) -> dict[str, Any]:

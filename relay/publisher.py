@@ -8,8 +8,9 @@ classes (retriable: retry the call; abortable: abort and retry the batch; fatal:
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -21,6 +22,8 @@ from outbox_relay.store import Row
 log = logging.getLogger(__name__)
 
 EVENT_ID_HEADER = "outbox-event-id"
+# A Kafka call that may block is made in slices this long, so a stop request is noticed in time.
+_CALL_SLICE = 1.0
 
 # Errors that say "this message can never be published as it is": park the event at once.
 PERMANENT_CODES = frozenset({
@@ -28,13 +31,14 @@ PERMANENT_CODES = frozenset({
     KafkaError.INVALID_RECORD,
     KafkaError.INVALID_MSG,
     KafkaError.RECORD_LIST_TOO_LARGE,
-    KafkaError.TOPIC_AUTHORIZATION_FAILED,
     KafkaError.TOPIC_EXCEPTION,
     KafkaError.POLICY_VIOLATION,
     KafkaError._INVALID_ARG,
 })
-# Errors that blame the message but may heal (a topic or partition created later): retry, then park.
+# Errors that blame the message but may heal (a topic or partition created later, an ACL that has
+# not propagated yet): retry, then park.
 EVENT_CODES = frozenset({
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
     KafkaError._UNKNOWN_TOPIC,
     KafkaError._UNKNOWN_PARTITION,
@@ -51,10 +55,10 @@ _COLLATERAL_CODES = frozenset({
 class PoisonEvent(OutboxError):
     """One event of the batch was rejected; the batch was aborted and nothing of it is visible."""
 
-    def __init__(self, row: Row, error: KafkaError, *, ambiguous: bool = False) -> None:
+    def __init__(self, row: Row, error: KafkaError, *, ambiguous: bool = False, reserved: bool = False) -> None:
         self.row = row
         self.error = error
-        self.permanent = error.code() in PERMANENT_CODES
+        self.permanent = reserved or error.code() in PERMANENT_CODES
         # Several messages failed together (the broker rejects a whole record batch at once), so the
         # first of them is only a suspect: publish one by one to find the real culprit.
         self.ambiguous = ambiguous
@@ -89,6 +93,8 @@ class LanePublisher:
     """A transactional, idempotent producer bound to one lane's transactional.id.
 
     Each transaction carries the events and the lane's progress record (which ids it carried).
+    Once ``stopping`` is set, calls that wait on the broker give up within about a second: the
+    lane then ends unmarked, which recovery settles, rather than hold up a shutdown.
     """
 
     def __init__(
@@ -96,39 +102,49 @@ class LanePublisher:
         config: dict[str, Any],
         transactional_id: str,
         *,
-        lane: int,
-        lane_count: int,
+        scope: progress.Scope,
         progress_topic: str,
         operation_timeout: float = 30.0,
         logger: Any = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.transactional_id = transactional_id
-        self.lane = lane
-        self.lane_count = lane_count
+        self.scope = scope
         self.progress_topic = progress_topic
         self.operation_timeout = operation_timeout
         self._config = config
+        self._stopping = stopping or threading.Event()
+        self._in_transaction = False
         conf = {**config, "transactional.id": transactional_id}
         if logger is not None:
             conf["logger"] = logger
         self._producer = Producer(conf)
 
-    def start(self) -> list[int]:
-        """Take over the lane in Kafka; returns the ids its last committed transaction carried.
+    def start(self) -> None:
+        """Take over the lane in Kafka: fence any older producer of this transactional.id.
 
-        ``init_transactions`` fences any older producer of this transactional.id and settles its
-        open transaction, so the progress read afterwards is final. The caller marks those ids sent
-        before publishing anything new.
+        ``init_transactions`` also settles the old producer's open transaction, so the progress
+        read afterwards (``committed_records``) is final. The caller recovers from it before
+        publishing anything new.
         """
         try:
-            self._retrying(lambda: self._producer.init_transactions(self.operation_timeout))
+            self._retrying(self._producer.init_transactions)
         except KafkaException as exc:
             raise _fatal(exc.args[0], "init_transactions") from exc
-        progress.ensure_topic(self._config, self.progress_topic, self.lane_count, self.operation_timeout)
-        return progress.last_committed_ids(self._config, self.progress_topic, self.lane, self.operation_timeout)
+        progress.ensure_topic(self._config, self.progress_topic, self.scope.lane_count, self.operation_timeout)
+
+    def committed_records(self) -> Iterator[tuple[int, bytes | None]]:
+        """The lane's committed progress records, newest first (read lazily)."""
+        return progress.read_back(self._config, self.progress_topic, self.scope.lane,
+                                  timeout=self.operation_timeout, stopping=self._stopping)
 
     def close(self) -> None:
-        """Drop the producer; an open transaction is aborted by the coordinator (fencing or timeout)."""
+        """Abort an open transaction (read_committed consumers would wait for its timeout), drop the producer."""
+        try:
+            if self._in_transaction:
+                self._producer.abort_transaction(_CALL_SLICE)
+        except KafkaException:
+            pass  # the coordinator aborts it anyway: on fencing or at its timeout
         try:
             self._producer.purge()
             self._producer.flush(0)
@@ -142,9 +158,14 @@ class LanePublisher:
             producer.begin_transaction()
         except KafkaException as exc:
             raise _fatal(exc.args[0], "begin_transaction") from exc
+        self._in_transaction = True
         faults.hit("before_produce")
         reports: list[KafkaError | None] = [None] * len(rows)
         for index, row in enumerate(rows):
+            if row.topic == self.progress_topic:
+                self.abort()
+                raise PoisonEvent(row, KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                                  "the relay's own progress topic is reserved"), reserved=True)
             try:
                 self._produce(row, _recorder(reports, index))
             except KafkaException as exc:
@@ -157,7 +178,7 @@ class LanePublisher:
                 # A synchronous rejection: the message was never queued, so committing would lose it.
                 raise PoisonEvent(row, error) from exc
         self._produce_progress(rows)
-        remaining = producer.flush(self.operation_timeout)
+        remaining = self._flush()
         if remaining:
             self.abort()
             raise TransactionAborted(f"{remaining} messages not acknowledged within {self.operation_timeout}s")
@@ -174,8 +195,18 @@ class LanePublisher:
         faults.hit("before_commit")
         self._commit()
 
+    def _flush(self) -> int:
+        """Wait for every message's acknowledgement; returns how many are still unacknowledged."""
+        deadline = time.monotonic() + self.operation_timeout
+        while True:
+            remaining: int = self._producer.flush(min(_CALL_SLICE, max(0.0, deadline - time.monotonic())))
+            if not remaining or time.monotonic() >= deadline or self._stopping.is_set():
+                return remaining
+
     def _produce(self, row: Row, on_delivery: Callable[[KafkaError | None, Any], None]) -> None:
-        headers = list(zip(row.header_names, row.header_values))
+        # The event id header is the relay's: a row's own header of that name (raw SQL) is dropped.
+        headers = [(name, value) for name, value in zip(row.header_names, row.header_values)
+                   if name != EVENT_ID_HEADER]
         headers.append((EVENT_ID_HEADER, str(row.event_id).encode()))
         kwargs: dict[str, Any] = {"key": row.key, "value": row.value, "headers": headers, "on_delivery": on_delivery}
         if row.partition is not None:
@@ -186,13 +217,15 @@ class LanePublisher:
                 return
             except BufferError:
                 # The local queue is full: serve delivery reports to make room, then retry this message.
+                if self._stopping.is_set():
+                    raise TransactionAborted("stopping: the local queue stayed full") from None
                 self._producer.poll(0.05)
 
     def _produce_progress(self, rows: Sequence[Row]) -> None:
-        value = progress.encode(self.lane, self.lane_count, (row.id for row in rows))
+        value = progress.encode(self.scope, (row.id for row in rows))
         try:
-            self._producer.produce(self.progress_topic, key=progress.record_key(self.lane), value=value,
-                                   partition=self.lane)
+            self._producer.produce(self.progress_topic, key=progress.record_key(self.scope.lane), value=value,
+                                   partition=self.scope.lane)
         except BufferError:
             self._producer.poll(0.05)
             self._produce_progress(rows)
@@ -203,7 +236,8 @@ class LanePublisher:
     def _commit(self) -> None:
         try:
             # A commit that times out is retriable and goes on in the background: call it again.
-            self._retrying(lambda: self._producer.commit_transaction(self.operation_timeout))
+            self._retrying(self._producer.commit_transaction)
+            self._in_transaction = False
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
             if error.txn_requires_abort():
@@ -213,23 +247,30 @@ class LanePublisher:
 
     def abort(self) -> None:
         try:
-            self._retrying(lambda: self._producer.abort_transaction(self.operation_timeout))
+            self._retrying(self._producer.abort_transaction)
+            self._in_transaction = False
         except KafkaException as exc:
             raise _fatal(exc.args[0], "abort_transaction") from exc
 
-    def _retrying(self, call: Callable[[], None]) -> None:
-        """Repeat a transactional call while librdkafka says the same call may be retried."""
+    def _retrying(self, call: Callable[[float], None]) -> None:
+        """Make a transactional call in short slices, repeating it while librdkafka says it may be retried.
+
+        A call that times out goes on in the background and may be made again to wait for its
+        outcome; slicing lets a stop request end the wait within a slice.
+        """
         deadline = time.monotonic() + self.operation_timeout
         while True:
             try:
-                call()
+                call(max(0.1, min(_CALL_SLICE, deadline - time.monotonic())))
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
                 if not error.retriable() or time.monotonic() > deadline:
                     raise
+                if self._stopping.is_set():
+                    raise TransactionAborted(f"stopping: gave up waiting for the broker ({describe(error)})") from exc
                 log.debug("retrying transactional call after %s", describe(error), extra={"action": "retry"})
-                time.sleep(0.1)
+                time.sleep(0.05)
 
 
 def _recorder(reports: list[KafkaError | None], index: int) -> Callable[[KafkaError | None, Any], None]:

@@ -16,8 +16,9 @@ import time
 
 from outbox_relay import progress
 from outbox_relay.config import Settings
-from outbox_relay.daemon import new_lane_publisher
 from outbox_relay.errors import OutboxError
+from outbox_relay.publisher import LanePublisher
+from outbox_relay.recovery import recover
 from outbox_relay.store import Store, connect
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         store.create_lane_index(conn, lanes)
         if not store.begin_resize(conn, lanes):
             raise OutboxError("another lane-count change is under way; try again when it is done")
-        current, _ = store.lane_settings(conn)
+        state = store.outbox_state(conn)
+        current, names = state.lane_count, settings.kafka_names(state.outbox_id)
         log.info("changing the lane count from %d to %d: waiting for relays to release their lanes",
                  current, lanes, extra={"action": "resize_start"})
         waiting = set(range(current))
@@ -46,12 +48,15 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
                 time.sleep(0.2)
         recovered = 0
         for lane in range(current):
-            publisher = new_lane_publisher(settings, lane, current)
+            scope = progress.Scope(state.outbox_id, lane, current)
+            publisher = LanePublisher(settings.producer_config(), names.transactional_id(lane), scope=scope,
+                                      progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout)
             try:
-                recovered += store.mark_sent(conn, publisher.start())
+                publisher.start()
+                recovered += recover(store, conn, publisher.committed_records(), scope)
             finally:
                 publisher.close()
-        progress.ensure_topic(settings.producer_config(), settings.progress_topic_name(), lanes)
+        progress.ensure_topic(settings.producer_config(), names.progress_topic, lanes)
         store.finish_resize(conn, lanes)
         for lane in range(current):
             store.release_lane_lock(conn, lane)

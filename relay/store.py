@@ -38,6 +38,15 @@ class Row:
     created_at: dt.datetime
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxState:
+    """The deployment-wide settings relays follow, as one read sees them."""
+
+    lane_count: int
+    resizing: bool  # a lane-count change is under way: relays hold no lanes meanwhile
+    outbox_id: str
+
+
 def conninfo(database_url: str) -> str:
     """A libpq connection string from a SQLAlchemy URL (postgresql+psycopg://...)."""
     url = make_url(database_url)
@@ -52,6 +61,11 @@ def database_name(database_url: str) -> str:
 # thinks of `lane_key % n = lane` (it cannot estimate it, and on a fresh table it has no statistics
 # at all): a bitmap scan + sort would read the whole backlog on every claim.
 _LANE_SESSION = "-c enable_bitmapscan=off -c enable_sort=off"
+# The relay's own writes are durable whatever the database's default (recovery covers marks lost
+# anyway, but should rarely have to).
+_DURABLE = "-c synchronous_commit=on"
+# No statement or lock wait of a lane may hang it (a claim or mark takes milliseconds).
+_LANE_TIMEOUTS = "-c statement_timeout=30000 -c lock_timeout=10000"
 # The server also notices a vanished relay within seconds (and frees its lanes' locks).
 _KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
 
@@ -72,7 +86,7 @@ def connect(
         keepalives_idle=5,
         keepalives_interval=2,
         keepalives_count=3,
-        options=f"{_KEEPALIVES} {_LANE_SESSION}" if lane else _KEEPALIVES,
+        options=" ".join([_KEEPALIVES, _DURABLE, *([_LANE_TIMEOUTS, _LANE_SESSION] if lane else [])]),
         row_factory=tuple_row,
     )
 
@@ -92,9 +106,12 @@ _COLUMNS = sql.SQL(
 # The lane count is written into the claim as a literal so that the planner matches the lane index
 # ((lane_key % N), id): each lane then walks only its own pending rows, in id order, however far
 # the other lanes are behind.
+# The lane count the claim was built for must still be the count: a relay that missed a change
+# (`outbox-relay lanes set`) claims nothing rather than publish a key next to its new owner.
 _CLAIM = sql.SQL(
     "SELECT {columns} FROM {events} e"
     " WHERE e.state = 'pending' AND e.available_at <= now() AND (e.lane_key %% {lanes}) = %(lane)s {hold}"
+    " AND EXISTS (SELECT 1 FROM {settings} WHERE id = 1 AND lane_count = {lanes})"
     " ORDER BY e.id LIMIT %(limit)s"
 )
 # A failed event holds back the later events of its key (per-key order over progress).
@@ -118,7 +135,7 @@ class Store:
     def claim_query(self, lanes: int) -> sql.Composed:
         if lanes not in self._claims:
             self._claims[lanes] = _CLAIM.format(columns=_COLUMNS, events=_EVENTS, lanes=sql.Literal(int(lanes)),
-                                                hold=self._hold)
+                                                hold=self._hold, settings=_SETTINGS)
         return self._claims[lanes]
 
     @staticmethod
@@ -135,28 +152,33 @@ class Store:
             sql.Identifier(SCHEMA, lane_index_name(lanes))))
 
     @staticmethod
-    def lane_settings(conn: psycopg.Connection[Any]) -> tuple[int, bool]:
-        """(lane count, whether a lane-count change is under way right now)."""
+    def outbox_state(conn: psycopg.Connection[Any]) -> OutboxState:
+        """The lane count, whether a lane-count change is under way right now, and the outbox's identity."""
         row = conn.execute(
             sql.SQL(
                 "SELECT lane_count, resize_to IS NOT NULL AND EXISTS (SELECT 1 FROM pg_locks WHERE"
                 " locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database"
-                " WHERE datname = current_database()) AND classid = %s AND objid = %s AND objsubid = 2)"
-                " FROM {} WHERE id = 1"
+                " WHERE datname = current_database()) AND classid = %s AND objid = %s AND objsubid = 2),"
+                " outbox_id::text FROM {} WHERE id = 1"
             ).format(_SETTINGS),
             (LOCK_CLASS, RESIZE_LOCK),
         ).fetchone()
         if row is None:
             raise LookupError(f"{SCHEMA}.{SETTINGS_TABLE} has no row; run `outbox-relay migrate`")
-        return int(row[0]), bool(row[1])
+        return OutboxState(int(row[0]), bool(row[1]), str(row[2]))
 
     @staticmethod
     def register_instance(conn: psycopg.Connection[Any], name: str, timeout_s: float) -> list[str]:
-        """Say this instance is alive; returns the names of all live instances, sorted."""
+        """Say this instance is alive; returns the names of all live instances, sorted.
+
+        Live: a heartbeat within the timeout (a hung instance stops counting) and its control
+        session still there (a killed one stops counting at once, not after the timeout).
+        """
         conn.execute(
-            sql.SQL("INSERT INTO {} (name) VALUES (%s) ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()").format(
-                _INSTANCES
-            ),
+            sql.SQL(
+                "INSERT INTO {} (name, backend_pid) VALUES (%s, pg_backend_pid())"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), backend_pid = pg_backend_pid()"
+            ).format(_INSTANCES),
             (name,),
         )
         # Instances silent for ten timeouts are gone for good; forget them.
@@ -165,12 +187,34 @@ class Store:
             (timeout_s * 10,),
         )
         rows = conn.execute(
-            sql.SQL("SELECT name FROM {} WHERE heartbeat_at >= now() - make_interval(secs => %s) ORDER BY name").format(
-                _INSTANCES
-            ),
+            sql.SQL(
+                "SELECT name FROM {} i WHERE heartbeat_at >= now() - make_interval(secs => %s)"
+                " AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = i.backend_pid) ORDER BY name"
+            ).format(_INSTANCES),
             (timeout_s,),
         ).fetchall()
         return [row[0] for row in rows]
+
+    @staticmethod
+    def terminate_stale_owners(conn: psycopg.Connection[Any], lanes: list[int], timeout_s: float) -> list[int]:
+        """End the sessions holding these lanes whose owner has not shown a heartbeat within the timeout.
+
+        A hung owner (stopped, swapping, frozen) keeps its session and so its advisory lock: its
+        kernel answers keepalives. Ending its session frees the lane; Kafka fences its producer
+        when the next owner takes the lane, so if it wakes up it can neither publish nor mark.
+        Returns the lanes freed.
+        """
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT l.objid::int, pg_terminate_backend(l.pid) FROM pg_locks l JOIN {} o ON o.lane = l.objid::int"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objsubid = 2"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND l.objid::int = ANY(%s) AND l.pid <> pg_backend_pid()"
+                " AND o.heartbeat_at < now() - make_interval(secs => %s)"
+            ).format(_LANES),
+            (LOCK_CLASS, lanes, timeout_s),
+        ).fetchall()
+        return [row[0] for row in rows if row[1]]
 
     @staticmethod
     def deregister_instance(conn: psycopg.Connection[Any], name: str) -> None:
@@ -213,6 +257,13 @@ class Store:
             sql.SQL("UPDATE {} SET heartbeat_at = now() WHERE lane = ANY(%s) AND owner = %s").format(_LANES),
             (lanes, owner),
         )
+
+    @staticmethod
+    def holds_lane_lock(conn: psycopg.Connection[Any], lane: int) -> bool:
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()"
+            " AND classid = %s AND objid = %s AND objsubid = 2)", (LOCK_CLASS, lane)).fetchone()
+        return bool(row and row[0])
 
     @staticmethod
     def release_lane_lock(conn: psycopg.Connection[Any], lane: int) -> None:

@@ -36,6 +36,9 @@ RECORD_OVERHEAD_BYTES = 256
 
 CONTENT_TYPE_HEADER = "content-type"
 _TOPIC = re.compile(TOPIC_PATTERN)  # the rule the table's CHECK constraint enforces too
+# The relay's own: progress topics (by their default names) and the headers it sets itself.
+_RESERVED_TOPIC = re.compile(r"^outbox-relay\..*\.progress$")
+RESERVED_HEADERS = frozenset({"outbox-event-id", "outbox-replay-of"})
 
 Serializer: TypeAlias = Callable[[Any], tuple[bytes, str | None]]
 """Turns a value into (bytes, content type or None). Raise TypeError/ValueError for what it cannot encode."""
@@ -232,6 +235,8 @@ class Outbox:
                 f"invalid topic {event.topic!r}: Kafka topic names are 1-249 characters of "
                 "[a-zA-Z0-9._-] and not '.' or '..'"
             )
+        if _RESERVED_TOPIC.match(event.topic):
+            raise errors.InvalidTopic(f"topic {event.topic!r} is reserved for the relay's progress records")
         if event.partition is not None and (
             not isinstance(event.partition, int) or isinstance(event.partition, bool) or event.partition < 0
         ):
@@ -287,6 +292,8 @@ class Outbox:
             name, value = item
             if not isinstance(name, str) or not name:
                 raise errors.InvalidHeader(f"header name {name!r} must be a non-empty str")
+            if name.lower() in RESERVED_HEADERS:
+                raise errors.InvalidHeader(f"header {name!r} is reserved: the relay sets it")
             if isinstance(value, str):
                 value = value.encode()
             elif isinstance(value, bytearray | memoryview):

@@ -1,0 +1,45 @@
+"""Recovery on taking a lane: mark sent what Kafka committed but PostgreSQL does not show as sent.
+
+Marks are lost in two ways: a crash between "Kafka committed" and "rows marked" (the last
+transaction only), and PostgreSQL losing committed writes (an asynchronous standby promoted, a
+crash with ``synchronous_commit=off``, a restore: the last several transactions). Either way the
+lost marks are the newest ones of the lane, in the order its transactions committed, because a
+lane marks one transaction before it publishes the next. So reading the lane's progress records
+back from the newest, the first record whose ids are all marked already ends the search.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+
+from outbox_relay import progress
+from outbox_relay.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def recover(
+    store: Store, conn: psycopg.Connection[Any], records: Iterable[tuple[int, bytes | None]], scope: progress.Scope
+) -> int:
+    """Mark the ids of the lane's committed transactions whose marks are missing; returns how many."""
+    recovered = 0
+    extra = {"lane": scope.lane}
+    for offset, value in records:
+        try:
+            ids = progress.decode(value, scope)
+        except progress.ForeignRecord as exc:
+            if exc.older_generation:
+                break
+            # Trusting it could mark unpublished rows sent: report it loudly and read on.
+            log.error("ignored a record at offset %d of the progress partition of lane %d: %s", offset, scope.lane,
+                      exc, extra={**extra, "action": "foreign_progress_record"})
+            continue
+        marked = store.mark_sent(conn, ids) if ids else 0
+        recovered += marked
+        if marked == 0:
+            break  # this transaction's marks survived, and so did every earlier one's
+    return recovered

@@ -1,0 +1,317 @@
+"""Exactly-once in the situations real deployments meet, against the real broker and database.
+
+Each test ends with the ledger: zero lost, zero duplicated, no key out of id order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from outbox_relay import enqueue_many, migrate, progress
+from outbox_relay.config import KafkaNames, Settings
+from outbox_relay.errors import OutboxError
+from outbox_relay.lane import LaneWorker
+from outbox_relay.metrics import Metrics
+from outbox_relay.publisher import LanePublisher
+from outbox_relay.store import Store, connect, conninfo
+from outbox_relay.write import Event
+from tests import kafkatools
+from tests.relaytools import (
+    ROOT,
+    RelayProcess,
+    Writers,
+    lane_owners,
+    ledger,
+    pending,
+    set_lane_count,
+    states,
+    wait_until,
+)
+
+
+@pytest.fixture
+def relays() -> Iterator[list[RelayProcess]]:
+    """Relay processes a test starts; every one is stopped (or killed) at teardown."""
+    started: list[RelayProcess] = []
+    yield started
+    for relay in started:
+        if relay.alive:
+            assert relay.process is not None
+            relay.process.send_signal(signal.SIGCONT)
+            try:
+                relay.stop(30)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+
+
+def start(relays: list[RelayProcess], *args: object, **settings: object) -> RelayProcess:
+    relay = RelayProcess(*args, **settings).start()  # type: ignore[arg-type]
+    relays.append(relay)
+    return relay
+
+
+def kafka_names(engine: Engine, database_url: str) -> KafkaNames:
+    with engine.connect() as conn:
+        outbox_id = conn.execute(text("SELECT outbox_id::text FROM outbox.events_settings")).scalar_one()
+    settings = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
+                                          "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafkatools.bootstrap()})
+    return settings.kafka_names(outbox_id)
+
+
+def backlog(engine: Engine, topic: str, events: int, keys: int = 20) -> None:
+    with engine.begin() as conn:
+        enqueue_many(conn, [Event(topic, {"n": n}, key=f"key-{n % keys}") for n in range(events)])
+
+
+@pytest.fixture
+def second_postgres() -> Iterator[str]:
+    """Another PostgreSQL server of our own (its admin URL), as a second service's would be."""
+    state = ROOT / ".services" / f"second-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "OUTBOX_SERVICES_DIR": str(state), "OUTBOX_SERVICES_PG_PORT": str(free_port())}
+    services = [sys.executable, str(ROOT / "scripts" / "services")]
+    result = subprocess.run([*services, "up", "postgres"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    try:
+        url = subprocess.run([*services, "env"], env=env, capture_output=True, text=True, check=True).stdout
+        yield url.split("OUTBOX_DATABASE_URL=")[1].split()[0]
+    finally:
+        subprocess.run([*services, "reset"], env=env, capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_outboxes_whose_databases_share_a_name_share_a_kafka_cluster_safely(
+    engine: Engine, database_url: str, second_postgres: str, topic: str, tmp_path: Path,
+    relays: list[RelayProcess],
+) -> None:
+    # The second server gets a database of the same name as ours: two services, one common name.
+    name = make_url(database_url).database
+    with psycopg.connect(conninfo(second_postgres), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    other_url = make_url(second_postgres).set(database=name).render_as_string(hide_password=False)
+    migrate.upgrade(other_url, lanes=1)
+    other = create_engine(other_url)
+    try:
+        names = {kafka_names(engine, database_url).progress_topic, kafka_names(other, other_url).progress_topic}
+        assert len(names) == 2, "two outboxes got the same Kafka names"
+        other_topic = kafkatools.create_topic(f"test-{uuid.uuid4().hex[:12]}", partitions=3)
+        start(relays, database_url, tmp_path, name="first", OUTBOX_BATCH_SIZE=40)
+        start(relays, other_url, tmp_path, name="second", OUTBOX_BATCH_SIZE=40)
+        with Writers(engine, topic, threads=2, limit=1000) as w1, Writers(other, other_topic, threads=2,
+                                                                          limit=1000) as w2:
+            wait_until(lambda: w1.done() and w2.done(), 120, "writers to finish")
+        wait_until(lambda: pending(engine) == 0 and pending(other) == 0, 60, "both relays to drain")
+        for relay in relays:
+            relay.stop()
+        for eng, t, writers in ((engine, topic, w1), (other, other_topic, w2)):
+            report = ledger(eng, [t])
+            print(f"\n{t}: {report.summary()}")
+            assert report.ok, report.summary()
+            assert report.received == len(writers.committed)
+    finally:
+        other.dispose()
+
+
+def test_the_progress_topic_and_the_relays_headers_are_reserved(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    names = kafka_names(engine, database_url)
+    with engine.begin() as conn:
+        with pytest.raises(OutboxError, match="reserved"):
+            enqueue_many(conn, [Event(names.progress_topic, {"evil": 1}, partition=0)])
+        with pytest.raises(OutboxError, match="reserved"):
+            enqueue_many(conn, [Event(topic, {"n": 1}, headers={"outbox-event-id": "forged"})])
+    # Raw SQL gets past the write API: the relay parks such a row instead of writing into its progress.
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO outbox.events (topic, value, partition) VALUES (:t, 'x', 0)"),
+                     {"t": names.progress_topic})
+    backlog(engine, topic, 200)
+    relay = start(relays, database_url, tmp_path, OUTBOX_BATCH_SIZE=20)
+    wait_until(lambda: states(engine).get("sent", 0) == 200, 60, "the relay to publish the real events")
+    relay.stop()
+    assert states(engine).get("failed") == 1
+
+    # A record nobody should have written, in the lane's progress partition: a forged range over
+    # every id, and junk. Recovery must ignore both (and say so), not mark pending rows sent.
+    producer = Producer({"bootstrap.servers": kafkatools.bootstrap()})
+    forged = {"v": 2, "outbox": "someone-else", "lane": 0, "lane_count": 1, "ids": [[1, 10**9]]}
+    absurd = {**forged, "outbox": names.outbox_id}
+    for value in (json.dumps(forged).encode(), json.dumps(absurd).encode(), b"\xff junk"):
+        producer.produce(names.progress_topic, key=b"lane-0", value=value, partition=0)
+    producer.flush(30)
+    backlog(engine, topic, 100)
+    relay = start(relays, database_url, tmp_path, name="again", OUTBOX_BATCH_SIZE=20)
+    wait_until(lambda: pending(engine) == 0, 60, "the relay to publish the new events")
+    relay.stop()
+    assert "ignored a record" in relay.log()
+    report = ledger(engine, [topic])
+    print(f"\n{report.summary()}")
+    assert report.ok and report.received == 300, report.summary()
+
+
+def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    backlog(engine, topic, 1000)
+    relay = start(relays, database_url, tmp_path, OUTBOX_BATCH_SIZE=50)
+    wait_until(lambda: pending(engine) == 0, 60, "the relay to drain")
+    relay.stop()
+    # PostgreSQL loses the marks of the last 8 transactions, as a promoted asynchronous standby or a
+    # restore would: those rows are pending again although Kafka committed them.
+    with engine.begin() as conn:
+        lost = conn.execute(text("UPDATE outbox.events SET state = 'pending', sent_at = NULL"
+                                 " WHERE id > (SELECT max(id) - 400 FROM outbox.events)")).rowcount
+    assert lost == 400
+    backlog(engine, topic, 100)
+    relay = start(relays, database_url, tmp_path, name="after-failover", OUTBOX_BATCH_SIZE=50)
+    wait_until(lambda: pending(engine) == 0, 60, "the relay to recover and drain")
+    relay.stop()
+    assert "recovered 400 events" in relay.log()
+    report = ledger(engine, [topic])
+    print(f"\n8 transactions' marks lost: {report.summary()}")
+    assert report.ok and report.received == 1100, report.summary()
+
+
+def test_a_relay_that_stalls_across_a_lane_count_change_never_publishes_under_the_old_count(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    set_lane_count(engine, 2)
+    # The stalled relay has read "2 lanes" and stalls before it locks its first lane.
+    stalled = start(relays, database_url, tmp_path, name="stalled", OUTBOX_BATCH_SIZE=25,
+                    OUTBOX_FAULT_INJECTION="before_lane_lock:1:stall=8")
+    with Writers(engine, topic, threads=3, keys=30, limit=2400) as writers:
+        wait_until(lambda: "stalled" in _instances(engine), 30, "the stalled relay to register")
+        result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "lanes", "set", "4", "--database-url",
+                                 database_url], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        start(relays, database_url, tmp_path, name="live", OUTBOX_BATCH_SIZE=25)
+        wait_until(lambda: "not taking lane" in stalled.log() or "lane count changed" in stalled.log(), 30,
+                   "the stalled relay to wake")
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "the relays to drain")
+    wait_until(lambda: len(lane_owners(engine)) == 4, 30, "the relays to hold the 4 lanes")
+    for relay in relays:
+        relay.stop()
+    report = ledger(engine, [topic])
+    print(f"\nstall across a lane-count change: {report.summary()}")
+    assert report.ok, report.summary()
+
+
+def test_a_lane_is_bound_to_the_count_it_was_locked_under(engine: Engine, database_url: str) -> None:
+    """The two checks behind the test above, each on its own: after the lock, and in every claim."""
+    backlog(engine, "t", 50)
+    set_lane_count(engine, 4)  # `lanes set` finished while this worker still believed in 2 lanes
+    settings = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
+                                          "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafkatools.bootstrap()})
+    outbox_id = kafka_names(engine, database_url).outbox_id
+    store = Store()
+    worker = LaneWorker(progress.Scope(outbox_id, 0, 2), "unused", settings, store, _no_publisher, Metrics())
+
+    assert not worker.try_acquire(), "took a lane under a lane count that is no longer the count"
+    assert lane_owners(engine) == {}
+    with connect(database_url, lane=True) as conn:
+        assert store.claim(conn, 0, 2, 100) == [], "claimed under a stale lane count"
+        assert len(store.claim(conn, 0, 4, 100)) > 0
+    worker.release()
+
+
+def _no_publisher() -> LanePublisher:
+    raise AssertionError("no publisher may be made for a lane that is not owned")
+
+
+def _instances(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(text("SELECT name FROM outbox.events_instances")).scalars())
+
+
+def test_an_error_after_the_kafka_commit_leads_to_recovery_not_a_second_publish(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    # A trigger that refuses the mark (any error that is not a lost connection: a read-only
+    # session, a trigger, an internal error) while the refusal is switched on.
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE outbox.refuse_marks (on_ boolean)"))
+        conn.execute(text("INSERT INTO outbox.refuse_marks VALUES (true)"))
+        conn.execute(text(
+            "CREATE FUNCTION outbox.refuse_marks() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.state = 'sent' AND EXISTS (SELECT 1 FROM outbox.refuse_marks) THEN"
+            " RAISE EXCEPTION 'marks refused by the test'; END IF; RETURN NEW; END $$"))
+        conn.execute(text("CREATE TRIGGER refuse_marks BEFORE UPDATE ON outbox.events FOR EACH ROW"
+                          " EXECUTE FUNCTION outbox.refuse_marks()"))
+    backlog(engine, topic, 10)
+    relay = start(relays, database_url, tmp_path, OUTBOX_BACKOFF_MAX="0.5")
+    wait_until(lambda: relay.log().count("marks refused by the test") >= 3, 60, "the mark to fail a few times")
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM outbox.refuse_marks"))
+    wait_until(lambda: pending(engine) == 0, 60, "the relay to recover")
+    relay.stop()
+    report = ledger(engine, [topic])
+    print(f"\nmarks refused, then allowed: {report.summary()}")
+    assert report.ok and report.received == 10, report.summary()
+
+
+def test_a_hung_owner_loses_its_lane_to_a_live_instance(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    hung = start(relays, database_url, tmp_path, name="hung", OUTBOX_BATCH_SIZE=20)
+    wait_until(lambda: lane_owners(engine).get(0) == "hung", 30, "the first relay to own the lane")
+    start(relays, database_url, tmp_path, name="live", OUTBOX_BATCH_SIZE=20)
+    with Writers(engine, topic, threads=3, limit=1500) as writers:
+        wait_until(lambda: states(engine).get("sent", 0) >= 200, 60, "publishing to start")
+        assert hung.process is not None
+        hung.process.send_signal(signal.SIGSTOP)  # alive to the kernel, dead to the world
+        stopped = time.monotonic()
+        wait_until(lambda: lane_owners(engine).get(0) == "live", 30, "the live relay to take the lane")
+        takeover = time.monotonic() - stopped
+        sent = states(engine).get("sent", 0)
+        wait_until(lambda: states(engine).get("sent", 0) > sent, 30, "the live relay to publish")
+        hung.process.send_signal(signal.SIGCONT)  # wakes up fenced: it must neither publish nor mark
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "the live relay to drain")
+    for relay in relays:
+        relay.stop()
+    report = ledger(engine, [topic])
+    print(f"\nhung owner taken over in {takeover:.1f}s (instance timeout 2s): {report.summary()}")
+    assert report.ok, report.summary()
+    assert takeover < 10, f"took {takeover:.1f}s"
+
+
+def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    set_lane_count(engine, 4)
+    # The default instance timeout (10 s): a killed instance must not count until it runs out.
+    a = start(relays, database_url, tmp_path, name="a", OUTBOX_INSTANCE_TIMEOUT="10")
+    b = start(relays, database_url, tmp_path, name="b", OUTBOX_INSTANCE_TIMEOUT="10")
+    wait_until(lambda: sorted(lane_owners(engine).values()) == ["a", "a", "b", "b"], 30, "an even share")
+    with Writers(engine, topic, threads=2, limit=1000) as writers:
+        b.kill()
+        killed = time.monotonic()
+        wait_until(lambda: list(lane_owners(engine).values()) == ["a"] * 4, 30, "a to take b's lanes")
+        failover = time.monotonic() - killed
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "a to drain")
+    a.stop()
+    report = ledger(engine, [topic])
+    print(f"\nall 4 lanes held again {failover:.1f}s after a SIGKILL (lane interval 0.3s): {report.summary()}")
+    assert report.ok, report.summary()
+    assert failover < 3, f"took {failover:.1f}s"
