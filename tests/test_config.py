@@ -11,6 +11,8 @@ from outbox_relay.cli import build_parser
 from outbox_relay.config import Settings
 from outbox_relay.errors import ConfigurationError
 from outbox_relay.models import TOPIC_PATTERN
+from outbox_relay.progress import MAX_RECORD_IDS
+from outbox_relay.write import DEFAULT_MAX_MESSAGE_BYTES
 
 BASE = {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u:hunter2@db/app", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
 
@@ -83,3 +85,11 @@ def test_explicit_kafka_names_win_and_the_identity_still_travels() -> None:
     names = settings.kafka_names("0b5e6c1d-7a1f-4a57-9b5e-0e0a1c2b3d4e")
     assert (names.transactional_id(0), names.progress_topic) == ("svc.lane-0", "svc-progress")
     assert names.outbox_id == "0b5e6c1d-7a1f-4a57-9b5e-0e0a1c2b3d4e"
+
+
+def test_limits_agree_the_producer_sends_what_the_write_api_accepts_and_a_record_always_fits() -> None:
+    settings = Settings.from_sources({}, BASE)
+    assert settings.producer_config()["message.max.bytes"] == DEFAULT_MAX_MESSAGE_BYTES
+    Settings.from_sources({}, {**BASE, "OUTBOX_BATCH_SIZE": str(MAX_RECORD_IDS)})
+    with pytest.raises(ConfigurationError, match=f"batch_size must be <= {MAX_RECORD_IDS}"):
+        Settings.from_sources({}, {**BASE, "OUTBOX_BATCH_SIZE": "100000"})

@@ -38,6 +38,7 @@ from tests.relaytools import (
     lane_owners,
     ledger,
     pending,
+    service,
     set_lane_count,
     states,
     wait_until,
@@ -315,3 +316,42 @@ def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
     print(f"\nall 4 lanes held again {failover:.1f}s after a SIGKILL (lane interval 0.3s): {report.summary()}")
     assert report.ok, report.summary()
     assert failover < 3, f"took {failover:.1f}s"
+
+
+def test_an_event_the_write_api_accepts_is_one_the_producer_sends(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    large = os.urandom(1_020_000)  # under the write API's limit, over librdkafka's own default
+    with engine.begin() as conn:
+        enqueue_many(conn, [Event(topic, large, key="big"), Event(topic, b"after", key="big")])
+    relay = start(relays, database_url, tmp_path)
+    wait_until(lambda: pending(engine) == 0, 60, "the relay to publish")
+    relay.stop()
+    assert states(engine) == {"sent": 2}, relay.log()[-2000:]
+    received = kafkatools.consume([topic], expected=2)
+    assert [m.value for m in received] == [large, b"after"]
+
+
+def test_a_relay_stops_within_its_bound_while_the_broker_hangs(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess],
+    restores_services: None,
+) -> None:
+    relay = start(relays, database_url, tmp_path, OUTBOX_BATCH_SIZE=20, OUTBOX_SHUTDOWN_TIMEOUT="30")
+    backlog(engine, topic, 200)
+    wait_until(lambda: states(engine).get("sent", 0) > 0, 60, "publishing to start")
+    service("pause")  # the broker hangs mid-drain: connections open, nothing answers
+    backlog(engine, topic, 200)
+    time.sleep(3)
+    asked = time.monotonic()
+    code = relay.stop(30)
+    took = time.monotonic() - asked
+    service("resume")
+    print(f"\nstopped {took:.1f}s after SIGTERM with the broker hung")
+    assert code == 0, relay.log()[-3000:]
+    assert took < 20, f"took {took:.1f}s"
+    assert "shutdown took longer" not in relay.log()
+    relay = start(relays, database_url, tmp_path, name="after", OUTBOX_BATCH_SIZE=20)
+    wait_until(lambda: pending(engine) == 0, 90, "the next relay to drain")
+    relay.stop()
+    report = ledger(engine, [topic])
+    assert report.ok and report.received == 400, report.summary()
