@@ -26,12 +26,15 @@ import psycopg
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from outbox_relay import monitor, operations, progress
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.config import KafkaNames, Settings
 from outbox_relay.lane import LaneWorker
 from outbox_relay.metrics import Metrics
+from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher, validate_config
 from outbox_relay.store import OutboxState, Store, connect
 from outbox_relay.wakeups import CommitListener
@@ -47,14 +50,44 @@ def new_lane_publisher(settings: Settings, names: KafkaNames, scope: progress.Sc
                          logger=logger, stopping=stopping)
 
 
-class _LibrdkafkaLogger:
-    """Routes librdkafka's own log lines into Python logging (never printed raw)."""
+# How often the broker is asked for metadata, and how long it has to answer: Kafka going away is
+# noticed (readiness, metrics, one log line) within about PROBE_INTERVAL + PROBE_TIMEOUT seconds.
+PROBE_INTERVAL = 2.0
+PROBE_TIMEOUT = 5.0
 
-    def __init__(self) -> None:
-        self._log = logging.getLogger("outbox_relay.librdkafka")
 
-    def log(self, level: int, message: str, *args: Any) -> None:
-        self._log.log(logging.WARNING if level <= 4 else logging.DEBUG, message, *args)
+class BrokerProbe:
+    """Whether the Kafka cluster answers, asked by one small client for the whole relay.
+
+    Lanes do not start producers while it does not, so an unreachable broker is reported once,
+    by this probe, in seconds, instead of by every lane after its producer's timeouts.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._logger = LibrdkafkaLogger(quiet=True)
+        config: dict[str, Any] = {**progress.client_config(settings.producer_config()), "logger": self._logger}
+        self._admin = AdminClient(config)
+        self._bootstrap = settings.kafka_properties.get("bootstrap.servers", "")
+        self._gauge = metrics.broker_up
+        self.up = True  # until the first probe says otherwise: a fresh start tries at once
+        self.problem = ""
+
+    def probe(self) -> None:
+        try:
+            self._admin.list_topics(timeout=PROBE_TIMEOUT)
+        except KafkaException as exc:
+            self._admin.poll(0)  # delivers librdkafka's log lines, which name the cause
+            cause = self._logger.last_complaint or exc.args[0].str()
+            if self.up or not self.problem:
+                log.warning("Kafka unreachable at %s: %s; lanes wait for it", self._bootstrap, cause,
+                            extra={"action": "kafka_down"})
+            self.up, self.problem = False, f"Kafka unreachable at {self._bootstrap}: {cause}"
+        else:
+            if not self.up:
+                log.info("Kafka reachable again at %s", self._bootstrap, extra={"action": "kafka_up"})
+            self.up, self.problem = True, ""
+        self._logger.last_complaint = ""
+        self._gauge.set(int(self.up))
 
 
 class Relay:
@@ -70,8 +103,10 @@ class Relay:
         self._control: psycopg.Connection[Any] | None = None
         self._monitor: psycopg.Connection[Any] | None = None
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
-        self._kafka_logger = _LibrdkafkaLogger()
+        # librdkafka complains per client and per retry; the broker probe and the lanes say it once, in our words.
+        self._kafka_logger = LibrdkafkaLogger(quiet=True)
         self.metrics = Metrics()
+        self.broker = BrokerProbe(settings, self.metrics)
         self.http = StatusServer(settings.http, self.metrics, self.readiness) if settings.http else None
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=8)},
@@ -91,6 +126,8 @@ class Relay:
                                id="lanes", next_run_time=now)
         self.scheduler.add_job(self._measure_backlog, "interval", seconds=self.settings.backlog_interval,
                                id="backlog", next_run_time=now)
+        self.scheduler.add_job(self.broker.probe, "interval", seconds=PROBE_INTERVAL, id="broker",
+                               next_run_time=now)
         if self.settings.retention_hours > 0:
             self.scheduler.add_job(self._retention, "interval", seconds=self.settings.retention_interval,
                                    id="retention", next_run_time=now)
@@ -280,8 +317,10 @@ class Relay:
         problems = []
         if time.monotonic() - self._membership_seen > max(3 * self.settings.lane_interval, 5.0):
             problems.append("database unreachable")
+        if not self.broker.up:
+            problems.append(self.broker.problem)
         stuck = [lane for lane, worker in self.workers.items() if worker.owned and not worker.ready]
-        if stuck:
+        if stuck and self.broker.up:
             problems.append(f"no Kafka producer for lanes {stuck}")
         if self.stopping.is_set():
             problems.append("stopping")
@@ -322,7 +361,9 @@ class Relay:
         delay = self.settings.poll_interval
         self._woken.discard(lane)
         try:
-            if worker.tick(self.stopping) or lane in self._woken:
+            if not self.broker.up:
+                pass  # the probe reports it, once; the lane waits without timing out on its own
+            elif worker.tick(self.stopping) or lane in self._woken:
                 delay = 0
         except Exception:
             # A bug, not an outage; still never a tight loop of tracebacks.

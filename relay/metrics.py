@@ -39,6 +39,8 @@ class Metrics:
         self.transaction = Histogram("outbox_transaction_duration_seconds", "Kafka transaction, begin to commit",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.lane_owned = Gauge("outbox_lane_owned", "1 when this instance owns the lane", ["lane"], registry=r)
+        self.broker_up = Gauge("outbox_kafka_up", "1 while the Kafka cluster answers the relay's probe",
+                               registry=r)
         self.breaker_open = Gauge("outbox_circuit_open", "1 while the circuit breaker to a system is open",
                                   ["system", "lane"], registry=r)
         self.retention_deleted = Counter("outbox_retention_deleted_events_total",

@@ -237,10 +237,30 @@ def _read_range(consumer: Consumer, topic: str, lane: int, start: int, end: int,
             found.append((offset, message.value()))
 
 
+class LibrdkafkaLogger:
+    """Routes librdkafka's own log lines into Python logging (never printed raw).
+
+    ``quiet`` ones keep them at DEBUG and remember the last complaint, for a message of our own.
+    """
+
+    def __init__(self, quiet: bool = False) -> None:
+        self._log = logging.getLogger("outbox_relay.librdkafka")
+        self._quiet = quiet
+        self.last_complaint = ""
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        # confluent-kafka hands over a Python logging level and ("%s [%s] %s", facility, client, text).
+        if level >= logging.WARNING:
+            text = str(args[-1]) if args else message
+            self.last_complaint = text.rsplit(": ", 1)[-1] if "]: " in text else text
+        self._log.log(level if not self._quiet else logging.DEBUG, message, *args)
+
+
 def client_config(kafka_config: dict[str, Any]) -> dict[str, Any]:
     """Connection and security settings only: producer tuning means nothing to an admin or consumer."""
     producer_only = {"enable.idempotence", "acks", "linger.ms", "compression.type", "transaction.timeout.ms",
                      "message.timeout.ms", "transactional.id", "batch.size", "batch.num.messages",
                      "queue.buffering.max.messages", "queue.buffering.max.kbytes", "retries",
-                     "max.in.flight.requests.per.connection", "logger"}
-    return {key: value for key, value in kafka_config.items() if key not in producer_only}
+                     "max.in.flight.requests.per.connection", "message.max.bytes"}
+    return {"logger": LibrdkafkaLogger(quiet=True),
+            **{key: value for key, value in kafka_config.items() if key not in producer_only}}

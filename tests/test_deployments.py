@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from tests.relaytools import (
     ROOT,
     RelayProcess,
     Writers,
+    free_port,
     lane_owners,
     ledger,
     pending,
@@ -92,12 +92,6 @@ def second_postgres() -> Iterator[str]:
         yield url.split("OUTBOX_DATABASE_URL=")[1].split()[0]
     finally:
         subprocess.run([*services, "reset"], env=env, capture_output=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_outboxes_whose_databases_share_a_name_share_a_kafka_cluster_safely(

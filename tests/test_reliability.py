@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from tests.relaytools import (
     ROOT,
     RelayProcess,
     Writers,
+    free_port,
     lane_owners,
     ledger,
     pending,
@@ -231,14 +234,64 @@ def test_unreachable_broker_and_wrong_credentials_wait_without_publishing_or_lea
                          OUTBOX_KAFKA_SASL_USERNAME="relay", OUTBOX_KAFKA_SASL_PASSWORD=secret,
                          OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}").start()
     try:
-        wait_until(lambda: "circuit open" in relay.log(), 90, "the relay to report the broker unusable")
-        time.sleep(2)
+        wait_until(lambda: "Kafka unreachable" in relay.log(), 30, "the relay to report the broker unusable")
+        time.sleep(6)
         assert relay.alive and states(engine) == {"pending": 1}
     finally:
         relay.stop()
     log = relay.log()
     assert secret not in log and "'sasl.password': '***'" in log
-    assert log.count("circuit open") == 1, "one line per state change, not a log storm"
+    assert log.count("Kafka unreachable") == 1, "one line per state change, not a log storm"
+
+
+def test_kafka_trouble_is_reported_once_and_within_seconds(
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, restores_services: None
+) -> None:
+    # A wrong port: one line that names the address and the cause, not a timeout minutes later.
+    closed = free_port()
+    wrong = RelayProcess(database_url, tmp_path, name="wrong-port", OUTBOX_SHUTDOWN_TIMEOUT="5",
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed}").start()
+    try:
+        started = time.monotonic()
+        wait_until(lambda: "Kafka unreachable" in wrong.log(), 20, "the relay to say Kafka is unreachable")
+        print(f"\nwrong port reported after {time.monotonic() - started:.1f}s")
+        time.sleep(5)
+    finally:
+        wrong.stop()
+    lines = [line for line in wrong.log().splitlines() if "Kafka unreachable" in line or "librdkafka" in line]
+    assert len(lines) == 1 and f"127.0.0.1:{closed}" in lines[0] and "refused" in lines[0].lower(), lines
+
+    # The broker goes away under a running relay: readiness, the metric and the log say so in seconds.
+    http = free_port()
+    relay = RelayProcess(database_url, tmp_path, OUTBOX_HTTP=str(http)).start()
+    try:
+        with engine.begin() as conn:
+            enqueue(conn, topic, b"before")
+        wait_until(lambda: pending(engine) == 0 and _ready(http), 60, "the relay to publish and be ready")
+        service("down", "kafka")
+        stopped = time.monotonic()
+        wait_until(lambda: not _ready(http), 20, "readiness to fail")
+        print(f"not ready {time.monotonic() - stopped:.1f}s after the broker stopped")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5).read().decode()
+        assert "outbox_kafka_up 0.0" in metrics
+        with engine.begin() as conn:
+            enqueue(conn, topic, b"during")
+        time.sleep(4)
+        service("up", "kafka")
+        wait_until(lambda: pending(engine) == 0 and _ready(http), 90, "the relay to drain by itself")
+    finally:
+        relay.stop()
+    assert relay.log().count("Kafka unreachable") == 1, relay.log()[-3000:]
+    assert "Kafka reachable again" in relay.log()
+    report = ledger(engine, [topic])
+    assert report.ok and report.received == 2, report.summary()
+
+
+def _ready(port: int) -> bool:
+    try:
+        return bool(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def test_no_secret_in_status_output_or_metrics_and_http_is_local_by_default(engine: Engine, database_url: str,
