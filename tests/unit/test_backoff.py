@@ -32,8 +32,17 @@ def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backoff.random, "uniform", lambda low, high: high)
 
 
-def breaker(threshold: int = 3, gauge: Gauge | None = None) -> CircuitBreaker:
-    return CircuitBreaker("kafka", threshold=threshold, initial=0.5, cap=4.0, extra={"lane": 7}, gauge=gauge)
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=backoff.__name__)
+
+
+def breaker(threshold: int = 3, gauge: Gauge | None = None, *, failed: int = 0) -> CircuitBreaker:
+    """A breaker for "kafka" (0.5 s doubling up to 4 s) that has failed `failed` times in a row."""
+    subject = CircuitBreaker("kafka", threshold=threshold, initial=0.5, cap=4.0, extra={"lane": 7}, gauge=gauge)
+    for _ in range(failed):
+        subject.failure("down")
+    return subject
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -81,10 +90,7 @@ def test_opens_after_threshold_failures_in_a_row_with_one_warning(
     no_jitter: None, clock: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:
     gauge = Gauge()
-    subject = breaker(threshold=3, gauge=gauge)
-    caplog.set_level(logging.INFO, logger=backoff.__name__)
-    subject.failure("refused")
-    subject.failure("refused")
+    subject = breaker(threshold=3, gauge=gauge, failed=2)
     assert not subject.is_open and gauge.values == []
     subject.failure("refused")
     assert subject.is_open and gauge.values == [1]
@@ -92,8 +98,8 @@ def test_opens_after_threshold_failures_in_a_row_with_one_warning(
         subject.failure("refused")
     assert gauge.values == [1]
     assert messages(caplog) == [
-        "kafka failed (1), retrying in 0.50s: refused",
-        "kafka failed (2), retrying in 1.00s: refused",
+        "kafka failed (1), retrying in 0.50s: down",
+        "kafka failed (2), retrying in 1.00s: down",
         "kafka unavailable, circuit open after 3 failures (probing every <=4s): refused",
     ]
     opened = [r for r in caplog.records if getattr(r, "action", None) == "circuit_open"]
@@ -105,10 +111,7 @@ def test_a_success_closes_the_circuit_once_and_starts_over(
     no_jitter: None, clock: list[float], caplog: pytest.LogCaptureFixture
 ) -> None:
     gauge = Gauge()
-    subject = breaker(threshold=2, gauge=gauge)
-    caplog.set_level(logging.INFO, logger=backoff.__name__)
-    subject.failure("down")
-    subject.failure("down")
+    subject = breaker(threshold=2, gauge=gauge, failed=2)
     caplog.clear()
     subject.success()
     assert not subject.is_open and subject.failures == 0 and subject.retry_at == 0.0 and subject.ready()
@@ -121,17 +124,14 @@ def test_a_success_closes_the_circuit_once_and_starts_over(
 def test_a_success_while_closed_says_nothing(no_jitter: None, clock: list[float],
                                              caplog: pytest.LogCaptureFixture) -> None:
     gauge = Gauge()
-    subject = breaker(threshold=3, gauge=gauge)
-    caplog.set_level(logging.INFO, logger=backoff.__name__)
-    subject.failure("down")
+    subject = breaker(threshold=3, gauge=gauge, failed=1)
     caplog.clear()
     subject.success()
     assert messages(caplog) == [] and gauge.values == [] and subject.failures == 0
 
 
 def test_a_breaker_without_a_gauge_works_the_same(no_jitter: None, clock: list[float]) -> None:
-    subject = breaker(threshold=1)
-    subject.failure("down")
+    subject = breaker(threshold=1, failed=1)
     assert subject.is_open
     subject.success()
     assert not subject.is_open
