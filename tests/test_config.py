@@ -9,6 +9,7 @@ import pytest
 from outbox_relay.cli import build_parser
 from outbox_relay.config import Settings
 from outbox_relay.errors import ConfigurationError
+from outbox_relay.models import EVENTS_TABLE, SCHEMA
 
 BASE = {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u:hunter2@db/app", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
 
@@ -63,5 +64,5 @@ def test_every_flag_shows_its_environment_variable_in_help() -> None:
 
 def test_default_transactional_ids_and_progress_topic_are_unique_per_outbox() -> None:
     settings = Settings.from_sources({}, BASE)
-    assert settings.transactional_id(3) == "outbox-relay.app.outbox.events.lane-3"
-    assert settings.progress_topic_name() == "outbox-relay.app.outbox.events.progress"
+    assert settings.transactional_id(3) == f"outbox-relay.app.{SCHEMA}.{EVENTS_TABLE}.lane-3"
+    assert settings.progress_topic_name() == f"outbox-relay.app.{SCHEMA}.{EVENTS_TABLE}.progress"
