@@ -52,19 +52,21 @@ class RelayProcess:
         self.log_path = log_dir / f"{name}.log"
         self.env = {**os.environ, **tuning, "OUTBOX_DATABASE_URL": database_url, "OUTBOX_INSTANCE": name,
                     **{key: str(value) for key, value in settings.items()}}
+        self.command = [sys.executable, "-m", "outbox_relay.cli", "run"]
+        self.exit_grace = EXIT_GRACE
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RelayProcess:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "run"], env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=ROOT)
         STARTED.append(self)
         return self
 
     @property
     def shutdown_bound(self) -> float:
         """Seconds from SIGTERM to exit: the relay's own bound, then a little for the interpreter."""
-        return float(self.env.get("OUTBOX_SHUTDOWN_TIMEOUT", Settings.shutdown_timeout)) + EXIT_GRACE
+        return float(self.env.get("OUTBOX_SHUTDOWN_TIMEOUT", Settings.shutdown_timeout)) + self.exit_grace
 
     def terminate(self) -> None:
         """Ask it to stop (SIGTERM), if it still runs."""
@@ -72,12 +74,16 @@ class RelayProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
-    def wait_stopped(self, timeout: float | None = None) -> int:
-        """Wait for the exit after SIGTERM; past `timeout` (default: the shutdown bound) SIGKILL it and fail."""
+    def wait_stopped(self, timeout: float | None = None, *, signalled_at: float | None = None) -> int:
+        """Wait for the exit after SIGTERM; past `timeout` (default: the shutdown bound) SIGKILL it and fail.
+
+        The bound runs from `signalled_at` (time.monotonic() when SIGTERM was sent), or from now.
+        """
         assert self.process is not None
         bound = self.shutdown_bound if timeout is None else timeout
+        elapsed = 0.0 if signalled_at is None else time.monotonic() - signalled_at
         try:
-            return self.process.wait(bound)
+            return self.process.wait(max(0.0, bound - elapsed))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
@@ -125,10 +131,11 @@ def stop_every(relays: list[RelayProcess]) -> list[str]:
     running = [relay for relay in relays if relay.alive]
     for relay in running:
         relay.terminate()
+    signalled_at = time.monotonic()
     problems = []
     for relay in running:
         try:
-            relay.wait_stopped()
+            relay.wait_stopped(signalled_at=signalled_at)
         except RelayDidNotStop as exc:
             problems.append(str(exc))
     return problems
