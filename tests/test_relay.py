@@ -45,6 +45,8 @@ def test_headers_carry_the_event_id_and_the_rows_own_headers(engine: Engine, dat
 def test_delayed_events_are_not_published_before_available_at(engine: Engine, database_url: str, topic: str,
                                                               relays: Relays) -> None:
     relay = relays.start(database_url)
+    # Only once the relay runs: a start slower than the delay (a loaded machine) would send both at once.
+    wait_until(lambda: "took lane 0" in relay.log(), 30, "the relay to take the lane")
     with engine.begin() as conn:
         enqueue(conn, topic, b"later", key="k1", delay=dt.timedelta(seconds=4))
         enqueue(conn, topic, b"now", key="k2")
