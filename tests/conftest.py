@@ -24,6 +24,7 @@ from tests.relaytools import STARTED, RelayDidNotStop, Relays, service, stop_eve
 DATABASE_URL = os.environ.get("OUTBOX_DATABASE_URL", "")
 BOOTSTRAP = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "")
 TEMPLATE = f"outbox_template_{os.getpid()}"
+GAVE_UP = "relay exited through its shutdown deadline"
 
 
 @pytest.fixture(scope="session")
@@ -89,12 +90,13 @@ def topic(services: None) -> str:
 
 
 @pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Relays]:
+def relays(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Relays]:
     """Starts relay processes (`relays.start(database_url, name, **settings)`), logs in tmp_path.
 
     At teardown, whatever the test did, every relay still running gets SIGTERM and is waited for within
     its shutdown bound; one that overruns is killed (never left to the next test) and fails the test.
-    Request it after the database fixtures, so that relays stop before their database is dropped.
+    One that exited through its own shutdown deadline instead of finishing its stop is listed at the end
+    of the run. Request it after the database fixtures, so that relays stop before their database is dropped.
     """
     started = Relays(tmp_path)
     yield started
@@ -102,6 +104,19 @@ def relays(tmp_path: Path) -> Iterator[Relays]:
         started.stop_all()
     except RelayDidNotStop as exc:
         pytest.fail(str(exc), pytrace=False)
+    finally:
+        request.node.user_properties += [(GAVE_UP, relay.name) for relay in started.started if relay.gave_up]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Shutdowns that needed the relay's own deadline: not failures today, but never hidden (issue 11, item 15)."""
+    lines = [f"{report.nodeid}: {name}" for reports in terminalreporter.stats.values() for report in reports
+             if isinstance(report, pytest.TestReport) and report.when == "teardown"
+             for key, name in report.user_properties if key == GAVE_UP]
+    if lines:
+        terminalreporter.section("relays that exited through their shutdown deadline (OUTBOX_SHUTDOWN_TIMEOUT)")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -114,6 +114,11 @@ class RelayProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def gave_up(self) -> bool:
+        """It exited through its own shutdown deadline (OUTBOX_SHUTDOWN_TIMEOUT), not by finishing its stop."""
+        return self.process is not None and self.process.returncode == 1 and "shutdown took longer" in self.log()
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
