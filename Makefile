@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ENV    := eval "$$($(PY) scripts/services env)"
 
-.PHONY: venv services services-down check test verify demo bench clean
+.PHONY: venv services services-down check unit test verify demo bench clean
 
 # Strict editable install: a tree of links under build/ that mypy can read too. Links see edits;
 # a file added to a package folder changes the folder, which re-links.
@@ -29,9 +29,14 @@ check: venv
 	$(VENV)/bin/ruff check relay models alembic tests bench scripts/services scripts/demo.py
 	$(VENV)/bin/mypy
 
-test: check services
+# The fast tier: no PostgreSQL, no Kafka, seconds.
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+# The fast tier first (a logic error fails in seconds), then everything against the real services.
+test: check unit services
 	scripts/test-tools
-	$(ENV) && $(PY) -m pytest $(PYTEST_ARGS)
+	$(ENV) && $(PY) -m pytest --ignore=tests/unit $(PYTEST_ARGS)
 
 # The reliability suite at full size (2-minute load) against the local services.
 verify: check services

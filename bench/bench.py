@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,48 +30,32 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
 
 from outbox_relay import enqueue, migrate
 from outbox_relay.store import conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tests' helpers (databases, topics, relay processes) serve the bench too
+from tests import kafkatools  # noqa: E402
+from tests.pgtools import EVENTS, create_database, drop_database  # noqa: E402
+from tests.relaytools import Relays  # noqa: E402
+
 RESULTS = ROOT / "bench-results"
 BASE_URL = os.environ.get("OUTBOX_DATABASE_URL", "")
 BOOTSTRAP = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "")
 BATCH = 1000
-QUIET_RELAY = {"OUTBOX_LOG_LEVEL": "WARNING"}
+# Relays with the default timings (not the tests' fast ones) and quiet logs, in bench-results/<name>.log.
+# Whatever happens, main() stops every one before it returns.
+RELAYS = Relays(RESULTS, tuning={"OUTBOX_LOG_LEVEL": "WARNING", "OUTBOX_BATCH_SIZE": str(BATCH),
+                                 "OUTBOX_LANE_INTERVAL": "0.5"})
 
 
 # --- scaffolding ------------------------------------------------------------------------
 
 
-def url_for(database: str) -> str:
-    return make_url(BASE_URL).set(database=database).render_as_string(hide_password=False)
-
-
-def admin_sql(statement: str) -> None:
-    with psycopg.connect(conninfo(BASE_URL), autocommit=True, dbname="postgres") as conn:
-        conn.execute(statement)
-
-
-def create_database(name: str, template: str | None = None) -> str:
-    admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin_sql(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
-    return url_for(name)
-
-
-def drop_database(name: str) -> None:
-    admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def create_topic(partitions: int = 6) -> str:
-    name = f"bench-{uuid.uuid4().hex[:10]}"
-    client = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    client.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(30)
-    return name
+    return kafkatools.create_topic(f"bench-{uuid.uuid4().hex[:10]}", partitions)
 
 
 def sql(url: str, statement: str, params: Any = None) -> Any:
@@ -82,14 +65,8 @@ def sql(url: str, statement: str, params: Any = None) -> Any:
 
 
 def pending(url: str) -> int:
-    return int(sql(url, "SELECT count(*) FROM outbox.events WHERE state = 'pending'")[0][0])
-
-
-def start_relay(url: str, name: str, **env: str) -> subprocess.Popen[bytes]:
-    environment = {**os.environ, **QUIET_RELAY, "OUTBOX_DATABASE_URL": url, "OUTBOX_INSTANCE": name,
-                   "OUTBOX_BATCH_SIZE": str(BATCH), "OUTBOX_LANE_INTERVAL": "0.5", **env}
-    log = open(RESULTS / f"relay-{name}.log", "ab")  # noqa: SIM115 - the child keeps it open
-    return subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "run"], env=environment, stdout=log, stderr=log)
+    """Cheap on millions of rows (the pending partial index), unlike the tests' count per state."""
+    return int(sql(url, f"SELECT count(*) FROM {EVENTS} WHERE state = 'pending'")[0][0])
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -106,11 +83,11 @@ def fill_template(name: str, events: int, size: int, topic: str) -> None:
     url = create_database(name)
     migrate.upgrade(url, lanes=4)
     sql(url, "CREATE EXTENSION IF NOT EXISTS pgcrypto")
-    sql(url, "INSERT INTO outbox.events (topic, key, value, header_names, header_values)"
+    sql(url, f"INSERT INTO {EVENTS} (topic, key, value, header_names, header_values)"
              " SELECT %s, convert_to('key-' || (i %% 1000), 'UTF8'), gen_random_bytes(%s),"
              " ARRAY['content-type'], ARRAY[convert_to('application/octet-stream', 'UTF8')]"
              " FROM generate_series(1, %s) i", (topic, size, events))
-    sql(url, "VACUUM ANALYZE outbox.events")
+    sql(url, f"VACUUM ANALYZE {EVENTS}")
 
 
 def kafka_ceiling(events: int, size: int) -> float:
@@ -140,30 +117,25 @@ def postgres_ceiling(url: str) -> float:
         total = 0
         started = time.perf_counter()
         while True:
-            rows = conn.execute("SELECT id, event_id, topic, key, value, header_names, header_values FROM"
-                                " outbox.events WHERE state = 'pending' ORDER BY id LIMIT %s", (BATCH,),
+            rows = conn.execute(f"SELECT id, event_id, topic, key, value, header_names, header_values FROM"
+                                f" {EVENTS} WHERE state = 'pending' ORDER BY id LIMIT %s", (BATCH,),
                                 binary=True).fetchall()
             if not rows:
                 break
-            conn.execute("UPDATE outbox.events SET state = 'sent', sent_at = now() WHERE id = ANY(%s)",
+            conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id = ANY(%s)",
                          ([row[0] for row in rows],))
             total += len(rows)
         return total / (time.perf_counter() - started)
 
 
 def relay_drain(url: str, processes: int, events: int) -> tuple[float, float]:
-    relays = [start_relay(url, f"drain-{processes}-{n}", OUTBOX_LISTEN="off") for n in range(processes)]
+    relays = [RELAYS.start(url, f"relay-drain-{processes}-{n}", OUTBOX_LISTEN="off") for n in range(processes)]
     started = time.perf_counter()
-    try:
-        while pending(url) > 0:
-            time.sleep(0.2)
-        elapsed = time.perf_counter() - started
-        rss = max(peak_rss_mib(relay.pid) for relay in relays)
-    finally:
-        for relay in relays:
-            relay.send_signal(signal.SIGTERM)
-        for relay in relays:
-            relay.wait(60)
+    while pending(url) > 0:
+        time.sleep(0.2)
+    elapsed = time.perf_counter() - started
+    rss = max(peak_rss_mib(relay.pid) for relay in relays)
+    RELAYS.stop_all()
     return events / elapsed, rss
 
 
@@ -218,7 +190,7 @@ def _writer(url: str, topic: str, rate: float, seconds: float, out: Any) -> None
 
 def latency_run(url: str, rate: int, listen: str, seconds: float) -> dict[str, float]:
     topic = create_topic(3)
-    relay = start_relay(url, f"latency-{rate}-{listen}", OUTBOX_LISTEN=listen, OUTBOX_POLL_INTERVAL="0.5")
+    relay = RELAYS.start(url, f"relay-latency-{rate}-{listen}", OUTBOX_LISTEN=listen, OUTBOX_POLL_INTERVAL="0.5")
     received: dict[str, float] = {}
     stop = threading.Event()
 
@@ -253,8 +225,7 @@ def latency_run(url: str, rate: int, listen: str, seconds: float) -> dict[str, f
         time.sleep(0.1)
     stop.set()
     reader.join()
-    relay.send_signal(signal.SIGTERM)
-    relay.wait(60)
+    relay.stop()
     latencies = sorted((received[e] - t) * 1000 for e, t in committed.items() if e in received)
     return {"rate_asked": rate, "rate_achieved": len(committed) / seconds, "missing": len(committed) - len(latencies),
             "p50_ms": statistics.median(latencies), "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
@@ -305,12 +276,12 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             migrate.upgrade(url, lanes=4)
             if sent:
                 print(f"scale: writing {sent:,} sent rows ...", flush=True)
-                sql(url, "INSERT INTO outbox.events (topic, key, value, state, sent_at) SELECT 'history',"
+                sql(url, f"INSERT INTO {EVENTS} (topic, key, value, state, sent_at) SELECT 'history',"
                          " convert_to('key-' || (i %% 1000), 'UTF8'), '\\x00', 'sent', now()"
                          " FROM generate_series(1, %s) i", (sent,))
-            sql(url, "INSERT INTO outbox.events (topic, key, value) SELECT 'live',"
+            sql(url, f"INSERT INTO {EVENTS} (topic, key, value) SELECT 'live',"
                      " convert_to('key-' || (i % 1000), 'UTF8'), '\\x00' FROM generate_series(1, 5000) i")
-            sql(url, "VACUUM ANALYZE outbox.events")
+            sql(url, f"VACUUM ANALYZE {EVENTS}")
             results[f"{label}_claim_ms"] = claim_ms(url)
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "outbox_relay.cli", "status", "--json", "--database-url", url],
@@ -354,6 +325,16 @@ def chart(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def measure(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    if "drain" in args.only:
+        results["drain"] = drain(args)
+    if "latency" in args.only:
+        print("latency: writer commit -> visible to a read_committed consumer", flush=True)
+        results["latency"] = latency(args)
+    if "scale" in args.only:
+        results["scale"] = scale(args)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -371,13 +352,11 @@ def main() -> int:
         return 2
     RESULTS.mkdir(exist_ok=True)
     results: dict[str, Any] = {}
-    if "drain" in args.only:
-        results["drain"] = drain(args)
-    if "latency" in args.only:
-        print("latency: writer commit -> visible to a read_committed consumer", flush=True)
-        results["latency"] = latency(args)
-    if "scale" in args.only:
-        results["scale"] = scale(args)
+    try:
+        measure(args, results)
+    finally:
+        RELAYS.stop_all()
+    if "scale" in results:
         s = results["scale"]
         print(f"  claim with {s['sent_rows']:,} sent rows: {s['big_claim_ms']:.2f} ms; empty table:"
               f" {s['empty_claim_ms']:.2f} ms; ratio {s['claim_ratio']:.2f} (target <= 2)")

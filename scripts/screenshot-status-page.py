@@ -18,6 +18,9 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from outbox_relay import enqueue, migrate
+from outbox_relay.models import EVENTS_TABLE, SCHEMA
+
+EVENTS = f"{SCHEMA}.{EVENTS_TABLE}"  # the configured names (OUTBOX_SCHEMA, OUTBOX_TABLE)
 
 ROOT = Path(__file__).resolve().parent.parent
 base = os.environ["OUTBOX_DATABASE_URL"]
@@ -51,8 +54,8 @@ writer.start()
 try:
     time.sleep(75)  # over a minute of history for the chart
     with engine.begin() as conn:  # one parked event, as an operator would see it
-        conn.execute(text("UPDATE outbox.events SET state = 'failed', sent_at = NULL, last_error = 'MSG_SIZE_TOO_LARGE'"
-                          " WHERE id = (SELECT max(id) FROM outbox.events WHERE state = 'sent')"))
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'failed', sent_at = NULL, last_error = 'MSG_SIZE_TOO_LARGE'"
+                          f" WHERE id = (SELECT max(id) FROM {EVENTS} WHERE state = 'sent')"))
     time.sleep(4)
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",

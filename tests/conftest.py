@@ -1,48 +1,30 @@
 """Fixtures against the real services that `scripts/services up` starts (`make test` does it).
 
 Isolation: the outbox schema is migrated once into a template database; every test gets its own
-clone (CREATE DATABASE ... TEMPLATE), and its own Kafka topics and transactional ids.
+clone (CREATE DATABASE ... TEMPLATE), and its own Kafka topics and transactional ids. Relay
+processes come from the `relays` fixture, which stops every one when the test ends.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import make_url
 
 from outbox_relay import migrate
-from outbox_relay.store import conninfo
 from tests import kafkatools
+from tests.pgtools import admin, create_database, drop_database
+from tests.relaytools import STARTED, RelayDidNotStop, Relays, service, stop_every
 
 DATABASE_URL = os.environ.get("OUTBOX_DATABASE_URL", "")
 BOOTSTRAP = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "")
 TEMPLATE = f"outbox_template_{os.getpid()}"
-
-
-def _admin() -> psycopg.Connection:
-    return psycopg.connect(conninfo(DATABASE_URL), autocommit=True, dbname="postgres")
-
-
-def url_for(database: str) -> str:
-    return make_url(DATABASE_URL).set(database=database).render_as_string(hide_password=False)
-
-
-def create_database(name: str, template: str | None = None) -> str:
-    with _admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
-    return url_for(name)
-
-
-def drop_database(name: str) -> None:
-    with _admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+GAVE_UP = "relay exited through its shutdown deadline"
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +34,7 @@ def services() -> None:
         pytest.fail("OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BOOTSTRAP_SERVERS are not set: run `make test`, "
                     "or `scripts/services up` then `eval \"$(scripts/services env)\"`", pytrace=False)
     try:
-        with _admin() as conn:
+        with admin() as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
         pytest.fail(f"PostgreSQL at {DATABASE_URL} is not reachable: {exc}", pytrace=False)
@@ -96,15 +78,54 @@ def engine(database_url: str) -> Iterator[Engine]:
 def restores_services() -> Iterator[None]:
     """Whatever a fault test does to the services, they are up again afterwards."""
     yield
-    from tests.relaytools import ROOT
-
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), "resume"], capture_output=True)
+    service("resume", check=False)
     for name in ("postgres", "kafka"):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), "up", name], check=True,
-                       capture_output=True)
+        service("up", name)
 
 
 @pytest.fixture
 def topic(services: None) -> str:
     """A fresh topic with 3 partitions."""
     return kafkatools.create_topic(f"test-{uuid.uuid4().hex[:12]}", partitions=3)
+
+
+@pytest.fixture
+def relays(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Relays]:
+    """Starts relay processes (`relays.start(database_url, name, **settings)`), logs in tmp_path.
+
+    At teardown, whatever the test did, every relay still running gets SIGTERM and is waited for within
+    its shutdown bound; one that overruns is killed (never left to the next test) and fails the test.
+    One that exited through its own shutdown deadline instead of finishing its stop is listed at the end
+    of the run. Request it after the database fixtures, so that relays stop before their database is dropped.
+    """
+    started = Relays(tmp_path)
+    yield started
+    try:
+        started.stop_all()
+    except RelayDidNotStop as exc:
+        pytest.fail(str(exc), pytrace=False)
+    finally:
+        request.node.user_properties += [(GAVE_UP, relay.name) for relay in started.started if relay.gave_up]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Shutdowns that needed the relay's own deadline: not failures today, but never hidden (issue 11, item 15)."""
+    lines = [f"{report.nodeid}: {name}" for reports in terminalreporter.stats.values() for report in reports
+             if isinstance(report, pytest.TestReport) and report.when == "teardown"
+             for key, name in report.user_properties if key == GAVE_UP]
+    if lines:
+        terminalreporter.section("relays that exited through their shutdown deadline (OUTBOX_SHUTDOWN_TIMEOUT)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _no_relay_outlives_its_test() -> Iterator[None]:
+    """The safety net under `relays`: a relay started any other way and left running is stopped, and fails."""
+    yield
+    strays = [relay for relay in STARTED if relay.alive]
+    problems = stop_every(strays)
+    STARTED.clear()
+    if strays:
+        pytest.fail(f"relays left running by the test: {[relay.name for relay in strays]} (start them with the"
+                    " `relays` fixture, which stops them)" + "".join(f"\n\n{p}" for p in problems), pytrace=False)

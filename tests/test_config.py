@@ -10,7 +10,7 @@ import pytest
 from outbox_relay.cli import build_parser
 from outbox_relay.config import Settings
 from outbox_relay.errors import ConfigurationError
-from outbox_relay.models import TOPIC_PATTERN
+from outbox_relay.models import EVENTS_TABLE, SCHEMA, TOPIC_PATTERN
 from outbox_relay.progress import MAX_RECORD_IDS
 from outbox_relay.write import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -68,15 +68,15 @@ def test_every_flag_shows_its_environment_variable_in_help() -> None:
 def test_default_kafka_names_carry_the_outbox_identity_and_are_valid_kafka_names() -> None:
     settings = Settings.from_sources({}, BASE)
     names = settings.kafka_names("0b5e6c1d-7a1f-4a57-9b5e-0e0a1c2b3d4e")
-    assert names.transactional_id(3) == "outbox-relay.app.outbox.events.0b5e6c1d-7a1.lane-3"
-    assert names.progress_topic == "outbox-relay.app.outbox.events.0b5e6c1d-7a1.progress"
+    assert names.transactional_id(3) == f"outbox-relay.app.{SCHEMA}.{EVENTS_TABLE}.0b5e6c1d-7a1.lane-3"
+    assert names.progress_topic == f"outbox-relay.app.{SCHEMA}.{EVENTS_TABLE}.0b5e6c1d-7a1.progress"
     # Two servers whose databases are both named `app` get different names.
     assert settings.kafka_names("5d0c9e2a-0000-4000-8000-000000000000").progress_topic != names.progress_topic
 
     odd = Settings.from_sources({}, {**BASE, "OUTBOX_DATABASE_URL": "postgresql+psycopg://u@h/shop+eu ü"})
     topic = odd.kafka_names("0b5e6c1d-7a1f-4a57-9b5e-0e0a1c2b3d4e").progress_topic
     assert re.fullmatch(TOPIC_PATTERN, topic), topic
-    assert topic.startswith("outbox-relay.shop_eu__.outbox.events.")
+    assert topic.startswith(f"outbox-relay.shop_eu__.{SCHEMA}.{EVENTS_TABLE}.")
 
 
 def test_explicit_kafka_names_win_and_the_identity_still_travels() -> None:

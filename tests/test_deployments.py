@@ -30,9 +30,10 @@ from outbox_relay.publisher import LanePublisher
 from outbox_relay.store import Store, connect, conninfo
 from outbox_relay.write import Event
 from tests import kafkatools
+from tests.pgtools import EVENTS, INSTANCES, SETTINGS
 from tests.relaytools import (
     ROOT,
-    RelayProcess,
+    Relays,
     Writers,
     free_port,
     lane_owners,
@@ -45,30 +46,9 @@ from tests.relaytools import (
 )
 
 
-@pytest.fixture
-def relays() -> Iterator[list[RelayProcess]]:
-    """Relay processes a test starts; every one is stopped (or killed) at teardown."""
-    started: list[RelayProcess] = []
-    yield started
-    for relay in started:
-        if relay.alive:
-            assert relay.process is not None
-            relay.process.send_signal(signal.SIGCONT)
-            try:
-                relay.stop(30)
-            except subprocess.TimeoutExpired:
-                relay.kill()
-
-
-def start(relays: list[RelayProcess], *args: object, **settings: object) -> RelayProcess:
-    relay = RelayProcess(*args, **settings).start()  # type: ignore[arg-type]
-    relays.append(relay)
-    return relay
-
-
 def kafka_names(engine: Engine, database_url: str) -> KafkaNames:
     with engine.connect() as conn:
-        outbox_id = conn.execute(text("SELECT outbox_id::text FROM outbox.events_settings")).scalar_one()
+        outbox_id = conn.execute(text(f"SELECT outbox_id::text FROM {SETTINGS}")).scalar_one()
     settings = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
                                           "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafkatools.bootstrap()})
     return settings.kafka_names(outbox_id)
@@ -96,7 +76,7 @@ def second_postgres() -> Iterator[str]:
 
 def test_two_outboxes_whose_databases_share_a_name_share_a_kafka_cluster_safely(
     engine: Engine, database_url: str, second_postgres: str, topic: str, tmp_path: Path,
-    relays: list[RelayProcess],
+    relays: Relays,
 ) -> None:
     # The second server gets a database of the same name as ours: two services, one common name.
     name = make_url(database_url).database
@@ -109,13 +89,13 @@ def test_two_outboxes_whose_databases_share_a_name_share_a_kafka_cluster_safely(
         names = {kafka_names(engine, database_url).progress_topic, kafka_names(other, other_url).progress_topic}
         assert len(names) == 2, "two outboxes got the same Kafka names"
         other_topic = kafkatools.create_topic(f"test-{uuid.uuid4().hex[:12]}", partitions=3)
-        start(relays, database_url, tmp_path, name="first", OUTBOX_BATCH_SIZE=40)
-        start(relays, other_url, tmp_path, name="second", OUTBOX_BATCH_SIZE=40)
+        relays.start(database_url, name="first", OUTBOX_BATCH_SIZE=40)
+        relays.start(other_url, name="second", OUTBOX_BATCH_SIZE=40)
         with Writers(engine, topic, threads=2, limit=1000) as w1, Writers(other, other_topic, threads=2,
                                                                           limit=1000) as w2:
             wait_until(lambda: w1.done() and w2.done(), 120, "writers to finish")
         wait_until(lambda: pending(engine) == 0 and pending(other) == 0, 60, "both relays to drain")
-        for relay in relays:
+        for relay in relays.started:
             relay.stop()
         for eng, t, writers in ((engine, topic, w1), (other, other_topic, w2)):
             report = ledger(eng, [t])
@@ -127,7 +107,7 @@ def test_two_outboxes_whose_databases_share_a_name_share_a_kafka_cluster_safely(
 
 
 def test_the_progress_topic_and_the_relays_headers_are_reserved(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
 ) -> None:
     names = kafka_names(engine, database_url)
     with engine.begin() as conn:
@@ -137,10 +117,10 @@ def test_the_progress_topic_and_the_relays_headers_are_reserved(
             enqueue_many(conn, [Event(topic, {"n": 1}, headers={"outbox-event-id": "forged"})])
     # Raw SQL gets past the write API: the relay parks such a row instead of writing into its progress.
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO outbox.events (topic, value, partition) VALUES (:t, 'x', 0)"),
+        conn.execute(text(f"INSERT INTO {EVENTS} (topic, value, partition) VALUES (:t, 'x', 0)"),
                      {"t": names.progress_topic})
     backlog(engine, topic, 200)
-    relay = start(relays, database_url, tmp_path, OUTBOX_BATCH_SIZE=20)
+    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: states(engine).get("sent", 0) == 200, 60, "the relay to publish the real events")
     relay.stop()
     assert states(engine).get("failed") == 1
@@ -154,7 +134,7 @@ def test_the_progress_topic_and_the_relays_headers_are_reserved(
         producer.produce(names.progress_topic, key=b"lane-0", value=value, partition=0)
     producer.flush(30)
     backlog(engine, topic, 100)
-    relay = start(relays, database_url, tmp_path, name="again", OUTBOX_BATCH_SIZE=20)
+    relay = relays.start(database_url, name="again", OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: pending(engine) == 0, 60, "the relay to publish the new events")
     relay.stop()
     assert "ignored a record" in relay.log()
@@ -164,20 +144,20 @@ def test_the_progress_topic_and_the_relays_headers_are_reserved(
 
 
 def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
 ) -> None:
     backlog(engine, topic, 1000)
-    relay = start(relays, database_url, tmp_path, OUTBOX_BATCH_SIZE=50)
+    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=50)
     wait_until(lambda: pending(engine) == 0, 60, "the relay to drain")
     relay.stop()
     # PostgreSQL loses the marks of the last 8 transactions, as a promoted asynchronous standby or a
     # restore would: those rows are pending again although Kafka committed them.
     with engine.begin() as conn:
-        lost = conn.execute(text("UPDATE outbox.events SET state = 'pending', sent_at = NULL"
-                                 " WHERE id > (SELECT max(id) - 400 FROM outbox.events)")).rowcount
+        lost = conn.execute(text(f"UPDATE {EVENTS} SET state = 'pending', sent_at = NULL"
+                                 f" WHERE id > (SELECT max(id) - 400 FROM {EVENTS})")).rowcount
     assert lost == 400
     backlog(engine, topic, 100)
-    relay = start(relays, database_url, tmp_path, name="after-failover", OUTBOX_BATCH_SIZE=50)
+    relay = relays.start(database_url, name="after-failover", OUTBOX_BATCH_SIZE=50)
     wait_until(lambda: pending(engine) == 0, 60, "the relay to recover and drain")
     relay.stop()
     assert "recovered 400 events" in relay.log()
@@ -187,24 +167,24 @@ def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
 
 
 def test_a_relay_that_stalls_across_a_lane_count_change_never_publishes_under_the_old_count(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
 ) -> None:
     set_lane_count(engine, 2)
     # The stalled relay has read "2 lanes" and stalls before it locks its first lane.
-    stalled = start(relays, database_url, tmp_path, name="stalled", OUTBOX_BATCH_SIZE=25,
+    stalled = relays.start(database_url, name="stalled", OUTBOX_BATCH_SIZE=25,
                     OUTBOX_FAULT_INJECTION="before_lane_lock:1:stall=8")
     with Writers(engine, topic, threads=3, keys=30, limit=2400) as writers:
         wait_until(lambda: "stalled" in _instances(engine), 30, "the stalled relay to register")
         result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "lanes", "set", "4", "--database-url",
                                  database_url], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        start(relays, database_url, tmp_path, name="live", OUTBOX_BATCH_SIZE=25)
+        relays.start(database_url, name="live", OUTBOX_BATCH_SIZE=25)
         wait_until(lambda: "not taking lane" in stalled.log() or "lane count changed" in stalled.log(), 30,
                    "the stalled relay to wake")
         wait_until(writers.done, 120, "writers to finish")
     wait_until(lambda: pending(engine) == 0, 60, "the relays to drain")
     wait_until(lambda: len(lane_owners(engine)) == 4, 30, "the relays to hold the 4 lanes")
-    for relay in relays:
+    for relay in relays.started:
         relay.stop()
     report = ledger(engine, [topic])
     print(f"\nstall across a lane-count change: {report.summary()}")
@@ -235,28 +215,28 @@ def _no_publisher() -> LanePublisher:
 
 def _instances(engine: Engine) -> set[str]:
     with engine.connect() as conn:
-        return set(conn.execute(text("SELECT name FROM outbox.events_instances")).scalars())
+        return set(conn.execute(text(f"SELECT name FROM {INSTANCES}")).scalars())
 
 
 def test_an_error_after_the_kafka_commit_leads_to_recovery_not_a_second_publish(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
 ) -> None:
     # A trigger that refuses the mark (any error that is not a lost connection: a read-only
     # session, a trigger, an internal error) while the refusal is switched on.
     with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE outbox.refuse_marks (on_ boolean)"))
-        conn.execute(text("INSERT INTO outbox.refuse_marks VALUES (true)"))
+        conn.execute(text("CREATE TABLE public.refuse_marks (on_ boolean)"))
+        conn.execute(text("INSERT INTO public.refuse_marks VALUES (true)"))
         conn.execute(text(
-            "CREATE FUNCTION outbox.refuse_marks() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-            " IF NEW.state = 'sent' AND EXISTS (SELECT 1 FROM outbox.refuse_marks) THEN"
+            "CREATE FUNCTION public.refuse_marks() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.state = 'sent' AND EXISTS (SELECT 1 FROM public.refuse_marks) THEN"
             " RAISE EXCEPTION 'marks refused by the test'; END IF; RETURN NEW; END $$"))
-        conn.execute(text("CREATE TRIGGER refuse_marks BEFORE UPDATE ON outbox.events FOR EACH ROW"
-                          " EXECUTE FUNCTION outbox.refuse_marks()"))
+        conn.execute(text(f"CREATE TRIGGER refuse_marks BEFORE UPDATE ON {EVENTS} FOR EACH ROW"
+                          " EXECUTE FUNCTION public.refuse_marks()"))
     backlog(engine, topic, 10)
-    relay = start(relays, database_url, tmp_path, OUTBOX_BACKOFF_MAX="0.5")
+    relay = relays.start(database_url, OUTBOX_BACKOFF_MAX="0.5")
     wait_until(lambda: relay.log().count("marks refused by the test") >= 3, 60, "the mark to fail a few times")
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM outbox.refuse_marks"))
+        conn.execute(text("DELETE FROM public.refuse_marks"))
     wait_until(lambda: pending(engine) == 0, 60, "the relay to recover")
     relay.stop()
     report = ledger(engine, [topic])
@@ -265,11 +245,11 @@ def test_an_error_after_the_kafka_commit_leads_to_recovery_not_a_second_publish(
 
 
 def test_a_hung_owner_loses_its_lane_to_a_live_instance(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
 ) -> None:
-    hung = start(relays, database_url, tmp_path, name="hung", OUTBOX_BATCH_SIZE=20)
+    hung = relays.start(database_url, name="hung", OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: lane_owners(engine).get(0) == "hung", 30, "the first relay to own the lane")
-    start(relays, database_url, tmp_path, name="live", OUTBOX_BATCH_SIZE=20)
+    relays.start(database_url, name="live", OUTBOX_BATCH_SIZE=20)
     with Writers(engine, topic, threads=3, limit=1500) as writers:
         wait_until(lambda: states(engine).get("sent", 0) >= 200, 60, "publishing to start")
         assert hung.process is not None
@@ -282,7 +262,7 @@ def test_a_hung_owner_loses_its_lane_to_a_live_instance(
         hung.process.send_signal(signal.SIGCONT)  # wakes up fenced: it must neither publish nor mark
         wait_until(writers.done, 120, "writers to finish")
     wait_until(lambda: pending(engine) == 0, 60, "the live relay to drain")
-    for relay in relays:
+    for relay in relays.started:
         relay.stop()
     report = ledger(engine, [topic])
     print(f"\nhung owner taken over in {takeover:.1f}s (instance timeout 2s): {report.summary()}")
@@ -291,12 +271,12 @@ def test_a_hung_owner_loses_its_lane_to_a_live_instance(
 
 
 def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
 ) -> None:
     set_lane_count(engine, 4)
     # The default instance timeout (10 s): a killed instance must not count until it runs out.
-    a = start(relays, database_url, tmp_path, name="a", OUTBOX_INSTANCE_TIMEOUT="10")
-    b = start(relays, database_url, tmp_path, name="b", OUTBOX_INSTANCE_TIMEOUT="10")
+    a = relays.start(database_url, name="a", OUTBOX_INSTANCE_TIMEOUT="10")
+    b = relays.start(database_url, name="b", OUTBOX_INSTANCE_TIMEOUT="10")
     wait_until(lambda: sorted(lane_owners(engine).values()) == ["a", "a", "b", "b"], 30, "an even share")
     with Writers(engine, topic, threads=2, limit=1000) as writers:
         b.kill()
@@ -313,12 +293,12 @@ def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
 
 
 def test_an_event_the_write_api_accepts_is_one_the_producer_sends(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess]
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
 ) -> None:
     large = os.urandom(1_020_000)  # under the write API's limit, over librdkafka's own default
     with engine.begin() as conn:
         enqueue_many(conn, [Event(topic, large, key="big"), Event(topic, b"after", key="big")])
-    relay = start(relays, database_url, tmp_path)
+    relay = relays.start(database_url)
     wait_until(lambda: pending(engine) == 0, 60, "the relay to publish")
     relay.stop()
     assert states(engine) == {"sent": 2}, relay.log()[-2000:]
@@ -327,10 +307,10 @@ def test_an_event_the_write_api_accepts_is_one_the_producer_sends(
 
 
 def test_a_relay_stops_within_its_bound_while_the_broker_hangs(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: list[RelayProcess],
+    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays,
     restores_services: None,
 ) -> None:
-    relay = start(relays, database_url, tmp_path, OUTBOX_BATCH_SIZE=20, OUTBOX_SHUTDOWN_TIMEOUT="30")
+    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=20, OUTBOX_SHUTDOWN_TIMEOUT="30")
     backlog(engine, topic, 200)
     wait_until(lambda: states(engine).get("sent", 0) > 0, 60, "publishing to start")
     service("pause")  # the broker hangs mid-drain: connections open, nothing answers
@@ -344,7 +324,7 @@ def test_a_relay_stops_within_its_bound_while_the_broker_hangs(
     assert code == 0, relay.log()[-3000:]
     assert took < 20, f"took {took:.1f}s"
     assert "shutdown took longer" not in relay.log()
-    relay = start(relays, database_url, tmp_path, name="after", OUTBOX_BATCH_SIZE=20)
+    relay = relays.start(database_url, name="after", OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: pending(engine) == 0, 90, "the next relay to drain")
     relay.stop()
     report = ledger(engine, [topic])

@@ -6,10 +6,7 @@ Every test ends with the ledger: zero lost, zero duplicated, no key out of id or
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
@@ -17,9 +14,11 @@ from sqlalchemy import Engine, text
 from outbox_relay import enqueue_many
 from outbox_relay.faults import POINTS
 from outbox_relay.write import Event
+from tests.pgtools import SETTINGS
 from tests.relaytools import (
-    RelayProcess,
+    Relays,
     Writers,
+    cli,
     lane_owners,
     ledger,
     pending,
@@ -36,22 +35,19 @@ def backlog(engine: Engine, topic: str, events: int, keys: int = 25) -> None:
 
 @pytest.mark.parametrize("point", POINTS)
 def test_a_crash_at_each_point_of_a_tick_publishes_every_event_exactly_once(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, point: str
+    engine: Engine, database_url: str, topic: str, relays: Relays, point: str
 ) -> None:
     backlog(engine, topic, 600)
     crashes = 0
     for round_, nth in enumerate((1, 2, 3)):
-        relay = RelayProcess(database_url, tmp_path, name=f"crash-{round_}", OUTBOX_BATCH_SIZE=40,
-                             OUTBOX_FAULT_INJECTION=f"{point}:{nth}").start()
-        assert relay.process is not None
-        code = relay.process.wait(60)
+        relay = relays.start(database_url, f"crash-{round_}", OUTBOX_BATCH_SIZE=40,
+                             OUTBOX_FAULT_INJECTION=f"{point}:{nth}")
+        code = relay.wait(60)
         assert code == -9, f"the relay was to die at {point}, exited {code}:\n{relay.log()}"
         crashes += 1
-    survivor = RelayProcess(database_url, tmp_path, name="survivor", OUTBOX_BATCH_SIZE=40).start()
-    try:
-        wait_until(lambda: pending(engine) == 0, 60, "the survivor to drain")
-    finally:
-        survivor.stop()
+    survivor = relays.start(database_url, "survivor", OUTBOX_BATCH_SIZE=40)
+    wait_until(lambda: pending(engine) == 0, 60, "the survivor to drain")
+    survivor.stop()
     report = ledger(engine, [topic])
     print(f"\ncrash {crashes}x at {point}: {report.summary()}")
     assert report.ok, report.summary()
@@ -60,26 +56,21 @@ def test_a_crash_at_each_point_of_a_tick_publishes_every_event_exactly_once(
         assert "recovered 40 events" in survivor.log() or "recovered 40 events" in relay.log()
 
 
-def test_sigkill_loop_while_writers_insert(engine: Engine, database_url: str, topic: str, tmp_path: Path) -> None:
+def test_sigkill_loop_while_writers_insert(engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
     set_lane_count(engine, 4)
     rng = random.Random(7)
-    relays = [RelayProcess(database_url, tmp_path, name=f"r{n}", OUTBOX_BATCH_SIZE=25).start() for n in range(2)]
+    running = [relays.start(database_url, f"r{n}", OUTBOX_BATCH_SIZE=25) for n in range(2)]
     kills = 0
-    try:
-        with Writers(engine, topic, threads=3, keys=20) as writers:
-            while kills < 30:
-                time.sleep(rng.uniform(0.3, 1.2))
-                victim = rng.randrange(len(relays))
-                relays[victim].kill()
-                kills += 1
-                relays[victim] = RelayProcess(database_url, tmp_path, name=f"r{victim}-{kills}",
-                                              OUTBOX_BATCH_SIZE=25).start()
-            writers.stop()
-        wait_until(lambda: pending(engine) == 0, 90, "the relays to drain after the last kill")
-    finally:
-        for relay in relays:
-            if relay.alive:
-                relay.stop()
+    with Writers(engine, topic, threads=3, keys=20) as writers:
+        while kills < 30:
+            time.sleep(rng.uniform(0.3, 1.2))
+            victim = rng.randrange(len(running))
+            running[victim].kill()
+            kills += 1
+            running[victim] = relays.start(database_url, f"r{victim}-{kills}", OUTBOX_BATCH_SIZE=25)
+        writers.stop()
+    wait_until(lambda: pending(engine) == 0, 90, "the relays to drain after the last kill")
+    relays.stop_all()
     report = ledger(engine, [topic])
     print(f"\n{kills} SIGKILLs, {len(writers.committed)} events committed: {report.summary()}")
     assert report.ok, report.summary()
@@ -88,51 +79,45 @@ def test_sigkill_loop_while_writers_insert(engine: Engine, database_url: str, to
 
 
 def test_three_instances_share_eight_lanes_and_a_dead_ones_lanes_move(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     set_lane_count(engine, 8)
-    relays = {name: RelayProcess(database_url, tmp_path, name=name, OUTBOX_BATCH_SIZE=25).start()
-              for name in ("a", "b", "c")}
-    try:
-        with Writers(engine, topic, threads=3, keys=30, limit=3000) as writers:
-            owners = wait_until(
-                lambda: (o := lane_owners(engine)) and len(o) == 8 and len(set(o.values())) == 3 and
-                max(list(o.values()).count(n) for n in "abc") <= 3 and o, 30, "3 instances to share 8 lanes")
-            print(f"\nlanes at start: {owners}")
-            relays["b"].kill()
-            killed = time.monotonic()
-            owners = wait_until(lambda: (o := lane_owners(engine)) and len(o) == 8 and set(o.values()) == {"a", "c"}
-                                and o, 30, "b's lanes to move to a and c")
-            print(f"lanes after b died ({time.monotonic() - killed:.1f}s): {owners}")
-            wait_until(writers.done, 120, "writers to finish")
-        wait_until(lambda: pending(engine) == 0, 60, "the relays to drain")
-    finally:
-        for name in ("a", "c"):
-            relays[name].stop()
+    trio = {name: relays.start(database_url, name, OUTBOX_BATCH_SIZE=25) for name in ("a", "b", "c")}
+    with Writers(engine, topic, threads=3, keys=30, limit=3000) as writers:
+        owners = wait_until(
+            lambda: (o := lane_owners(engine)) and len(o) == 8 and len(set(o.values())) == 3 and
+            max(list(o.values()).count(n) for n in "abc") <= 3 and o, 30, "3 instances to share 8 lanes")
+        print(f"\nlanes at start: {owners}")
+        trio["b"].kill()
+        killed = time.monotonic()
+        owners = wait_until(lambda: (o := lane_owners(engine)) and len(o) == 8 and set(o.values()) == {"a", "c"}
+                            and o, 30, "b's lanes to move to a and c")
+        print(f"lanes after b died ({time.monotonic() - killed:.1f}s): {owners}")
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "the relays to drain")
+    for name in ("a", "c"):
+        trio[name].stop()
     report = ledger(engine, [topic])
     assert report.ok, report.summary()
     assert sorted(list(owners.values()).count(n) for n in "ac") == [4, 4]
 
 
 def test_changing_the_lane_count_while_writers_run(engine: Engine, database_url: str, topic: str,
-                                                   tmp_path: Path) -> None:
+                                                   relays: Relays) -> None:
     set_lane_count(engine, 2)
-    relays = [RelayProcess(database_url, tmp_path, name=name, OUTBOX_BATCH_SIZE=25).start() for name in ("a", "b")]
-    try:
-        with Writers(engine, topic, threads=3, keys=30, limit=3000) as writers:
-            wait_until(lambda: states(engine).get("sent", 0) > 300, 60, "publishing to start")
-            result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "lanes", "set", "5", "--database-url",
-                                     database_url], capture_output=True, text=True, timeout=120)
-            assert result.returncode == 0, result.stderr
-            assert "lane count changed from 2 to 5" in result.stdout
-            wait_until(lambda: len(lane_owners(engine)) == 5, 30, "relays to take the 5 lanes")
-            wait_until(writers.done, 120, "writers to finish")
-        wait_until(lambda: pending(engine) == 0, 60, "the relays to drain")
-        with engine.connect() as conn:
-            assert conn.execute(text("SELECT lane_count, resize_to FROM outbox.events_settings")).one() == (5, None)
-    finally:
-        for relay in relays:
-            relay.stop()
+    for name in ("a", "b"):
+        relays.start(database_url, name, OUTBOX_BATCH_SIZE=25)
+    with Writers(engine, topic, threads=3, keys=30, limit=3000) as writers:
+        wait_until(lambda: states(engine).get("sent", 0) > 300, 60, "publishing to start")
+        result = cli(database_url, "lanes", "set", "5")
+        assert result.returncode == 0, result.stderr
+        assert "lane count changed from 2 to 5" in result.stdout
+        wait_until(lambda: len(lane_owners(engine)) == 5, 30, "relays to take the 5 lanes")
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "the relays to drain")
+    with engine.connect() as conn:
+        assert conn.execute(text(f"SELECT lane_count, resize_to FROM {SETTINGS}")).one() == (5, None)
+    relays.stop_all()
     report = ledger(engine, [topic])
     print(f"\nresize 2 -> 5 under load: {report.summary()}")
     assert report.ok, report.summary()

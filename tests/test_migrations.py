@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 
 from alembic.autogenerate import compare_metadata
@@ -11,7 +9,17 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from outbox_relay import migrate
-from outbox_relay.models import LANE_INDEX_PREFIX, SCHEMA, metadata
+from outbox_relay.models import (
+    EVENTS_TABLE,
+    INSTANCES_TABLE,
+    LANE_INDEX_PREFIX,
+    LANES_TABLE,
+    SCHEMA,
+    SETTINGS_TABLE,
+    metadata,
+)
+from tests.pgtools import SETTINGS, create_database, drop_database
+from tests.relaytools import cli
 
 
 def _diff(url: str) -> list[object]:
@@ -41,7 +49,7 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_from_empty_matches_the_models(empty_database_url: str) -> None:
     migrate.upgrade(empty_database_url)
     assert _tables(empty_database_url) == {
-        "events", "events_instances", "events_lanes", "events_settings", "outbox_relay_version"}
+        EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SETTINGS_TABLE, "outbox_relay_version"}
     assert _diff(empty_database_url) == []
 
 
@@ -50,18 +58,15 @@ def test_downgrade_removes_the_outbox_and_upgrade_again_works(empty_database_url
     migrate.downgrade(empty_database_url, "base")
     assert _tables(empty_database_url) == {"outbox_relay_version"}
     migrate.upgrade(empty_database_url)
-    assert "events" in _tables(empty_database_url)
+    assert EVENTS_TABLE in _tables(empty_database_url)
 
 
 def test_cli_migrate_sets_the_lane_count(empty_database_url: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "outbox_relay.cli", "migrate", "--lanes", "8", "--database-url", empty_database_url],
-        capture_output=True, text=True, check=True,
-    )
+    result = cli(empty_database_url, "migrate", "--lanes", "8", check=True)
     assert "outbox schema at head" in result.stdout
     engine = create_engine(empty_database_url)
     with engine.connect() as conn:
-        assert conn.exec_driver_sql(f"SELECT lane_count FROM {SCHEMA}.events_settings").scalar_one() == 8
+        assert conn.exec_driver_sql(f"SELECT lane_count FROM {SETTINGS}").scalar_one() == 8
     engine.dispose()
 
 
@@ -88,8 +93,6 @@ def _catalog(url: str) -> dict[str, list[tuple[object, ...]]]:
 
 
 def test_migrated_catalog_equals_the_one_the_models_create(empty_database_url: str) -> None:
-    from tests.conftest import create_database, drop_database
-
     migrate.upgrade(empty_database_url)
     name = f"outbox_models_{uuid.uuid4().hex[:12]}"
     reference = create_database(name)
@@ -111,5 +114,5 @@ def test_the_lane_index_follows_the_lane_count(empty_database_url: str) -> None:
         indexes = conn.exec_driver_sql(
             f"SELECT indexdef FROM pg_indexes WHERE indexname LIKE '{LANE_INDEX_PREFIX}%%'").scalars().all()
     engine.dispose()
-    assert indexes == [f"CREATE INDEX {LANE_INDEX_PREFIX}4 ON {SCHEMA}.events USING btree (((lane_key % 4)), id)"
-                       " WHERE (state = 'pending'::text)"]
+    assert indexes == [f"CREATE INDEX {LANE_INDEX_PREFIX}4 ON {SCHEMA}.{EVENTS_TABLE} USING btree"
+                       " (((lane_key % 4)), id) WHERE (state = 'pending'::text)"]

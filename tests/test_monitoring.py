@@ -7,9 +7,7 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -22,18 +20,8 @@ from outbox_relay import enqueue
 from outbox_relay.monitor import STATUS_QUERIES
 from outbox_relay.store import connect
 from tests import kafkatools
-from tests.relaytools import RelayProcess, pending, states, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
-                          capture_output=True, text=True, timeout=60)
+from tests.pgtools import EVENTS
+from tests.relaytools import Relays, cli, free_port, pending, set_lane_count, states, wait_until
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -53,11 +41,11 @@ def seed(engine: Engine, topic: str) -> None:
             enqueue(conn, topic, {"late": n}, key="b", delay=dt.timedelta(hours=1))
         for n in range(5):
             enqueue(conn, "other.topic", {"n": n}, key="c")
-        conn.execute(text("UPDATE outbox.events SET created_at = now() - interval '2 minutes' WHERE id IN (1, 2)"))
-        conn.execute(text("UPDATE outbox.events SET state = 'sent', sent_at = now() WHERE topic = 'other.topic'"
-                          " AND id < (SELECT max(id) FROM outbox.events)"))
-        conn.execute(text("UPDATE outbox.events SET state = 'failed', last_error = 'boom'"
-                          " WHERE id = (SELECT max(id) FROM outbox.events)"))
+        conn.execute(text(f"UPDATE {EVENTS} SET created_at = now() - interval '2 minutes' WHERE id IN (1, 2)"))
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE topic = 'other.topic'"
+                          f" AND id < (SELECT max(id) FROM {EVENTS})"))
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'failed', last_error = 'boom'"
+                          f" WHERE id = (SELECT max(id) FROM {EVENTS})"))
 
 
 def test_status_reports_the_backlog_and_exits_on_thresholds(engine: Engine, database_url: str) -> None:
@@ -86,12 +74,12 @@ def test_status_reports_the_backlog_and_exits_on_thresholds(engine: Engine, data
 
 def test_status_queries_walk_partial_indexes_not_the_table(engine: Engine, database_url: str) -> None:
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO outbox.events (topic, key, state, sent_at) SELECT 'history',"
+        conn.execute(text(f"INSERT INTO {EVENTS} (topic, key, state, sent_at) SELECT 'history',"
                           " convert_to('k' || (i % 100), 'UTF8'), 'sent', now() - interval '1 hour'"
                           " FROM generate_series(1, 200000) i"))
         for n in range(50):
             enqueue(conn, "live", {"n": n}, key=str(n % 7))
-        conn.execute(text("ANALYZE outbox.events"))
+        conn.execute(text(f"ANALYZE {EVENTS}"))
     with connect(database_url) as conn:
         for query in STATUS_QUERIES:
             plan = "\n".join(row[0] for row in conn.execute(b"EXPLAIN " + query.as_bytes(conn),
@@ -101,47 +89,43 @@ def test_status_queries_walk_partial_indexes_not_the_table(engine: Engine, datab
 
 
 def test_metrics_health_and_readiness_over_http(engine: Engine, database_url: str, topic: str,
-                                                 tmp_path: Path) -> None:
+                                                 relays: Relays) -> None:
     port = free_port()
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_HTTP=str(port), OUTBOX_BACKLOG_INTERVAL="0.3").start()
+    relay = relays.start(database_url, OUTBOX_HTTP=str(port), OUTBOX_BACKLOG_INTERVAL="0.3")
     base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: get_or_none(f"{base}/readyz") == 200, 30, "the relay to be ready")
-        with engine.begin() as conn:
-            for n in range(40):
-                enqueue(conn, topic, {"n": n}, key=str(n % 3))
-            enqueue(conn, topic, b"later", delay=dt.timedelta(hours=1))
-        wait_until(lambda: pending(engine) == 1, 30, "the relay to publish")
-        wait_until(lambda: metric(f"{base}/metrics", f'outbox_pending_events{{topic="{topic}"}}') == 1.0, 10,
-                   "the backlog gauge to show the delayed event")
-        text_ = get(f"{base}/metrics")[1].decode()
-        assert metric_value(text_, 'outbox_published_events_total{lane="0"}') == 40
-        assert metric_value(text_, f'outbox_claimable_events{{topic="{topic}"}}') == 0
-        assert metric_value(text_, 'outbox_lane_owned{lane="0"}') == 1
-        assert metric_value(text_, "outbox_commit_to_ack_seconds_count") == 40
-        assert metric_value(text_, "outbox_batch_size_events_sum") == 40
-        assert metric_value(text_, "outbox_transaction_duration_seconds_count") >= 1
-        assert metric_value(text_, 'outbox_circuit_open{lane="0",system="kafka"}') == 0
-        assert get(f"{base}/healthz")[0] == 200
-        code, body = get(f"{base}/readyz")
-        assert code == 200 and json.loads(body) == {"ready": True, "problems": []}
-        status = json.loads(get(f"{base}/api/status")[1])
-        assert status["snapshot"]["topics"][topic]["delayed"] == 1 and len(status["history"]) >= 1
-    finally:
-        relay.stop()
+    wait_until(lambda: get_or_none(f"{base}/readyz") == 200, 30, "the relay to be ready")
+    with engine.begin() as conn:
+        for n in range(40):
+            enqueue(conn, topic, {"n": n}, key=str(n % 3))
+        enqueue(conn, topic, b"later", delay=dt.timedelta(hours=1))
+    wait_until(lambda: pending(engine) == 1, 30, "the relay to publish")
+    wait_until(lambda: metric(f"{base}/metrics", f'outbox_pending_events{{topic="{topic}"}}') == 1.0, 10,
+               "the backlog gauge to show the delayed event")
+    text_ = get(f"{base}/metrics")[1].decode()
+    assert metric_value(text_, 'outbox_published_events_total{lane="0"}') == 40
+    assert metric_value(text_, f'outbox_claimable_events{{topic="{topic}"}}') == 0
+    assert metric_value(text_, 'outbox_lane_owned{lane="0"}') == 1
+    assert metric_value(text_, "outbox_commit_to_ack_seconds_count") == 40
+    assert metric_value(text_, "outbox_batch_size_events_sum") == 40
+    assert metric_value(text_, "outbox_transaction_duration_seconds_count") >= 1
+    assert metric_value(text_, 'outbox_circuit_open{lane="0",system="kafka"}') == 0
+    assert get(f"{base}/healthz")[0] == 200
+    code, body = get(f"{base}/readyz")
+    assert code == 200 and json.loads(body) == {"ready": True, "problems": []}
+    status = json.loads(get(f"{base}/api/status")[1])
+    assert status["snapshot"]["topics"][topic]["delayed"] == 1 and len(status["history"]) >= 1
+    relay.stop()
 
 
-def test_readiness_fails_when_kafka_is_unreachable(database_url: str, tmp_path: Path) -> None:
+def test_readiness_fails_when_kafka_is_unreachable(database_url: str, relays: Relays) -> None:
     port = free_port()
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_HTTP=str(port), OUTBOX_SHUTDOWN_TIMEOUT="3",
-                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start()
-    try:
-        wait_until(lambda: get_or_none(f"http://127.0.0.1:{port}/healthz") == 200, 30, "the HTTP server")
-        code, body = wait_until(lambda: (r := get(f"http://127.0.0.1:{port}/readyz")) and
-                                b"no Kafka producer" in r[1] and r, 30, "readiness to name the problem")
-        assert code == 503 and json.loads(body)["problems"] == ["no Kafka producer for lanes [0]"]
-    finally:
-        relay.stop()
+    relay = relays.start(database_url, OUTBOX_HTTP=str(port), OUTBOX_SHUTDOWN_TIMEOUT="3",
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    wait_until(lambda: get_or_none(f"http://127.0.0.1:{port}/healthz") == 200, 30, "the HTTP server")
+    code, body = wait_until(lambda: (r := get(f"http://127.0.0.1:{port}/readyz")) and
+                            b"no Kafka producer" in r[1] and r, 30, "readiness to name the problem")
+    assert code == 503 and json.loads(body)["problems"] == ["no Kafka producer for lanes [0]"]
+    relay.stop()
 
 
 def get_or_none(url: str) -> int | None:
@@ -180,21 +164,20 @@ def browse(url: str, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=90)
 
 
-def test_status_page_in_headless_chromium(engine: Engine, database_url: str, tmp_path: Path) -> None:
+def test_status_page_in_headless_chromium(engine: Engine, database_url: str, tmp_path: Path,
+                                          relays: Relays) -> None:
     seed(engine, "orders")
     port = free_port()
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_HTTP=str(port), OUTBOX_BACKLOG_INTERVAL="0.3",
+    relay = relays.start(database_url, OUTBOX_HTTP=str(port), OUTBOX_BACKLOG_INTERVAL="0.3",
                          OUTBOX_SHUTDOWN_TIMEOUT="3",
-                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start()  # nothing moves
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_until(lambda: (get_or_none(url + "api/status") == 200
-                            and json.loads(get(url + "api/status")[1])["snapshot"] is not None), 30, "a snapshot")
-        dom = browse(url, "--dump-dom").stdout
-        screenshot = tmp_path / "status.png"
-        browse(url, f"--screenshot={screenshot}", "--window-size=412,1100")  # a phone's width
-    finally:
-        relay.stop()
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")  # nothing moves
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: (get_or_none(url + "api/status") == 200
+                        and json.loads(get(url + "api/status")[1])["snapshot"] is not None), 30, "a snapshot")
+    dom = browse(url, "--dump-dom").stdout
+    screenshot = tmp_path / "status.png"
+    browse(url, f"--screenshot={screenshot}", "--window-size=412,1100")  # a phone's width
+    relay.stop()
     # The page rendered the figures (its script ran against /api/status)...
     assert '<div class="v" id="pending">5</div>' in dom and '<div class="v" id="failed">1</div>' in dom
     assert '<div class="v" id="claimable">3</div>' in dom and "<td>orders</td>" in dom
@@ -206,57 +189,51 @@ def test_status_page_in_headless_chromium(engine: Engine, database_url: str, tmp
 
 
 def test_retention_deletes_old_sent_and_discarded_events_only(engine: Engine, database_url: str, topic: str,
-                                                              tmp_path: Path) -> None:
+                                                              relays: Relays) -> None:
     with engine.begin() as conn:
         for n in range(30):
             enqueue(conn, topic, {"n": n})
-        conn.execute(text("UPDATE outbox.events SET state = 'sent', sent_at = now() - interval '10 days'"
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() - interval '10 days'"
                           " WHERE id <= 10"))
-        conn.execute(text("UPDATE outbox.events SET state = 'sent', sent_at = now() - interval '1 hour'"
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() - interval '1 hour'"
                           " WHERE id BETWEEN 11 AND 15"))
-        conn.execute(text("UPDATE outbox.events SET state = 'discarded', created_at = now() - interval '10 days'"
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'discarded', created_at = now() - interval '10 days'"
                           " WHERE id BETWEEN 16 AND 18"))
-        conn.execute(text("UPDATE outbox.events SET state = 'failed', created_at = now() - interval '10 days'"
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'failed', created_at = now() - interval '10 days'"
                           " WHERE id BETWEEN 19 AND 20"))
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_RETENTION_HOURS="24", OUTBOX_RETENTION_INTERVAL="0.5").start()
-    try:
-        wait_until(lambda: states(engine) == {"sent": 15, "failed": 2}, 30, "retention and publishing")
-    finally:
-        relay.stop()
+    relay = relays.start(database_url, OUTBOX_RETENTION_HOURS="24", OUTBOX_RETENTION_INTERVAL="0.5")
+    wait_until(lambda: states(engine) == {"sent": 15, "failed": 2}, 30, "retention and publishing")
+    relay.stop()
     with engine.connect() as conn:
-        ids = [row[0] for row in conn.execute(text("SELECT id FROM outbox.events ORDER BY id"))]
+        ids = [row[0] for row in conn.execute(text(f"SELECT id FROM {EVENTS} ORDER BY id"))]
     assert ids == [*range(11, 16), 19, 20, *range(21, 31)]
     assert "retention deleted 13 sent or discarded events" in relay.log()
 
 
 def test_replay_republishes_sent_events_marked_as_replays(engine: Engine, database_url: str, topic: str,
-                                                          tmp_path: Path) -> None:
+                                                          relays: Relays) -> None:
     with engine.begin() as conn:
         originals = [str(enqueue(conn, topic, {"n": n}, key="k")) for n in range(5)]
-    relay = RelayProcess(database_url, tmp_path).start()
-    try:
-        wait_until(lambda: pending(engine) == 0, 30, "first publication")
-        assert "would queue 2" in cli(database_url, "replay", "--id", "2", "--id", "3", "--dry-run").stdout
-        assert "queued 2" in cli(database_url, "replay", "--id", "2", "--id", "3").stdout
-        assert cli(database_url, "replay").returncode == 2  # nothing selected: refuse, say why
-        wait_until(lambda: states(engine) == {"sent": 7}, 30, "the replays to be published")
-    finally:
-        relay.stop()
+    relay = relays.start(database_url)
+    wait_until(lambda: pending(engine) == 0, 30, "first publication")
+    assert "would queue 2" in cli(database_url, "replay", "--id", "2", "--id", "3", "--dry-run").stdout
+    assert "queued 2" in cli(database_url, "replay", "--id", "2", "--id", "3").stdout
+    assert cli(database_url, "replay").returncode == 2  # nothing selected: refuse, say why
+    wait_until(lambda: states(engine) == {"sent": 7}, 30, "the replays to be published")
+    relay.stop()
     received = kafkatools.consume([topic], expected=7, quiet=1.0)
     replays = [dict(m.headers).get("outbox-replay-of") for m in received]
     assert [r.decode() for r in replays if r] == originals[1:3]
     assert [m.value for m in received][-2:] == [b'{"n":1}', b'{"n":2}']
 
 
-def test_json_logs_name_the_event_topic_and_lane(engine: Engine, database_url: str, tmp_path: Path) -> None:
+def test_json_logs_name_the_event_topic_and_lane(engine: Engine, database_url: str, relays: Relays) -> None:
     topic = kafkatools.create_topic(f"json-{uuid.uuid4().hex[:12]}", 1, {"max.message.bytes": "1000"})
     with engine.begin() as conn:
         bad = enqueue(conn, topic, os.urandom(3000), key="k")  # over the topic limit, even compressed
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_LOG_FORMAT="json").start()
-    try:
-        wait_until(lambda: states(engine) == {"failed": 1}, 30, "the event to be parked")
-    finally:
-        relay.stop()
+    relay = relays.start(database_url, OUTBOX_LOG_FORMAT="json")
+    wait_until(lambda: states(engine) == {"failed": 1}, 30, "the event to be parked")
+    relay.stop()
     lines = [json.loads(line) for line in relay.log().splitlines() if line.strip()]
     parked = [entry for entry in lines if entry.get("action") == "event_parked"]
     assert parked and parked[0]["event_id"] == str(bad) and parked[0]["topic"] == topic and parked[0]["lane"] == 0
@@ -266,13 +243,12 @@ def test_json_logs_name_the_event_topic_and_lane(engine: Engine, database_url: s
 
 def test_each_lane_claims_through_its_own_index(engine: Engine, database_url: str) -> None:
     from outbox_relay.store import Store
-    from tests.relaytools import set_lane_count
 
     set_lane_count(engine, 4)
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO outbox.events (topic, key) SELECT 't', convert_to('k' || i, 'UTF8')"
+        conn.execute(text(f"INSERT INTO {EVENTS} (topic, key) SELECT 't', convert_to('k' || i, 'UTF8')"
                           " FROM generate_series(1, 20000) i"))
-        conn.execute(text("ANALYZE outbox.events"))
+        conn.execute(text(f"ANALYZE {EVENTS}"))
     with connect(database_url, lane=True) as conn:
         plan = "\n".join(row[0] for row in conn.execute(
             b"EXPLAIN " + Store().claim_query(4).as_bytes(conn), {"lane": 2, "limit": 1000}))

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from sqlalchemy import Engine, text
 
 from outbox_relay import enqueue
 from tests import kafkatools
-from tests.relaytools import RelayProcess, wait_until
+from tests.pgtools import EVENTS
+from tests.relaytools import Relays, cli, wait_until
 
 
 def rows_by_value(engine: Engine) -> dict[bytes, tuple[int, str, int, str | None]]:
     with engine.connect() as conn:
-        result = conn.execute(text("SELECT id, value, state, attempts, last_error FROM outbox.events"))
+        result = conn.execute(text(f"SELECT id, value, state, attempts, last_error FROM {EVENTS}"))
         return {_label(value): (row_id, state, attempts, error) for row_id, value, state, attempts, error in result}
 
 
@@ -27,13 +25,12 @@ def _label(value: bytes) -> bytes:
     return value.split(b"|")[0]
 
 
-def cli(database_url: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
-                            capture_output=True, text=True, check=True)
-    return result.stdout
+def operator(database_url: str, *args: str) -> str:
+    """What an operator's command prints (it must succeed)."""
+    return cli(database_url, *args, check=True).stdout
 
 
-def test_poison_events_are_parked_and_the_rest_flows(engine: Engine, database_url: str, tmp_path: Path) -> None:
+def test_poison_events_are_parked_and_the_rest_flows(engine: Engine, database_url: str, relays: Relays) -> None:
     topic = kafkatools.create_topic(f"poison-{uuid.uuid4().hex[:12]}", partitions=3,
                                     config={"max.message.bytes": "2000"})
     with engine.begin() as conn:
@@ -44,35 +41,33 @@ def test_poison_events_are_parked_and_the_rest_flows(engine: Engine, database_ur
         enqueue(conn, topic, b"c1-bad-partition", key="C", partition=99)
         enqueue(conn, topic, b"b2", key="B")
         # Past the write API, straight into the table: larger than the producer accepts at all.
-        conn.execute(text("INSERT INTO outbox.events (topic, key, value) VALUES (:t, 'D', :v)"),
+        conn.execute(text(f"INSERT INTO {EVENTS} (topic, key, value) VALUES (:t, 'D', :v)"),
                      {"t": topic, "v": b"d1-huge|" + os.urandom(1_100_000)})
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_MAX_ATTEMPTS=2).start()
-    try:
-        wait_until(lambda: rows_by_value(engine)[b"c1-bad-partition"][1] == "failed", 60, "the bad partition parked")
-        wait_until(lambda: rows_by_value(engine)[b"b2"][1] == "sent", 30, "b2 sent")
-        rows = rows_by_value(engine)
-        assert {value: state for value, (_, state, _, _) in rows.items()} == {
-            b"a1": "sent", b"a2-too-large": "failed", b"a3-held": "pending", b"b1": "sent",
-            b"c1-bad-partition": "failed", b"b2": "sent", b"d1-huge": "failed",
-        }
-        too_large = rows[b"a2-too-large"]
-        assert too_large[2] == 1 and "MSG_SIZE_TOO_LARGE" in too_large[3]  # parked at once: it cannot heal
-        assert rows[b"c1-bad-partition"][2] == 2 and "UNKNOWN_PARTITION" in rows[b"c1-bad-partition"][3]
-        assert "MSG_SIZE_TOO_LARGE" in rows[b"d1-huge"][3]
-        listing = cli(database_url, "failed", "list")
-        assert listing.count(" failed  topics: ") == 3 and "UNKNOWN_PARTITION" in listing
+    relay = relays.start(database_url, OUTBOX_MAX_ATTEMPTS=2)
+    wait_until(lambda: rows_by_value(engine)[b"c1-bad-partition"][1] == "failed", 60, "the bad partition parked")
+    wait_until(lambda: rows_by_value(engine)[b"b2"][1] == "sent", 30, "b2 sent")
+    rows = rows_by_value(engine)
+    assert {value: state for value, (_, state, _, _) in rows.items()} == {
+        b"a1": "sent", b"a2-too-large": "failed", b"a3-held": "pending", b"b1": "sent",
+        b"c1-bad-partition": "failed", b"b2": "sent", b"d1-huge": "failed",
+    }
+    too_large = rows[b"a2-too-large"]
+    assert too_large[2] == 1 and "MSG_SIZE_TOO_LARGE" in too_large[3]  # parked at once: it cannot heal
+    assert rows[b"c1-bad-partition"][2] == 2 and "UNKNOWN_PARTITION" in rows[b"c1-bad-partition"][3]
+    assert "MSG_SIZE_TOO_LARGE" in rows[b"d1-huge"][3]
+    listing = operator(database_url, "failed", "list")
+    assert listing.count(" failed  topics: ") == 3 and "UNKNOWN_PARTITION" in listing
 
-        # The operator raises the topic's limit and retries the parked event: it and its held successor go out.
-        client = kafkatools.admin()
-        resource = ConfigResource("topic", topic, incremental_configs=[
-            ConfigEntry("max.message.bytes", "10000", incremental_operation=AlterConfigOpType.SET)])
-        client.incremental_alter_configs([resource])[resource].result(30)
-        assert "would change 1" in cli(database_url, "failed", "retry", "--id", str(too_large[0]), "--dry-run")
-        assert "changed 1" in cli(database_url, "failed", "retry", "--id", str(too_large[0]))
-        wait_until(lambda: rows_by_value(engine)[b"a3-held"][1] == "sent", 30, "the held successor sent")
-        assert "changed 1" in cli(database_url, "failed", "discard", "--id", str(rows[b"c1-bad-partition"][0]))
-    finally:
-        relay.stop()
+    # The operator raises the topic's limit and retries the parked event: it and its held successor go out.
+    client = kafkatools.admin()
+    resource = ConfigResource("topic", topic, incremental_configs=[
+        ConfigEntry("max.message.bytes", "10000", incremental_operation=AlterConfigOpType.SET)])
+    client.incremental_alter_configs([resource])[resource].result(30)
+    assert "would change 1" in operator(database_url, "failed", "retry", "--id", str(too_large[0]), "--dry-run")
+    assert "changed 1" in operator(database_url, "failed", "retry", "--id", str(too_large[0]))
+    wait_until(lambda: rows_by_value(engine)[b"a3-held"][1] == "sent", 30, "the held successor sent")
+    assert "changed 1" in operator(database_url, "failed", "discard", "--id", str(rows[b"c1-bad-partition"][0]))
+    relay.stop()
     received = kafkatools.consume([topic], expected=5, quiet=1.0)
     by_key: dict[bytes, list[bytes]] = {}
     for message in sorted(received, key=lambda m: (m.partition, m.offset)):

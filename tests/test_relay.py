@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from pathlib import Path
 
 from sqlalchemy import Engine
 
 from outbox_relay import enqueue
 from tests import kafkatools
-from tests.relaytools import RelayProcess, Writers, ledger, pending, states, wait_until
+from tests.relaytools import Relays, Writers, ledger, pending, states, wait_until
 
 
 def test_committed_events_arrive_once_in_key_order_and_rolled_back_ones_never(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_BATCH_SIZE=50, OUTBOX_LISTEN="off").start()
-    try:
-        with Writers(engine, topic, threads=4, limit=800) as writers:
-            wait_until(writers.done, 120, "writers to finish")
-        wait_until(lambda: pending(engine) == 0, 60, "the relay to drain")
-    finally:
-        assert relay.stop() == 0, relay.log()
+    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=50, OUTBOX_LISTEN="off")
+    with Writers(engine, topic, threads=4, limit=800) as writers:
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "the relay to drain")
+    assert relay.stop() == 0, relay.log()
     report = ledger(engine, [topic])
     assert report.ok, report.summary()
     assert report.received == len(writers.committed) >= 800
@@ -34,44 +31,42 @@ def test_committed_events_arrive_once_in_key_order_and_rolled_back_ones_never(
 
 
 def test_headers_carry_the_event_id_and_the_rows_own_headers(engine: Engine, database_url: str, topic: str,
-                                                             tmp_path: Path) -> None:
+                                                             relays: Relays) -> None:
     with engine.begin() as conn:
         event_id = enqueue(conn, topic, "text", key="k", headers=[("a", b"\x00"), ("a", b"2")], partition=2)
-    relay = RelayProcess(database_url, tmp_path).start()
-    try:
-        (message,) = kafkatools.consume([topic], expected=1, quiet=0.5)
-    finally:
-        relay.stop()
+    relay = relays.start(database_url)
+    (message,) = kafkatools.consume([topic], expected=1, quiet=0.5)
+    relay.stop()
     assert (message.key, message.value, message.partition) == (b"k", b"text", 2)
     assert message.headers == [("a", b"\x00"), ("a", b"2"), ("content-type", b"text/plain; charset=utf-8"),
                                ("outbox-event-id", str(event_id).encode())]
 
 
 def test_delayed_events_are_not_published_before_available_at(engine: Engine, database_url: str, topic: str,
-                                                              tmp_path: Path) -> None:
-    relay = RelayProcess(database_url, tmp_path).start()
-    try:
-        with engine.begin() as conn:
-            enqueue(conn, topic, b"later", key="k1", delay=dt.timedelta(seconds=4))
-            enqueue(conn, topic, b"now", key="k2")
-            written = dt.datetime.now(dt.UTC)
-        (first,) = kafkatools.consume([topic], expected=1, quiet=1.0, timeout=20)
-        assert first.value == b"now"
-        assert states(engine) == {"sent": 1, "pending": 1}
-        wait_until(lambda: pending(engine) == 0, 20, "the delayed event")
-        published = dt.datetime.now(dt.UTC)
-    finally:
-        relay.stop()
+                                                              relays: Relays) -> None:
+    relay = relays.start(database_url)
+    # Only once the relay runs: a start slower than the delay (a loaded machine) would send both at once.
+    wait_until(lambda: "took lane 0" in relay.log(), 30, "the relay to take the lane")
+    with engine.begin() as conn:
+        enqueue(conn, topic, b"later", key="k1", delay=dt.timedelta(seconds=4))
+        enqueue(conn, topic, b"now", key="k2")
+        written = dt.datetime.now(dt.UTC)
+    (first,) = kafkatools.consume([topic], expected=1, quiet=1.0, timeout=20)
+    assert first.value == b"now"
+    assert states(engine) == {"sent": 1, "pending": 1}
+    wait_until(lambda: pending(engine) == 0, 20, "the delayed event")
+    published = dt.datetime.now(dt.UTC)
+    relay.stop()
     assert published - written >= dt.timedelta(seconds=4)
     assert sorted(m.value for m in kafkatools.consume([topic], expected=2, quiet=0.5)) == [b"later", b"now"]
 
 
 def test_graceful_shutdown_under_load_loses_nothing(engine: Engine, database_url: str, topic: str,
-                                                   tmp_path: Path) -> None:
+                                                   relays: Relays) -> None:
     with engine.begin() as conn:
         for n in range(3000):
             enqueue(conn, topic, {"n": n}, key=f"k{n % 17}")
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_BATCH_SIZE=20).start()
+    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: states(engine).get("sent", 0) >= 200, 60, "publishing to start")
     started = time.monotonic()
     assert relay.stop(timeout=30) == 0, relay.log()
@@ -81,40 +76,35 @@ def test_graceful_shutdown_under_load_loses_nothing(engine: Engine, database_url
     # Whatever was marked sent is in Kafka exactly once; the rest is still pending, not lost.
     partial = ledger(engine, [topic], quiet=1.0, expect_all_sent=False)
     assert partial.ok, partial.summary()
-    second = RelayProcess(database_url, tmp_path, name="second").start()
-    try:
-        wait_until(lambda: pending(engine) == 0, 60, "the second relay to drain")
-    finally:
-        second.stop()
+    second = relays.start(database_url, "second")
+    wait_until(lambda: pending(engine) == 0, 60, "the second relay to drain")
+    second.stop()
     report = ledger(engine, [topic])
     assert report.ok, report.summary()
     assert "released lane 0" in relay.log()
 
 
-def _commit_to_visible_latency(engine: Engine, database_url: str, topic: str, tmp_path: Path,
+def _commit_to_visible_latency(engine: Engine, database_url: str, topic: str, relays: Relays,
                                listen: str) -> float:
-    relay = RelayProcess(database_url, tmp_path, name=f"listen-{listen}", OUTBOX_LISTEN=listen,
-                         OUTBOX_POLL_INTERVAL="2").start()
-    try:
-        wait_until(lambda: "took lane 0" in relay.log(), 30, "the relay to take the lane")
-        time.sleep(1)
-        latencies = []
-        for n in range(5):
-            with engine.begin() as conn:
-                enqueue(conn, topic, {"n": n}, key="k")
-            committed = time.monotonic()
-            wait_until(lambda: pending(engine) == 0, 10, "the event to be sent", poll=0.005)
-            latencies.append(time.monotonic() - committed)
-            time.sleep(0.3)
-    finally:
-        relay.stop()
+    relay = relays.start(database_url, f"listen-{listen}", OUTBOX_LISTEN=listen, OUTBOX_POLL_INTERVAL="2")
+    wait_until(lambda: "took lane 0" in relay.log(), 30, "the relay to take the lane")
+    time.sleep(1)
+    latencies = []
+    for n in range(5):
+        with engine.begin() as conn:
+            enqueue(conn, topic, {"n": n}, key="k")
+        committed = time.monotonic()
+        wait_until(lambda: pending(engine) == 0, 10, "the event to be sent", poll=0.005)
+        latencies.append(time.monotonic() - committed)
+        time.sleep(0.3)
+    relay.stop()
     return sorted(latencies)[len(latencies) // 2]
 
 
 def test_listen_notify_wakes_the_relay_at_commit_and_polling_remains(engine: Engine, database_url: str,
-                                                                     topic: str, tmp_path: Path) -> None:
-    woken = _commit_to_visible_latency(engine, database_url, topic, tmp_path, "on")
-    polled = _commit_to_visible_latency(engine, database_url, topic, tmp_path, "off")
+                                                                     topic: str, relays: Relays) -> None:
+    woken = _commit_to_visible_latency(engine, database_url, topic, relays, "on")
+    polled = _commit_to_visible_latency(engine, database_url, topic, relays, "off")
     print(f"\nmedian commit-to-sent, 2 s poll interval: NOTIFY {woken * 1000:.0f} ms, polling {polled * 1000:.0f} ms")
     assert woken < 0.5 < polled  # without wake-ups it waits for the poll; with them it does not
     assert len(kafkatools.consume([topic], expected=10, quiet=0.5)) == 10

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,10 +24,13 @@ from sqlalchemy import Engine, create_engine, text
 from outbox_relay import enqueue
 from outbox_relay.web import parse_address
 from tests import kafkatools
+from tests.pgtools import EVENTS, SETTINGS
 from tests.relaytools import (
     ROOT,
-    RelayProcess,
+    Relays,
     Writers,
+    cli,
+    drain_through_fault,
     free_port,
     lane_owners,
     ledger,
@@ -42,38 +44,13 @@ from tests.relaytools import (
 LOAD_SECONDS = float(os.environ.get("OUTBOX_LOAD_SECONDS", "20"))
 
 
-def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
-                          capture_output=True, text=True, timeout=120)
-
-
-def run_with_fault(engine: Engine, database_url: str, topic: str, tmp_path: Path, fault: Callable[[], None],
-                   **settings: str) -> str:
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_BATCH_SIZE="50", **settings).start()
-    try:
-        with Writers(engine, topic, threads=3, limit=1500) as writers:
-            wait_until(lambda: states(engine).get("sent", 0) >= 200, 60, "publishing to start")
-            fault()
-            wait_until(writers.done, 180, "writers to finish")
-        wait_until(lambda: pending(engine) == 0, 180, "the relay to recover and drain by itself")
-        assert relay.alive, f"the relay died instead of recovering:\n{relay.log()[-3000:]}"
-    finally:
-        relay.stop(timeout=60)
-    report = ledger(engine, [topic])
-    assert report.ok, report.summary()
-    assert report.committed == len(writers.committed)
-    return report.summary()
-
-
 def test_verify_command_reports_a_clean_ledger_and_catches_violations(engine: Engine, database_url: str, topic: str,
-                                                                       tmp_path: Path) -> None:
+                                                                       relays: Relays) -> None:
     with engine.begin() as conn:
         ids = [enqueue(conn, topic, {"n": n}, key=f"k{n % 3}") for n in range(30)]
-    relay = RelayProcess(database_url, tmp_path).start()
-    try:
-        wait_until(lambda: pending(engine) == 0, 30, "publication")
-    finally:
-        relay.stop()
+    relay = relays.start(database_url)
+    wait_until(lambda: pending(engine) == 0, 30, "publication")
+    relay.stop()
     clean = cli(database_url, "verify")
     assert clean.returncode == 0 and clean.stdout.startswith("OK: committed=30 received=30 lost=0 duplicated=0")
     # A duplicate written behind the relay's back, and a row marked sent that Kafka never got.
@@ -82,89 +59,90 @@ def test_verify_command_reports_a_clean_ledger_and_catches_violations(engine: En
     producer.flush(10)
     with engine.begin() as conn:
         enqueue(conn, topic, b"never published", key="k9")
-        conn.execute(text("UPDATE outbox.events SET state = 'sent', sent_at = now() WHERE state = 'pending'"))
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE state = 'pending'"))
     broken = cli(database_url, "verify")
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert "duplicated=1" in broken.stdout and "marked sent but not in Kafka: 1" in broken.stdout
     assert str(ids[0]) in broken.stdout
 
 
-def test_broker_sigkill_and_restart(engine: Engine, database_url: str, topic: str, tmp_path: Path,
+def run_with_fault(engine: Engine, database_url: str, topic: str, relays: Relays, fault: Callable[[], None],
+                   **settings: str) -> str:
+    report = drain_through_fault(engine, database_url, topic, relays, fault, **settings)
+    assert report.ok, report.summary()
+    return report.summary()
+
+
+def test_broker_sigkill_and_restart(engine: Engine, database_url: str, topic: str, relays: Relays,
                                    restores_services: None) -> None:
     def fault() -> None:
         service("kill")
         time.sleep(2)
         service("up", "kafka")
 
-    print(f"\nbroker SIGKILL: {run_with_fault(engine, database_url, topic, tmp_path, fault)}")
+    print(f"\nbroker SIGKILL: {run_with_fault(engine, database_url, topic, relays, fault)}")
 
 
 def test_broker_paused_longer_than_the_transaction_timeout(engine: Engine, database_url: str, topic: str,
-                                                          tmp_path: Path, restores_services: None) -> None:
+                                                          relays: Relays, restores_services: None) -> None:
     def fault() -> None:
         service("pause")
         time.sleep(8)  # the relay's transaction timeout is 5 s
         service("resume")
 
-    summary = run_with_fault(engine, database_url, topic, tmp_path, fault,
+    summary = run_with_fault(engine, database_url, topic, relays, fault,
                              OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS="5000", OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS="4000")
     print(f"\nbroker SIGSTOP 8 s > transaction timeout: {summary}")
 
 
 def test_relay_connections_terminated_by_postgres(engine: Engine, database_url: str, topic: str,
-                                                  tmp_path: Path) -> None:
+                                                  relays: Relays) -> None:
     def fault() -> None:
         with engine.begin() as conn:
             killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                                        " WHERE application_name LIKE 'outbox-relay%' AND datname = current_database()"))
             assert killed.scalar_one() >= 2
 
-    print(f"\npg_terminate_backend: {run_with_fault(engine, database_url, topic, tmp_path, fault)}")
+    print(f"\npg_terminate_backend: {run_with_fault(engine, database_url, topic, relays, fault)}")
 
 
-def test_two_relays_started_at_the_same_moment(engine: Engine, database_url: str, topic: str, tmp_path: Path) -> None:
+def test_two_relays_started_at_the_same_moment(engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
     set_lane_count(engine, 4)
-    relays = [RelayProcess(database_url, tmp_path, name=name, OUTBOX_BATCH_SIZE="50") for name in ("x", "y")]
-    try:
-        with Writers(engine, topic, threads=3, limit=1500) as writers:
-            for relay in relays:
-                relay.start()
-            owners = wait_until(lambda: (o := lane_owners(engine)) and len(o) == 4 and
-                                sorted(list(o.values()).count(name) for name in "xy") == [2, 2] and o, 30,
-                                "the two relays to split the 4 lanes evenly")
-            wait_until(writers.done, 120, "writers to finish")
-        wait_until(lambda: pending(engine) == 0, 60, "draining")
-    finally:
-        for relay in relays:
-            relay.stop()
+    with Writers(engine, topic, threads=3, limit=1500) as writers:
+        pair = [relays.start(database_url, name, OUTBOX_BATCH_SIZE="50") for name in ("x", "y")]
+        owners = wait_until(lambda: (o := lane_owners(engine)) and len(o) == 4 and
+                            sorted(list(o.values()).count(name) for name in "xy") == [2, 2] and o, 30,
+                            "the two relays to split the 4 lanes evenly")
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "draining")
+    for relay in pair:
+        relay.stop()
     report = ledger(engine, [topic])
     assert report.ok, report.summary()
     print(f"\ntwo relays started together: lanes {owners}; {report.summary()}")
 
 
-def test_topic_deleted_under_the_relay(engine: Engine, database_url: str, tmp_path: Path) -> None:
+def test_topic_deleted_under_the_relay(engine: Engine, database_url: str, relays: Relays) -> None:
     """Events published before the deletion are gone with the topic (that is what deleting means);
     every event written after it is either published to the re-created topic or parked with a
     readable error. None is marked sent without being in Kafka."""
     topic = kafkatools.create_topic(f"doomed-{uuid.uuid4().hex[:10]}", 1)
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_MAX_ATTEMPTS="2").start()
-    try:
-        with engine.begin() as conn:
-            for n in range(20):
-                enqueue(conn, topic, {"before": n})
-        wait_until(lambda: pending(engine) == 0, 30, "the first events")
-        client = kafkatools.admin()  # must outlive the future
-        client.delete_topics([topic])[topic].result(30)
-        with engine.begin() as conn:
-            watermark = conn.execute(text("SELECT max(id) FROM outbox.events")).scalar_one()
-            for n in range(20):
-                enqueue(conn, topic, {"after": n})
-        wait_until(lambda: pending(engine) == 0, 90, "the later events to be published or parked")
-    finally:
-        relay.stop()
+    relay = relays.start(database_url, OUTBOX_MAX_ATTEMPTS="2")
+    with engine.begin() as conn:
+        for n in range(20):
+            enqueue(conn, topic, {"before": n})
+    wait_until(lambda: pending(engine) == 0, 30, "the first events")
+    client = kafkatools.admin()  # must outlive the future
+    client.delete_topics([topic])[topic].result(30)
+    with engine.begin() as conn:
+        watermark = conn.execute(text(f"SELECT max(id) FROM {EVENTS}")).scalar_one()
+        for n in range(20):
+            enqueue(conn, topic, {"after": n})
+    wait_until(lambda: pending(engine) == 0, 90, "the later events to be published or parked")
+    relay.stop()
     received = {m.event_id for m in kafkatools.consume([topic], expected=1, quiet=2.0)}
     with engine.connect() as conn:
-        later = conn.execute(text("SELECT event_id::text, state, last_error FROM outbox.events WHERE id > :w"),
+        later = conn.execute(text(f"SELECT event_id::text, state, last_error FROM {EVENTS} WHERE id > :w"),
                              {"w": watermark}).all()
     for event_id, state, error in later:
         assert (state == "sent" and event_id in received) or (state == "failed" and error), (event_id, state, error)
@@ -183,25 +161,23 @@ def _load_writer(url: str, topic: str, writer: int, seconds: float, out: multipr
     engine.dispose()
 
 
-def test_load_eight_writer_processes(engine: Engine, database_url: str, topic: str, tmp_path: Path) -> None:
+def test_load_eight_writer_processes(engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
     set_lane_count(engine, 4)
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_LOG_LEVEL="WARNING").start()
+    relay = relays.start(database_url, OUTBOX_LOG_LEVEL="WARNING")
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     writers = [context.Process(target=_load_writer, args=(database_url, topic, n, LOAD_SECONDS, queue))
                for n in range(8)]
     curve = []
     started = time.monotonic()
-    try:
-        for writer in writers:
-            writer.start()
-        while any(w.is_alive() for w in writers) or pending(engine):
-            curve.append((round(time.monotonic() - started), pending(engine)))
-            time.sleep(1)
-            assert time.monotonic() - started < LOAD_SECONDS + 180, "the relay did not catch up"
-        total = sum(queue.get(timeout=30) for _ in writers)
-    finally:
-        relay.stop()
+    for writer in writers:
+        writer.start()
+    while any(w.is_alive() for w in writers) or pending(engine):
+        curve.append((round(time.monotonic() - started), pending(engine)))
+        time.sleep(1)
+        assert time.monotonic() - started < LOAD_SECONDS + 180, "the relay did not catch up"
+    total = sum(queue.get(timeout=30) for _ in writers)
+    relay.stop()
     report = ledger(engine, [topic], timeout=120)
     print(f"\nload: 8 writers for {LOAD_SECONDS:.0f}s wrote {total} events ({total / LOAD_SECONDS:.0f}/s);"
           f" backlog (s, pending): {curve}; {report.summary()}")
@@ -215,72 +191,65 @@ def test_bad_configuration_says_what_is_wrong_in_one_line(database_url: str) -> 
     assert 'error: invalid Kafka configuration: No such configuration property: "no.such.property"' in unknown.stderr
     weakened = cli(database_url, "run", "-X", "acks=1")
     assert weakened.returncode == 2 and "acks=1 would break delivery guarantees" in weakened.stderr
-    no_kafka = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "run", "--database-url", database_url],
-                              capture_output=True, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"})
+    no_kafka = cli(database_url, "run",
+                   env={k: v for k, v in os.environ.items() if k != "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"})
     assert no_kafka.returncode == 2 and "no Kafka: set OUTBOX_KAFKA_BOOTSTRAP_SERVERS" in no_kafka.stderr
 
 
 def test_unreachable_broker_and_wrong_credentials_wait_without_publishing_or_leaking_secrets(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     secret = f"s3cret-{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         enqueue(conn, topic, b"waits")
     port = kafkatools.bootstrap().rsplit(":", 1)[1]
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_BREAKER_THRESHOLD="2", OUTBOX_SHUTDOWN_TIMEOUT="5",
+    relay = relays.start(database_url, OUTBOX_BREAKER_THRESHOLD="2", OUTBOX_SHUTDOWN_TIMEOUT="5",
                          OUTBOX_KAFKA_TIMEOUT="3",
                          OUTBOX_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT", OUTBOX_KAFKA_SASL_MECHANISM="PLAIN",
                          OUTBOX_KAFKA_SASL_USERNAME="relay", OUTBOX_KAFKA_SASL_PASSWORD=secret,
-                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}").start()
-    try:
-        wait_until(lambda: "Kafka unreachable" in relay.log(), 30, "the relay to report the broker unusable")
-        time.sleep(6)
-        assert relay.alive and states(engine) == {"pending": 1}
-    finally:
-        relay.stop()
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}")
+    wait_until(lambda: "Kafka unreachable" in relay.log(), 30, "the relay to report the broker unusable")
+    time.sleep(6)
+    assert relay.alive and states(engine) == {"pending": 1}
+    relay.stop()
     log = relay.log()
     assert secret not in log and "'sasl.password': '***'" in log
     assert log.count("Kafka unreachable") == 1, "one line per state change, not a log storm"
 
 
 def test_kafka_trouble_is_reported_once_and_within_seconds(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, restores_services: None
+    engine: Engine, database_url: str, topic: str, relays: Relays, restores_services: None
 ) -> None:
     # A wrong port: one line that names the address and the cause, not a timeout minutes later.
     closed = free_port()
-    wrong = RelayProcess(database_url, tmp_path, name="wrong-port", OUTBOX_SHUTDOWN_TIMEOUT="5",
-                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed}").start()
-    try:
-        started = time.monotonic()
-        wait_until(lambda: "Kafka unreachable" in wrong.log(), 20, "the relay to say Kafka is unreachable")
-        print(f"\nwrong port reported after {time.monotonic() - started:.1f}s")
-        time.sleep(5)
-    finally:
-        wrong.stop()
+    wrong = relays.start(database_url, name="wrong-port", OUTBOX_SHUTDOWN_TIMEOUT="5",
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed}")
+    started = time.monotonic()
+    wait_until(lambda: "Kafka unreachable" in wrong.log(), 20, "the relay to say Kafka is unreachable")
+    print(f"\nwrong port reported after {time.monotonic() - started:.1f}s")
+    time.sleep(5)
+    wrong.stop()
     lines = [line for line in wrong.log().splitlines() if "Kafka unreachable" in line or "librdkafka" in line]
     assert len(lines) == 1 and f"127.0.0.1:{closed}" in lines[0] and "refused" in lines[0].lower(), lines
 
     # The broker goes away under a running relay: readiness, the metric and the log say so in seconds.
     http = free_port()
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_HTTP=str(http)).start()
-    try:
-        with engine.begin() as conn:
-            enqueue(conn, topic, b"before")
-        wait_until(lambda: pending(engine) == 0 and _ready(http), 60, "the relay to publish and be ready")
-        service("down", "kafka")
-        stopped = time.monotonic()
-        wait_until(lambda: not _ready(http), 20, "readiness to fail")
-        print(f"not ready {time.monotonic() - stopped:.1f}s after the broker stopped")
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5).read().decode()
-        assert "outbox_kafka_up 0.0" in metrics
-        with engine.begin() as conn:
-            enqueue(conn, topic, b"during")
-        time.sleep(4)
-        service("up", "kafka")
-        wait_until(lambda: pending(engine) == 0 and _ready(http), 90, "the relay to drain by itself")
-    finally:
-        relay.stop()
+    relay = relays.start(database_url, OUTBOX_HTTP=str(http))
+    with engine.begin() as conn:
+        enqueue(conn, topic, b"before")
+    wait_until(lambda: pending(engine) == 0 and _ready(http), 60, "the relay to publish and be ready")
+    service("down", "kafka")
+    stopped = time.monotonic()
+    wait_until(lambda: not _ready(http), 20, "readiness to fail")
+    print(f"not ready {time.monotonic() - stopped:.1f}s after the broker stopped")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5).read().decode()
+    assert "outbox_kafka_up 0.0" in metrics
+    with engine.begin() as conn:
+        enqueue(conn, topic, b"during")
+    time.sleep(4)
+    service("up", "kafka")
+    wait_until(lambda: pending(engine) == 0 and _ready(http), 90, "the relay to drain by itself")
+    relay.stop()
     assert relay.log().count("Kafka unreachable") == 1, relay.log()[-3000:]
     assert "Kafka reachable again" in relay.log()
     report = ledger(engine, [topic])
@@ -295,37 +264,27 @@ def _ready(port: int) -> bool:
 
 
 def test_no_secret_in_status_output_or_metrics_and_http_is_local_by_default(engine: Engine, database_url: str,
-                                                                            tmp_path: Path) -> None:
+                                                                            relays: Relays) -> None:
     assert parse_address("9466") == ("127.0.0.1", 9466)
     with_password = database_url.replace("outbox@", "outbox:pw-not-shown@")
     status = cli(with_password, "status", "--json")
     assert status.returncode == 0 and "pw-not-shown" not in status.stdout + status.stderr
-    port = str(kafkatools_free_port())
-    relay = RelayProcess(with_password, tmp_path, OUTBOX_HTTP=port).start()
-    try:
-        wait_until(lambda: "serving status page" in relay.log(), 30, "the HTTP server")
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
-        assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]  # local address
-        import urllib.request
+    port = str(free_port())
+    relay = relays.start(with_password, OUTBOX_HTTP=port)
+    wait_until(lambda: "serving status page" in relay.log(), 30, "the HTTP server")
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]  # local address
+    import urllib.request
 
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10).read().decode()
-    finally:
-        relay.stop()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10).read().decode()
+    relay.stop()
     assert "pw-not-shown" not in metrics + page + relay.log()
     assert "outbox:***@" in relay.log()
 
 
-def kafkatools_free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, database_url: str, topic: str,
-                                                              tmp_path: Path) -> None:
+                                                              relays: Relays) -> None:
     role = f"relay_{uuid.uuid4().hex[:8]}"
     grants = (ROOT / "docs" / "least-privilege.sql").read_text().replace("outbox_relay", role)
     with engine.begin() as conn:
@@ -333,21 +292,20 @@ def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, da
         for n in range(50):
             enqueue(conn, topic, {"n": n}, key=str(n % 4))
     limited = database_url.replace("://outbox@", f"://{role}@")
-    relay = RelayProcess(limited, tmp_path, OUTBOX_RETENTION_INTERVAL="1", OUTBOX_HTTP="").start()
+    relay = relays.start(limited, OUTBOX_RETENTION_INTERVAL="1", OUTBOX_HTTP="")
     try:
         wait_until(lambda: pending(engine) == 0, 30, "the limited relay to publish")
         relay.stop()
         assert "permission denied" not in relay.log() and "InsufficientPrivilege" not in relay.log()
         # The role does the relay's work and nothing more: it cannot write events or change the schema.
         limited_engine = create_engine(limited)
-        for statement in ("INSERT INTO outbox.events (topic) VALUES ('x')", "DROP TABLE outbox.events",
-                          "UPDATE outbox.events_settings SET lane_count = 2"):
+        for statement in (f"INSERT INTO {EVENTS} (topic) VALUES ('x')", f"DROP TABLE {EVENTS}",
+                          f"UPDATE {SETTINGS} SET lane_count = 2"):
             with pytest.raises(Exception, match=r"permission denied|must be owner"), limited_engine.begin() as conn:
                 conn.exec_driver_sql(statement)
         limited_engine.dispose()
     finally:
-        if relay.alive:
-            relay.stop()
+        relay.stop()  # before its role is dropped (a no-op if it already stopped)
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
     report = ledger(engine, [topic])
@@ -355,18 +313,13 @@ def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, da
 
 
 def test_a_broker_that_cannot_run_transactions_is_reported_and_waited_for(
-    engine: Engine, database_url: str, tmp_path: Path
+    engine: Engine, database_url: str, tmp_path: Path, relays: Relays
 ) -> None:
     """A second, single-node broker whose transaction log needs 3 replicas: its transaction
     coordinator can never start, so init_transactions can never succeed. The relay must say so
     once and wait, publishing nothing."""
     import shutil
     import socket
-
-    def free() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
 
     def listening(port: int) -> bool:
         with socket.socket() as s:
@@ -375,7 +328,7 @@ def test_a_broker_that_cannot_run_transactions_is_reported_and_waited_for(
     java = shutil.which("java")
     jars = ROOT / ".services" / "kafka" / "jars"
     assert java and jars.is_dir(), "the local Kafka jars are missing: run `scripts/services up` first"
-    port, controller = free(), free()
+    port, controller = free_port(), free_port()
     config = tmp_path / "server.properties"
     config.write_text("\n".join([
         "process.roles=broker,controller", "node.id=1", f"controller.quorum.bootstrap.servers=127.0.0.1:{controller}",
@@ -394,14 +347,11 @@ def test_a_broker_that_cannot_run_transactions_is_reported_and_waited_for(
         wait_until(lambda: listening(port), 60, "the second broker")
         with engine.begin() as conn:
             enqueue(conn, "no-transactions", b"waits")
-        relay = RelayProcess(database_url, tmp_path, OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}",
-                             OUTBOX_BREAKER_THRESHOLD="2", OUTBOX_KAFKA_TIMEOUT="3",
-                             OUTBOX_SHUTDOWN_TIMEOUT="5").start()
-        try:
-            wait_until(lambda: "circuit open" in relay.log(), 90, "the relay to report the broker unusable")
-            assert relay.alive and states(engine) == {"pending": 1}
-        finally:
-            relay.stop()
+        relay = relays.start(database_url, OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}",
+                             OUTBOX_BREAKER_THRESHOLD="2", OUTBOX_KAFKA_TIMEOUT="3", OUTBOX_SHUTDOWN_TIMEOUT="5")
+        wait_until(lambda: "circuit open" in relay.log(), 90, "the relay to report the broker unusable")
+        assert relay.alive and states(engine) == {"pending": 1}
+        relay.stop()  # while its broker still runs
     finally:
         broker.kill()
         broker.wait(30)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from outbox_relay import Event, Outbox, enqueue, enqueue_many, errors
 from outbox_relay.models import OutboxEvent
+from tests.pgtools import EVENTS
 
 
 def rows(engine: Engine) -> list[OutboxEvent]:
@@ -180,7 +181,7 @@ def test_the_database_rejects_what_bypasses_the_api(engine: Engine) -> None:
     for column, value in (("topic", "'bad topic'"), ("partition", "-1"), ("state", "'lost'")):
         with pytest.raises(Exception, match="violates check constraint"), engine.begin() as conn:
             values = {"topic": "'t'", "partition": "NULL", "state": "'pending'", column: value}
-            conn.execute(text(f"INSERT INTO outbox.events (topic, partition, state) "
+            conn.execute(text(f"INSERT INTO {EVENTS} (topic, partition, state) "
                               f"VALUES ({values['topic']}, {values['partition']}, {values['state']})"))
 
 
