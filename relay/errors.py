@@ -42,6 +42,14 @@ class InvalidSchedule(InvalidEvent):
     """available_at must be timezone-aware and delay a non-negative timedelta; give one or neither."""
 
 
+class InvalidTarget(InvalidEvent):
+    """enqueue writes into your transaction: pass a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection."""
+
+
+class DuplicateEvent(InvalidEvent):
+    """An event with this event_id is already in the outbox; the transaction is aborted: roll it back."""
+
+
 class ConfigurationError(OutboxError):
     """The relay's configuration is invalid."""
 
