@@ -27,7 +27,7 @@ _DB_ONLY = ["database_url", "log_level", "log_format"]
 def _add_settings(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     """One flag per Settings field, its environment variable and default shown in --help."""
     for field in dataclasses.fields(Settings):
-        if field.name == "kafka_properties" or (only is not None and field.name not in only):
+        if field.name in ("kafka_properties", "kafka_sources") or (only is not None and field.name not in only):
             continue
         meta = field.metadata
         default = "" if field.default in ("", dataclasses.MISSING) else f", default {field.default}"

@@ -81,7 +81,8 @@ class Relay:
         log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
                  extra={"action": "start"})
         # librdkafka judges the configuration now, so a typo stops the daemon with one clear line.
-        validate_config(self.settings.producer_config(), self.settings.transactional_id(0))
+        validate_config(self.settings.producer_config(), self.settings.transactional_id(0),
+                        self.settings.kafka_sources)
         now = dt.datetime.now(dt.UTC)
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
                                id="lanes", next_run_time=now)

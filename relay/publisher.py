@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -73,12 +73,26 @@ class ProducerFailed(BrokerUnavailable):
         self.fenced = fenced
 
 
-def validate_config(config: dict[str, Any], transactional_id: str) -> None:
-    """Raise ConfigurationError naming what librdkafka rejects in the producer configuration."""
+class QuietKafkaLogger:
+    """librdkafka's own lines at DEBUG, for short-lived clients of CLI commands: a broker that cannot be
+    reached is one error when the command gives up, not a line per reconnect."""
+
+    _log = logging.getLogger("outbox_relay.librdkafka")
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        self._log.debug(message, *args)
+
+
+def validate_config(config: dict[str, Any], transactional_id: str, sources: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigurationError naming what librdkafka rejects in the producer configuration, and
+    where the property was set when ``sources`` says (property -> variable, file line or flag)."""
     try:
-        Producer({**config, "transactional.id": transactional_id})
+        Producer({**config, "transactional.id": transactional_id, "logger": QuietKafkaLogger()})
     except KafkaException as exc:
-        raise ConfigurationError(f"invalid Kafka configuration: {exc.args[0].str()}") from None
+        message = exc.args[0].str()
+        where = [source for prop, source in (sources or {}).items() if f'"{prop}"' in message]
+        hint = f" (from {', '.join(where)})" if where else ""
+        raise ConfigurationError(f"invalid Kafka configuration: {message}{hint}") from None
 
 
 def describe(error: KafkaError) -> str:

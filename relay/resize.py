@@ -18,6 +18,7 @@ from outbox_relay import progress
 from outbox_relay.config import Settings
 from outbox_relay.daemon import new_lane_publisher
 from outbox_relay.errors import OutboxError
+from outbox_relay.publisher import QuietKafkaLogger
 from outbox_relay.store import Store, connect
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
                 time.sleep(0.2)
         recovered = 0
         for lane in range(current):
-            publisher = new_lane_publisher(settings, lane, current)
+            publisher = new_lane_publisher(settings, lane, current, logger=QuietKafkaLogger())
             try:
                 recovered += store.mark_sent(conn, publisher.start())
             finally:

@@ -113,11 +113,11 @@ def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: fl
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
     from outbox_relay.progress import client_config
-    from outbox_relay.publisher import EVENT_ID_HEADER
+    from outbox_relay.publisher import EVENT_ID_HEADER, QuietKafkaLogger
 
     consumer = Consumer({**client_config(kafka_config), "group.id": f"outbox-relay-verify-{uuid.uuid4()}",
                          "isolation.level": "read_committed", "enable.auto.commit": False,
-                         "enable.partition.eof": True})
+                         "enable.partition.eof": True, "logger": QuietKafkaLogger()})
     messages: list[LedgerMessage] = []
     try:
         assignment = []
