@@ -239,7 +239,8 @@ class Relay:
         try:
             if self._monitor is None or self._monitor.closed:
                 self._monitor = connect(self.settings.database_url, "outbox-relay monitor")
-            self.metrics.observe_backlog(monitor.snapshot(self._monitor))
+            self.metrics.observe_backlog(monitor.snapshot(
+                self._monitor, hold=self.settings.failed_key_policy == "hold"))
         except psycopg.OperationalError:
             if self._monitor is not None:
                 self._monitor.close()

@@ -54,8 +54,16 @@ class ConfigurationError(OutboxError):
     """The relay's configuration is invalid."""
 
 
+class SchemaError(OutboxError):
+    """The outbox schema is missing or behind this relay: run `outbox-relay migrate`."""
+
+
 class ConnectionTrouble(OutboxError):
     """An outside system could not be reached; the relay backs off and retries."""
+
+
+class DatabaseUnavailable(ConnectionTrouble):
+    """PostgreSQL could not be reached."""
 
 
 class BrokerUnavailable(ConnectionTrouble):

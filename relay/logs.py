@@ -49,3 +49,5 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # APScheduler narrates every job run at INFO; our ticks run many times a second.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Alembic announces its plugins whenever a migration script directory is read (the schema check too).
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -67,6 +67,18 @@ def test_default_transactional_ids_and_progress_topic_are_unique_per_outbox() ->
     assert settings.progress_topic_name() == "outbox-relay.app.outbox.events.progress"
 
 
+def test_every_command_shows_the_schema_and_table_variables_in_help() -> None:
+    import contextlib
+    import io
+
+    for command in (["run"], ["status"], ["migrate"], ["failed", "list"], ["lanes", "show"], ["verify"], []):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        help_text = " ".join(out.getvalue().split())
+        assert "OUTBOX_SCHEMA (default outbox)" in help_text and "OUTBOX_TABLE (default events)" in help_text
+
+
 @pytest.mark.parametrize(("where", "source"), [
     ("env", "OUTBOX_KAFKA_PORT"), ("file", "kafka.properties:2"), ("flag", "-X port"),
 ])

@@ -275,7 +275,7 @@ def test_misused_targets_are_told_what_to_pass_and_nothing_is_written(engine: En
         enqueue(engine, "t", b"x")  # type: ignore[call-overload]
     with pytest.raises(errors.InvalidTarget, match="session factory"):
         enqueue(sessionmaker(engine), "t", b"x")  # type: ignore[call-overload]
-    with pytest.raises(errors.InvalidTarget, match="enqueue got builtins.str"):
+    with pytest.raises(errors.InvalidTarget, match=r"enqueue got builtins\.str"):
         enqueue("postgresql://db", "t", b"x")  # type: ignore[call-overload]
     with engine.begin() as conn:
         with pytest.raises(errors.InvalidEvent, match=r"event #0 is a dict: .*Event\(\*\*fields\)"):
