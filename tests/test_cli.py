@@ -158,3 +158,34 @@ def test_version(tmp_path: Path) -> None:
 
     result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == f"outbox-relay {version('outbox-relay')}"
+
+
+def test_verify_judges_order_per_stream_and_finds_parked_rows_in_kafka(engine: Engine, database_url: str,
+                                                                        tmp_path: Path) -> None:
+    import uuid
+
+    from tests import kafkatools
+    from tests.relaytools import RelayProcess, pending, wait_until
+
+    suffix = uuid.uuid4().hex[:8]
+    # One key on two topics, the later event on the topic that sorts first: no order between them.
+    later_first, earlier_second = (kafkatools.create_topic(f"{name}-{suffix}", partitions=1) for name in ("b", "a"))
+    with engine.begin() as conn:
+        enqueue(conn, later_first, b"1", key="k")
+        enqueue(conn, earlier_second, b"2", key="k")
+        enqueue(conn, later_first, b"3", key="k")
+    relay = RelayProcess(database_url, tmp_path).start()
+    try:
+        wait_until(lambda: pending(engine) == 0, 30, "publication")
+    finally:
+        relay.stop()
+    result = cli(database_url, "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reordered=0" in result.stdout
+
+    # An operator (or a bug) parks a row that Kafka already has: retrying it would publish it twice.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox.events SET state = 'failed', sent_at = NULL, last_error = 'x' WHERE id = 2"))
+    result = cli(database_url, "verify")
+    assert result.returncode == 1
+    assert "parked as failed or discarded, yet in Kafka: 1" in result.stdout
