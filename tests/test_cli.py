@@ -189,3 +189,16 @@ def test_verify_judges_order_per_stream_and_finds_parked_rows_in_kafka(engine: E
     result = cli(database_url, "verify")
     assert result.returncode == 1
     assert "parked as failed or discarded, yet in Kafka: 1" in result.stdout
+
+
+def test_the_demo_stops_when_the_relay_dies_and_shows_its_last_lines(database_url: str) -> None:
+    import time
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py")], capture_output=True, text=True,
+                            timeout=45, cwd=ROOT,
+                            env={**os.environ, "OUTBOX_DATABASE_URL": database_url, "OUTBOX_KAFKA_PORT": "29092"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started < 30  # not the 60 s wait for events that will never come
+    assert "the relay exited with code 2; its last log lines" in result.stdout
+    assert 'No such configuration property: "port" (from OUTBOX_KAFKA_PORT)' in result.stdout
