@@ -37,6 +37,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 RECORD_OVERHEAD_BYTES = 256
 
 CONTENT_TYPE_HEADER = "content-type"
+MAX_PARTITION = 2**31 - 1  # Kafka partitions are int32
+MAX_DELAY = dt.timedelta(days=365 * 1000)  # far inside PostgreSQL's timestamps; longer is a mistake
 _TOPIC = re.compile(TOPIC_PATTERN)  # the rule the table's CHECK constraint enforces too
 
 Serializer: TypeAlias = Callable[[Any], tuple[bytes, str | None]]
@@ -344,9 +346,11 @@ class Outbox:
                 "[a-zA-Z0-9._-] and not '.' or '..'"
             )
         if event.partition is not None and (
-            not isinstance(event.partition, int) or isinstance(event.partition, bool) or event.partition < 0
+            not isinstance(event.partition, int) or isinstance(event.partition, bool)
+            or not 0 <= event.partition <= MAX_PARTITION
         ):
-            raise errors.InvalidPartition(f"invalid partition {event.partition!r}: use an int >= 0 or None")
+            raise errors.InvalidPartition(
+                f"invalid partition {event.partition!r}: use an int from 0 to {MAX_PARTITION} or None")
         if event.event_id is not None and not isinstance(event.event_id, uuid.UUID):
             raise errors.InvalidEvent(f"event_id {event.event_id!r} is not a uuid.UUID")
         key = encode_key(event.key)
@@ -366,6 +370,9 @@ class Outbox:
                     "e.g. lambda v: (avro_bytes(v), 'application/avro')"
                 )
             value, content_type = encoded
+            if content_type is not None and not _encodable(content_type):
+                raise errors.SerializationError(f"the serializer's content type {content_type!r} is not valid "
+                                                "Unicode (a lone surrogate)")
             if content_type and CONTENT_TYPE_HEADER not in names:
                 names.append(CONTENT_TYPE_HEADER)
                 values.append(content_type.encode())
@@ -435,8 +442,9 @@ def _schedule(delay: dt.timedelta | None, available_at: dt.datetime | None) -> d
             )
         return {"available_at": available_at, "delay_seconds": 0.0}
     if delay is not None:
-        if not isinstance(delay, dt.timedelta) or delay < dt.timedelta(0):
-            raise errors.InvalidSchedule(f"delay {delay!r} must be a non-negative datetime.timedelta")
+        if not isinstance(delay, dt.timedelta) or not dt.timedelta(0) <= delay <= MAX_DELAY:
+            raise errors.InvalidSchedule(
+                f"delay {delay!r} must be a datetime.timedelta from 0 to {MAX_DELAY.days // 365} years")
         return {"available_at": None, "delay_seconds": delay.total_seconds()}
     return {"available_at": None, "delay_seconds": 0.0}
 

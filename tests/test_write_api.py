@@ -139,8 +139,10 @@ BAD_EVENTS: list[tuple[str, dict[str, Any], type[errors.InvalidEvent], str]] = [
     ("nested unserializable", {"value": {"x": {1, 2}}}, errors.SerializationError, "set is not JSON"),
     ("negative partition", {"partition": -1}, errors.InvalidPartition, "invalid partition -1"),
     ("bool partition", {"partition": True}, errors.InvalidPartition, "invalid partition True"),
+    ("int64 partition", {"partition": 2**40}, errors.InvalidPartition, "from 0 to 2147483647"),
+    ("endless delay", {"delay": dt.timedelta.max}, errors.InvalidSchedule, "from 0 to 1000 years"),
     ("naive available_at", {"available_at": dt.datetime(2030, 1, 1)}, errors.InvalidSchedule, "naive"),
-    ("negative delay", {"delay": dt.timedelta(seconds=-1)}, errors.InvalidSchedule, "non-negative"),
+    ("negative delay", {"delay": dt.timedelta(seconds=-1)}, errors.InvalidSchedule, "from 0 to 1000 years"),
     ("both schedules", {"delay": dt.timedelta(1), "available_at": dt.datetime.now(dt.UTC)},
      errors.InvalidSchedule, "not both"),
     ("float key", {"key": 1.5}, errors.InvalidKey, "key of type float"),
@@ -259,6 +261,13 @@ def test_a_serializer_returning_the_wrong_shape_is_told_the_right_one(engine: En
         outbox.enqueue(conn, "t", {"x": 1})
     assert f"the serializer returned {shape}" in str(raised.value)
     assert "returns (bytes, content type str or None)" in str(raised.value)
+    assert count(engine) == 0
+
+
+def test_a_content_type_that_is_not_unicode_is_a_serialization_error(engine: Engine) -> None:
+    outbox = Outbox(serializer=lambda value: (b"x", "text/\ud800"))
+    with engine.begin() as conn, pytest.raises(errors.SerializationError, match=r"content type .* not valid Unicode"):
+        outbox.enqueue(conn, "t", 1)
     assert count(engine) == 0
 
 
