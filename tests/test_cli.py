@@ -102,6 +102,10 @@ def test_unreachable_kafka_is_one_line(engine: Engine, database_url: str) -> Non
     result = cli(database_url, "verify", "--bootstrap-servers", "127.0.0.1:1", "--kafka-timeout", "2")
     assert result.returncode == 4
     assert "Kafka" in one_line(result)
+    # lanes set narrates its steps at INFO; the failure is its last line, librdkafka's own lines are not shown.
+    result = cli(database_url, "lanes", "set", "2", "--bootstrap-servers", "127.0.0.1:1", OUTBOX_KAFKA_TIMEOUT="2")
+    assert result.returncode == 4 and "Traceback" not in result.stderr
+    assert "rdkafka" not in result.stderr and "init_transactions failed" in result.stderr.strip().splitlines()[-1]
 
 
 def test_a_closed_pipe_ends_quietly(engine: Engine, database_url: str) -> None:
