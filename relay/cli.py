@@ -9,16 +9,24 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from outbox_relay.config import Settings
-from outbox_relay.errors import ConfigurationError, OutboxError
+from outbox_relay.errors import ConfigurationError, ConnectionTrouble, DatabaseUnavailable, OutboxError, SchemaError
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the command found violations (verify) or failed in an unexpected way
+EXIT_USAGE = 2  # flags, settings or a selection the command cannot act on
 EXIT_THRESHOLD = 3  # status: a --max-* threshold was exceeded
+EXIT_UNAVAILABLE = 4  # PostgreSQL or Kafka could not be reached (or refused the connection)
+EXIT_SCHEMA = 5  # the outbox schema is missing or behind: run `outbox-relay migrate`
+EXIT_PIPE = 141  # stdout was closed early (`status | head`): 128 + SIGPIPE, as a shell reports it
+
+NAMES_HELP = ("names: the PostgreSQL schema is OUTBOX_SCHEMA (default outbox) and the events table OUTBOX_TABLE "
+              "(default events), read from the environment; set them identically for the application, "
+              "migrations and relay")
 
 # Settings every database-only command takes.
 _DB_ONLY = ["database_url", "log_level", "log_format"]
@@ -27,7 +35,7 @@ _DB_ONLY = ["database_url", "log_level", "log_format"]
 def _add_settings(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     """One flag per Settings field, its environment variable and default shown in --help."""
     for field in dataclasses.fields(Settings):
-        if field.name == "kafka_properties" or (only is not None and field.name not in only):
+        if field.name in ("kafka_properties", "kafka_sources") or (only is not None and field.name not in only):
             continue
         meta = field.metadata
         default = "" if field.default in ("", dataclasses.MISSING) else f", default {field.default}"
@@ -46,11 +54,39 @@ def _add_kafka_property_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--id", dest="ids", type=int, action="append", help="outbox row id (repeatable)")
+    parser.add_argument("--id", dest="ids", type=_row_or_event_id, action="append", metavar="ID",
+                        help="outbox row id, or event id (the UUID in logs and the outbox-event-id header); "
+                             "repeatable")
     parser.add_argument("--topic", help="only events of this topic")
     parser.add_argument("--key", help="only events of this key (as text; UTF-8)")
     parser.add_argument("--all", dest="everything", action="store_true", help="every event that qualifies")
     parser.add_argument("--dry-run", action="store_true", help="only count what would change")
+
+
+def _row_or_event_id(text: str) -> int | uuid.UUID:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a row id nor an event id (UUID)") from None
+
+
+def _aware_datetime(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time, e.g. 2026-11-27T10:00:00+00:00") from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no time zone: add one, e.g. {value.isoformat()}+00:00 (or Z for UTC)")
+    return value
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _settings(args: argparse.Namespace, *, kafka: bool = True) -> Settings:
@@ -68,22 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox-relay",
         description="Relay a PostgreSQL transactional outbox to Kafka, exactly once and in key order.",
+        epilog=f"exit codes: {EXIT_OK} ok, {EXIT_FAILURE} failure or violations found, {EXIT_USAGE} usage or "
+               f"configuration, {EXIT_THRESHOLD} status threshold exceeded, {EXIT_UNAVAILABLE} PostgreSQL or "
+               f"Kafka unreachable, {EXIT_SCHEMA} outbox schema missing or behind. {NAMES_HELP}.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    migrate = commands.add_parser("migrate", help="create or upgrade the outbox tables")
+    def command(name: str, help: str, parent: Any = commands) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, epilog=NAMES_HELP)  # type: ignore[no-any-return]
+
+    migrate = command("migrate", "create or upgrade the outbox tables")
     _add_settings(migrate, only=_DB_ONLY)
     migrate.add_argument("--lanes", type=int, default=None,
-                         help="lane count when the outbox is first created [env OUTBOX_LANES, default 4]")
+                         help="lane count when the outbox is first created; an existing outbox keeps its count "
+                              "(change it with `outbox-relay lanes set N`) [env OUTBOX_LANES, default 4]")
     migrate.add_argument("--revision", default="head", help="target revision (default head)")
     migrate.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
+    migrate.add_argument("--yes", action="store_true",
+                         help="confirm a downgrade that drops the outbox tables and every event in them")
 
-    run = commands.add_parser("run", help="run the relay daemon")
+    run = command("run", "run the relay daemon")
     _add_settings(run)
     _add_kafka_property_flag(run)
 
-    status = commands.add_parser("status", help="the backlog per topic and lane, and who owns the lanes")
-    _add_settings(status, only=_DB_ONLY)
+    status = command("status", "the backlog per topic and lane, and who owns the lanes")
+    _add_settings(status, only=[*_DB_ONLY, "failed_key_policy"])
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted")
     status.add_argument("--max-age", type=float, metavar="SECONDS",
@@ -93,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     lanes = commands.add_parser("lanes", help="show the lanes, or change their number")
     lanes_commands = lanes.add_subparsers(dest="lanes_command", required=True, metavar="ACTION")
-    lanes_show = lanes_commands.add_parser("show", help="lane count, owners and live instances")
+    lanes_show = command("show", "lane count, owners and live instances", lanes_commands)
     _add_settings(lanes_show, only=_DB_ONLY)
-    lanes_set = lanes_commands.add_parser(
-        "set", help="change the lane count (takes every lane first, so no two counts are ever live at once)")
+    lanes_show.add_argument("--json", action="store_true", help="print JSON for scripts")
+    lanes_set = command(
+        "set", "change the lane count (takes every lane first, so no two counts are ever live at once)", lanes_commands)
     lanes_set.add_argument("count", type=int, help="the new number of lanes (1-1024)")
     _add_settings(lanes_set, only=[*_DB_ONLY, "bootstrap_servers", "kafka_config_file", "transactional_id_prefix",
                                    "progress_topic"])
@@ -104,40 +151,101 @@ def build_parser() -> argparse.ArgumentParser:
 
     failed = commands.add_parser("failed", help="list, retry or discard failed events")
     failed_commands = failed.add_subparsers(dest="failed_command", required=True, metavar="ACTION")
-    _add_settings(failed_commands.add_parser("list", help="failed events grouped by error"), only=_DB_ONLY)
+    failed_list = command("list", "failed events grouped by error, with their keys and the events held behind them",
+                          failed_commands)
+    _add_settings(failed_list, only=_DB_ONLY)
+    failed_list.add_argument("--json", action="store_true", help="print JSON for scripts")
     for action, text in (("retry", "put failed events back to pending"), ("discard", "give up on failed events")):
-        sub = failed_commands.add_parser(action, help=text)
+        sub = command(action, text, failed_commands)
         _add_settings(sub, only=_DB_ONLY)
         _add_selection(sub)
 
-    verify = commands.add_parser(
-        "verify", help="compare the outbox table with Kafka (read_committed): lost, duplicated, reordered events")
-    _add_settings(verify, only=[*_DB_ONLY, "bootstrap_servers", "kafka_config_file"])
+    verify = command(
+        "verify", "compare the outbox table with Kafka (read_committed): lost, duplicated, reordered events")
+    _add_settings(verify, only=[*_DB_ONLY, "bootstrap_servers", "kafka_config_file", "kafka_timeout"])
     _add_kafka_property_flag(verify)
     verify.add_argument("--topic", dest="topics", action="append", help="topics to read (default: every topic"
                         " in the table)")
     verify.add_argument("--json", action="store_true", help="print the full report as JSON")
 
-    replay = commands.add_parser("replay", help="publish already-sent events again (marked with a replay header)")
+    replay = command("replay", "publish already-sent events again (marked with a replay header)")
     _add_settings(replay, only=_DB_ONLY)
     _add_selection(replay)
-    replay.add_argument("--since", type=dt.datetime.fromisoformat, help="sent at or after (ISO 8601, with zone)")
-    replay.add_argument("--until", type=dt.datetime.fromisoformat, help="sent before (ISO 8601, with zone)")
+    replay.add_argument("--since", type=_aware_datetime, help="sent at or after (ISO 8601, with zone)")
+    replay.add_argument("--until", type=_aware_datetime, help="sent before (ISO 8601, with zone)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("outbox-relay")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
-    except ValueError as exc:  # a selection or value the command cannot act on
-        print(f"outbox-relay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutboxError as exc:
-        _print_cause_chain(exc)
-        return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILURE
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as noise at interpreter exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`status | head`): nothing more to say. Point stdout at /dev/null so
+        # the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
+    except Exception as exc:
+        failure = _expected_failure(exc)
+        if failure is None:
+            raise
+        return failure
+
+
+def _expected_failure(exc: Exception) -> int | None:
+    """One line (and the cause chain of our own errors) and a named exit code, or None for a bug."""
+    if isinstance(exc, SchemaError):
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        return EXIT_SCHEMA
+    if isinstance(exc, ConnectionTrouble):
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, ValueError):  # a selection or value the command cannot act on (InvalidEvent too)
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, OutboxError):
+        _print_cause_chain(exc)
+        return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILURE
+    if isinstance(exc, TimeoutError):
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    import psycopg
+    from confluent_kafka import KafkaException
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError) and isinstance(exc.orig, psycopg.Error):  # from Alembic (migrate)
+        return _expected_failure(exc.orig)
+    if isinstance(exc, psycopg.OperationalError):
+        print(f"outbox-relay: PostgreSQL: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, psycopg.Error):
+        print(f"outbox-relay: PostgreSQL refused: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    if isinstance(exc, KafkaException):
+        error: Any = exc.args[0] if exc.args else None
+        text = f"{error.name()}: {error.str()}" if hasattr(error, "name") else str(exc)
+        print(f"outbox-relay: Kafka: {text}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """libpq's message without its framing: 'connection to server at ... failed: FATAL:  database "x" ...'."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line.rsplit(" failed: ", 1)[-1].replace("FATAL:  ", "").strip()
 
 
 def _print_cause_chain(exc: BaseException) -> None:
@@ -152,9 +260,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         return _migrate(args)
     if args.command == "run":
-        from outbox_relay.daemon import Relay
-
-        return Relay(_settings(args)).run_forever()
+        return _run(args)
     if args.command == "status":
         return _status(args)
     if args.command == "lanes":
@@ -168,23 +274,105 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _connect(settings: Settings) -> Any:
+def _where(database_url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+def _connect(settings: Settings, *, check_schema: bool = True) -> Any:
+    """A connection for one command, after checking the schema is what this relay needs."""
+    import psycopg
+
+    from outbox_relay import schema
     from outbox_relay.store import connect
 
-    return connect(settings.database_url, "outbox-relay cli")
+    try:
+        conn = connect(settings.database_url, "outbox-relay cli")
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {_where(settings.database_url)}: "
+                                  f"{_first_line(exc)} (check --database-url or OUTBOX_DATABASE_URL)") from None
+    if check_schema:
+        try:
+            schema.check(conn)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def _kafka_settings(args: argparse.Namespace) -> Settings:
+    """Settings of a command that talks to Kafka; librdkafka judges its properties before anything runs,
+    and a rejected one is named with the variable, file line or flag that set it."""
+    from outbox_relay.publisher import validate_config
+
+    settings = _settings(args)
+    validate_config(settings.producer_config(), "outbox-relay.configuration-check", settings.kafka_sources)
+    return settings
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Check the configuration and the schema, then run the daemon. A database that cannot be reached
+    yet is waited for (the daemon survives outages too); a missing or older schema stops here."""
+    import logging
+
+    from outbox_relay.daemon import Relay
+
+    settings = _kafka_settings(args)
+    log = logging.getLogger("outbox_relay.cli")
+    delay, waited = settings.backoff_initial, False
+    while True:
+        try:
+            _connect(settings).close()
+            break
+        except DatabaseUnavailable as exc:
+            if any(text in str(exc) for text in ("does not exist", "authentication", "pg_hba", "password")):
+                raise  # waiting cannot fix a wrong name or credentials
+            if not waited:
+                log.warning("%s; waiting for it", exc, extra={"action": "wait_database"})
+            waited = True
+            time.sleep(delay)
+            delay = min(delay * 2, settings.backoff_max)
+    return Relay(settings).run_forever()
 
 
 def _migrate(args: argparse.Namespace) -> int:
     from outbox_relay import migrate
 
     settings = _settings(args, kafka=False)
-    lanes = args.lanes if args.lanes is not None else int(os.environ.get("OUTBOX_LANES", "4"))
+    lanes_given = args.lanes if args.lanes is not None else os.environ.get("OUTBOX_LANES")
+    lanes = int(lanes_given) if lanes_given is not None else 4
+    with _connect(settings, check_schema=False) as conn:
+        current_lanes = migrate.current_lane_count(conn)
+        drops = args.downgrade and migrate.drops_outbox(conn, args.revision)
     if args.downgrade:
+        if drops and not _confirm_drop(args, settings):
+            print("outbox-relay: refusing to drop the outbox tables (and every event in them) without --yes",
+                  file=sys.stderr)
+            return EXIT_USAGE
         migrate.downgrade(settings.database_url, args.revision)
-    else:
-        migrate.upgrade(settings.database_url, args.revision, lanes=lanes)
-    print(f"outbox schema at {'revision ' + args.revision if args.downgrade else args.revision}")
+        print(f"outbox schema at revision {args.revision}")
+        return EXIT_OK
+    migrate.upgrade(settings.database_url, args.revision, lanes=lanes)
+    print(f"outbox schema at {args.revision}")
+    if current_lanes is not None and lanes_given is not None and lanes != current_lanes:
+        print(f"outbox-relay: the outbox already exists with {_plural(current_lanes, 'lane')} and keeps its lane "
+              f"count (--lanes only applies when the outbox is created). To change the count: "
+              f"outbox-relay lanes set {lanes}", file=sys.stderr)
     return EXIT_OK
+
+
+def _confirm_drop(args: argparse.Namespace, settings: Settings) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        return False
+    from outbox_relay.models import EVENTS_TABLE, SCHEMA
+
+    answer = input(f"This drops {SCHEMA}.{EVENTS_TABLE} at {_where(settings.database_url)} and every event in it. "
+                   f"Type {EVENTS_TABLE!r} to confirm: ")
+    return answer.strip() == EVENTS_TABLE
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -193,7 +381,7 @@ def _status(args: argparse.Namespace) -> int:
     settings = _settings(args, kafka=False)
     with _connect(settings) as conn:
         while True:
-            snap = monitor.snapshot(conn)
+            snap = monitor.snapshot(conn, hold=settings.failed_key_policy == "hold")
             breaches = _breaches(args, snap)
             if args.json:
                 print(json.dumps({**snap.to_json(), "breaches": breaches}, indent=2))
@@ -214,9 +402,9 @@ def _breaches(args: argparse.Namespace, snap: Any) -> list[str]:
     if args.max_age is not None and age is not None and age > args.max_age:
         breaches.append(f"oldest claimable event is {age:.1f}s old (max {args.max_age:g}s)")
     if args.max_pending is not None and snap.total.pending > args.max_pending:
-        breaches.append(f"{snap.total.pending} events pending (max {args.max_pending})")
+        breaches.append(f"{_plural(snap.total.pending, 'event')} pending (max {args.max_pending})")
     if args.max_failed is not None and snap.total.failed > args.max_failed:
-        breaches.append(f"{snap.total.failed} events failed (max {args.max_failed})")
+        breaches.append(f"{_plural(snap.total.failed, 'event')} failed (max {args.max_failed})")
     return breaches
 
 
@@ -224,22 +412,31 @@ def _lanes(args: argparse.Namespace) -> int:
     if args.lanes_command == "set":
         from outbox_relay.resize import resize
 
-        old, recovered = resize(_settings(args), args.count)
-        print(f"lane count changed from {old} to {args.count} ({recovered} events recovered while settling lanes)")
+        settings = _kafka_settings(args)
+        _connect(settings).close()
+        old, recovered = resize(settings, args.count)
+        print(f"lane count changed from {old} to {args.count} "
+              f"({_plural(recovered, 'event')} recovered while settling lanes)")
         return EXIT_OK
     from outbox_relay import monitor
 
     with _connect(_settings(args, kafka=False)) as conn:
         snap = monitor.snapshot(conn, cap=1)
-    print(monitor.render_lanes(snap))
+    if args.json:
+        data = snap.to_json()
+        print(json.dumps({key: data[key] for key in ("lane_count", "resizing", "instances", "owners")}, indent=2))
+    else:
+        print(monitor.render_lanes(snap))
     return EXIT_OK
 
 
 def _selection(args: argparse.Namespace) -> Any:
     from outbox_relay.operations import Selection
 
-    return Selection(ids=args.ids, topic=args.topic, key=args.key.encode() if args.key else None,
-                     everything=args.everything)
+    ids = [i for i in args.ids or [] if isinstance(i, int)] or None
+    event_ids = [i for i in args.ids or [] if isinstance(i, uuid.UUID)] or None
+    return Selection(ids=ids, event_ids=event_ids, topic=args.topic,
+                     key=args.key.encode() if args.key else None, everything=args.everything)
 
 
 def _failed(args: argparse.Namespace) -> int:
@@ -248,27 +445,29 @@ def _failed(args: argparse.Namespace) -> int:
     with _connect(_settings(args, kafka=False)) as conn:
         if args.failed_command == "list":
             groups = operations.failed_groups(conn)
+            if args.json:
+                print(json.dumps([dataclasses.asdict(group) for group in groups], indent=2))
+                return EXIT_OK
             for group in groups:
-                print(f"{group.count:>7} failed  topics: {', '.join(group.topics)}  first ids: "
-                      f"{', '.join(map(str, group.first_ids))}\n        {group.error}")
+                print(operations.render_group(group))
             if not groups:
                 print("(no failed events)")
             return EXIT_OK
         change = operations.retry_failed if args.failed_command == "retry" else operations.discard_failed
         count = change(conn, _selection(args), dry_run=args.dry_run)
     verb = "would change" if args.dry_run else "changed"
-    print(f"{args.failed_command}: {verb} {count} failed events")
+    print(f"{args.failed_command}: {verb} {_plural(count, 'failed event')}")
     return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:
     from outbox_relay import verify
 
-    settings = _settings(args)
+    settings = _kafka_settings(args)
     with _connect(settings) as conn:
         rows = verify.read_table(conn)
     topics = args.topics or sorted({row.topic for row in rows})
-    report = verify.check(rows, verify.read_topics(settings.producer_config(), topics))
+    report = verify.check(rows, verify.read_topics(settings.producer_config(), topics, timeout=settings.kafka_timeout))
     print(json.dumps(dataclasses.asdict(report), default=str, indent=2) if args.json else verify.render(report))
     return EXIT_OK if report.ok else EXIT_FAILURE
 
@@ -278,7 +477,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     with _connect(_settings(args, kafka=False)) as conn:
         count = operations.replay(conn, _selection(args), since=args.since, until=args.until, dry_run=args.dry_run)
-    print(f"replay: {'would queue' if args.dry_run else 'queued'} {count} events again")
+    print(f"replay: {'would queue' if args.dry_run else 'queued'} {_plural(count, 'event')} again")
     return EXIT_OK
 
 

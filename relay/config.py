@@ -117,6 +117,9 @@ class Settings:
     log_level: str = _field("OUTBOX_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO")
     log_format: str = _field("OUTBOX_LOG_FORMAT", "text or json", "text", choices=("text", "json"))
     kafka_properties: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Where each librdkafka property came from (OUTBOX_KAFKA_PORT, file.properties:3, -X port=1),
+    # so that a property librdkafka rejects is named with the place to fix it.
+    kafka_sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,7 +128,7 @@ class Settings:
         flags = flags or {}
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            if field.name == "kafka_properties":
+            if field.name in ("kafka_properties", "kafka_sources"):
                 continue
             raw = flags.get(field.name)
             source = f"--{field.name.replace('_', '-')}"
@@ -135,9 +138,13 @@ class Settings:
                 continue
             values[field.name] = _convert(field, raw, source)
         settings = cls(**values)
-        settings.kafka_properties = kafka_properties_from(env, settings.kafka_config_file, flags.get("kafka_property"))
+        settings.kafka_properties = kafka_properties_from(env, settings.kafka_config_file, flags.get("kafka_property"),
+                                                          sources=settings.kafka_sources)
         if settings.bootstrap_servers:
             settings.kafka_properties["bootstrap.servers"] = settings.bootstrap_servers
+            settings.kafka_sources["bootstrap.servers"] = (
+                "--bootstrap-servers" if flags.get("bootstrap_servers") is not None
+                else "OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
         settings.validate()
         return settings
 
@@ -160,12 +167,19 @@ class Settings:
             given = self.kafka_properties.get(key)
             if given is not None and str(given).lower() != str(value).lower():
                 raise ConfigurationError(
-                    f"Kafka property {key}={given} would break delivery guarantees; it must be {value}"
+                    f"Kafka property {key}={given}{self.kafka_source(key)} would break delivery guarantees; "
+                    f"it must be {value}"
                 )
         if "transactional.id" in self.kafka_properties:
             raise ConfigurationError(
-                "transactional.id is set per lane by the relay; use OUTBOX_TRANSACTIONAL_ID_PREFIX instead"
+                f"transactional.id{self.kafka_source('transactional.id')} is set per lane by the relay; use "
+                "OUTBOX_TRANSACTIONAL_ID_PREFIX instead"
             )
+
+    def kafka_source(self, prop: str) -> str:
+        """' (from OUTBOX_KAFKA_PORT)': where a librdkafka property was set, for error messages."""
+        source = self.kafka_sources.get(prop)
+        return f" (from {source})" if source else ""
 
     def instance_name(self) -> str:
         return self.instance or default_instance_name()
@@ -224,13 +238,19 @@ def _convert(field: dataclasses.Field[Any], raw: Any, source: str) -> Any:
     return value
 
 
-def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: list[str] | None) -> dict[str, str]:
+def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: list[str] | None,
+                          sources: dict[str, str] | None = None) -> dict[str, str]:
+    """librdkafka properties from OUTBOX_KAFKA_* variables, the file, then -X flags; ``sources`` (if given)
+    receives where each came from."""
     # Settings of our own under the OUTBOX_KAFKA_ prefix are not librdkafka properties.
     own = {field.metadata["env"] for field in dataclasses.fields(Settings) if "env" in field.metadata}
     properties: dict[str, str] = {}
+    sources = {} if sources is None else sources
     for name, value in env.items():
         if name.startswith(KAFKA_ENV_PREFIX) and name not in own:
-            properties[name[len(KAFKA_ENV_PREFIX):].lower().replace("_", ".")] = value
+            prop = name[len(KAFKA_ENV_PREFIX):].lower().replace("_", ".")
+            properties[prop] = value
+            sources[prop] = name
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -243,9 +263,11 @@ def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: l
                 raise ConfigurationError(f"{config_file}:{number}: expected property=value, got {line!r}")
             key, value = line.split("=", 1)
             properties[key.strip()] = value.strip()
+            sources[key.strip()] = f"{config_file}:{number}"
     for item in overrides or []:
         if "=" not in item:
             raise ConfigurationError(f"-X {item!r}: expected property=value")
         key, value = item.split("=", 1)
         properties[key.strip()] = value.strip()
+        sources[key.strip()] = f"-X {key.strip()}"
     return properties

@@ -120,7 +120,8 @@ class Relay:
         log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
                  extra={"action": "start"})
         # librdkafka judges the configuration now, so a typo stops the daemon with one clear line.
-        validate_config(self.settings.producer_config(), "outbox-relay.configuration-check")
+        validate_config(self.settings.producer_config(), "outbox-relay.configuration-check",
+                        self.settings.kafka_sources)
         now = dt.datetime.now(dt.UTC)
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
                                id="lanes", next_run_time=now)
@@ -330,7 +331,8 @@ class Relay:
         try:
             if self._monitor is None or self._monitor.closed:
                 self._monitor = connect(self.settings.database_url, "outbox-relay monitor")
-            self.metrics.observe_backlog(monitor.snapshot(self._monitor))
+            self.metrics.observe_backlog(monitor.snapshot(
+                self._monitor, hold=self.settings.failed_key_policy == "hold"))
         except psycopg.OperationalError:
             if self._monitor is not None:
                 self._monitor.close()

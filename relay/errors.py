@@ -42,12 +42,28 @@ class InvalidSchedule(InvalidEvent):
     """available_at must be timezone-aware and delay a non-negative timedelta; give one or neither."""
 
 
+class InvalidTarget(InvalidEvent):
+    """enqueue writes into your transaction: pass a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection."""
+
+
+class DuplicateEvent(InvalidEvent):
+    """An event with this event_id is already in the outbox; the transaction is aborted: roll it back."""
+
+
 class ConfigurationError(OutboxError):
     """The relay's configuration is invalid."""
 
 
+class SchemaError(OutboxError):
+    """The outbox schema is missing or behind this relay: run `outbox-relay migrate`."""
+
+
 class ConnectionTrouble(OutboxError):
     """An outside system could not be reached; the relay backs off and retries."""
+
+
+class DatabaseUnavailable(ConnectionTrouble):
+    """PostgreSQL could not be reached."""
 
 
 class BrokerUnavailable(ConnectionTrouble):

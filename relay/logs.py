@@ -52,6 +52,8 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # (a slow run is simply not repeated), not news.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("apscheduler.scheduler").addFilter(_not_still_running)
+    # Alembic announces its plugins whenever a migration script directory is read (the schema check too).
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _not_still_running(record: logging.LogRecord) -> bool:

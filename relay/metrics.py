@@ -24,6 +24,8 @@ class Metrics:
         r = self.registry
         self.pending = Gauge("outbox_pending_events", "Unsent events (pending), per topic", ["topic"], registry=r)
         self.claimable = Gauge("outbox_claimable_events", "Pending events publishable now", ["topic"], registry=r)
+        self.held = Gauge("outbox_held_events", "Pending events waiting behind a failed event of their key",
+                          ["topic"], registry=r)
         self.oldest_age = Gauge("outbox_oldest_claimable_age_seconds",
                                 "Age of the oldest event the relay could publish now (0 when none)", registry=r)
         self.failed = Gauge("outbox_failed_events", "Events parked as failed, per topic", ["topic"], registry=r)
@@ -62,11 +64,12 @@ class Metrics:
 
     def observe_backlog(self, snap: Snapshot) -> None:
         for topic in self._topics - set(snap.topics):
-            for gauge in (self.pending, self.claimable, self.failed):
+            for gauge in (self.pending, self.claimable, self.held, self.failed):
                 gauge.remove(topic)
         for topic, b in snap.topics.items():
             self.pending.labels(topic=topic).set(b.pending)
             self.claimable.labels(topic=topic).set(b.claimable)
+            self.held.labels(topic=topic).set(b.held)
             self.failed.labels(topic=topic).set(b.failed)
         self._topics = set(snap.topics)
         self.oldest_age.set(snap.total.oldest_claimable_age_s or 0)

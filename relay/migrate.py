@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from alembic.config import Config
 
@@ -37,3 +38,46 @@ def upgrade(database_url: str, revision: str = "head", *, lanes: int | None = No
 
 def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+def current_lane_count(conn: Any) -> int | None:
+    """The lane count of an existing outbox, or None when there is no outbox yet."""
+    from psycopg import sql
+
+    from outbox_relay.models import SCHEMA, SETTINGS_TABLE
+
+    exists = conn.execute("SELECT to_regclass(%s)", (f'"{SCHEMA}"."{SETTINGS_TABLE}"',)).fetchone()
+    if not exists or exists[0] is None:
+        return None
+    row = conn.execute(sql.SQL("SELECT lane_count FROM {} WHERE id = 1").format(
+        sql.Identifier(SCHEMA, SETTINGS_TABLE))).fetchone()
+    return int(row[0]) if row else None
+
+
+def drops_outbox(conn: Any, revision: str) -> bool:
+    """Whether downgrading to ``revision`` ("base", or "-N" from the current one) drops the events table."""
+    from alembic.script import ScriptDirectory
+
+    from outbox_relay.schema import VERSION_TABLE
+
+    if current_lane_count(conn) is None:
+        return False  # nothing to drop
+    if revision == "base":
+        return True
+    if not revision.startswith("-") or not revision[1:].isdigit():
+        return False
+    from outbox_relay.models import SCHEMA
+
+    version_table = f'"{SCHEMA}"."{VERSION_TABLE}"'
+    exists = conn.execute("SELECT to_regclass(%s)", (version_table,)).fetchone()
+    if not exists or exists[0] is None:
+        return False  # not managed by `outbox-relay migrate`: Alembic refuses relative steps anyway
+    row = conn.execute(f"SELECT max(version_num) FROM {version_table}").fetchone()
+    script = ScriptDirectory(script_location())
+    current = script.get_revision(row[0]) if row and row[0] else None
+    for _ in range(int(revision[1:])):
+        if current is None:
+            return True
+        down = current.down_revision
+        current = script.get_revision(down) if isinstance(down, str) else None
+    return current is None

@@ -3,6 +3,11 @@
 Every query goes through a partial index (pending, failed, recently sent), so the cost follows the
 backlog, not the table: ten million sent rows cost nothing. Counts stop at ``cap`` rows per
 question (the snapshot says when), because an exact count of a huge backlog would scan it all.
+
+Pending events are claimable (due, free to go), delayed (not due yet) or held: waiting behind a
+failed event of their key (``OUTBOX_FAILED_KEY_POLICY=hold``). Held events are not claimable and
+do not age the backlog: they wait for an operator (`outbox-relay failed retry|discard`), not for
+the relay, and `status --max-age` must not blame the relay for them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Backlog:
     pending: int = 0
     claimable: int = 0
     delayed: int = 0
+    held: int = 0  # pending behind a failed event of their key: waiting for an operator
     failed: int = 0
     sent_last_minute: int = 0
     oldest_claimable_age_s: float | None = None
@@ -36,6 +42,7 @@ class Backlog:
         self.pending += other.pending
         self.claimable += other.claimable
         self.delayed += other.delayed
+        self.held += other.held
         self.failed += other.failed
         self.sent_last_minute += other.sent_last_minute
         ages = [a for a in (self.oldest_claimable_age_s, other.oldest_claimable_age_s) if a is not None]
@@ -73,13 +80,14 @@ class Snapshot:
         }
 
 
-def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP) -> Snapshot:
+def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP, *, hold: bool = True) -> Snapshot:
+    """``hold``: whether later events of a failed event's key wait (the relay's failed-key policy)."""
     state = Store.outbox_state(conn)
     lane_count, resizing = state.lane_count, state.resizing
     topics: dict[str, Backlog] = defaultdict(Backlog)
     lanes: dict[int, Backlog] = defaultdict(Backlog)
     capped = False
-    params = {"lanes": lane_count, "cap": cap}
+    params = {"lanes": lane_count, "cap": cap, "hold": hold}
     for kind, query in _QUERIES.items():
         rows = conn.execute(query, params).fetchall()
         if sum(row[2] for row in rows) >= cap:
@@ -92,7 +100,7 @@ def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP) -> Snapshot:
     for part in topics.values():
         total.add(part)
     # The exact oldest claimable event: the first in the pending index, whatever the cap.
-    oldest = conn.execute(_OLDEST).fetchone()
+    oldest = conn.execute(_OLDEST, params).fetchone()
     total.oldest_claimable_age_s = float(oldest[0]) if oldest and oldest[0] is not None else None
     owners = [LaneOwner(lane, owner, float(age) if age is not None else None)
               for lane, owner, age in conn.execute(_OWNERS, (lane_count,))]
@@ -102,8 +110,8 @@ def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP) -> Snapshot:
 
 def _backlog(kind: str, figures: list[Any]) -> Backlog:
     if kind == "pending":
-        pending, claimable, delayed, age = figures
-        return Backlog(pending=pending, claimable=claimable, delayed=delayed,
+        pending, claimable, delayed, held, age = figures
+        return Backlog(pending=pending, claimable=claimable, delayed=delayed, held=held,
                        oldest_claimable_age_s=float(age) if age is not None else None)
     if kind == "failed":
         return Backlog(failed=figures[0])
@@ -111,13 +119,19 @@ def _backlog(kind: str, figures: list[Any]) -> Backlog:
 
 
 _QUERIES = {
+    # The failed keys are few (each is an operator's to-do); a hash of them marks the held rows.
     "pending": sql.SQL(
-        "SELECT topic, lane_key %% %(lanes)s, count(*), count(*) FILTER (WHERE available_at <= now()),"
-        " count(*) FILTER (WHERE available_at > now()),"
-        " extract(epoch FROM now() - min(created_at) FILTER (WHERE available_at <= now()))"
-        " FROM (SELECT topic, lane_key, available_at, created_at FROM {} WHERE state = 'pending' LIMIT %(cap)s) p"
+        "WITH f AS (SELECT key, min(id) AS first FROM {events} WHERE state = 'failed' AND key IS NOT NULL"
+        " AND %(hold)s GROUP BY key)"
+        " SELECT topic, lane_key %% %(lanes)s, count(*),"
+        " count(*) FILTER (WHERE NOT held AND available_at <= now()),"
+        " count(*) FILTER (WHERE NOT held AND available_at > now()), count(*) FILTER (WHERE held),"
+        " extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT held AND available_at <= now()))"
+        " FROM (SELECT p.topic, p.lane_key, p.available_at, p.created_at, coalesce(f.first < p.id, false) AS held"
+        " FROM (SELECT id, topic, key, lane_key, available_at, created_at FROM {events} WHERE state = 'pending'"
+        " LIMIT %(cap)s) p LEFT JOIN f ON f.key = p.key) q"
         " GROUP BY 1, 2"
-    ).format(_EVENTS),
+    ).format(events=_EVENTS),
     "failed": sql.SQL(
         "SELECT topic, lane_key %% %(lanes)s, count(*)"
         " FROM (SELECT topic, lane_key FROM {} WHERE state = 'failed' LIMIT %(cap)s) f GROUP BY 1, 2"
@@ -128,9 +142,10 @@ _QUERIES = {
     ).format(_EVENTS),
 }
 _OLDEST = sql.SQL(
-    "SELECT extract(epoch FROM now() - created_at) FROM {}"
-    " WHERE state = 'pending' AND available_at <= now() ORDER BY id LIMIT 1"
-).format(_EVENTS)
+    "SELECT extract(epoch FROM now() - e.created_at) FROM {events} e"
+    " WHERE e.state = 'pending' AND e.available_at <= now() AND (NOT %(hold)s OR e.key IS NULL OR NOT EXISTS ("
+    "SELECT 1 FROM {events} f WHERE f.state = 'failed' AND f.key = e.key AND f.id < e.id)) ORDER BY e.id LIMIT 1"
+).format(events=_EVENTS)
 _OWNERS = sql.SQL(
     "SELECT lane, owner, extract(epoch FROM now() - heartbeat_at) FROM {} WHERE lane < %s ORDER BY lane"
 ).format(sql.Identifier(SCHEMA, LANES_TABLE))
@@ -149,11 +164,12 @@ def _age(value: float | None) -> str:
 
 def render(snap: Snapshot) -> str:
     """The human table of `outbox-relay status`: the backlog, then the lanes."""
-    header = f"{'':<34}{'PENDING':>10}{'CLAIMABLE':>10}{'DELAYED':>9}{'FAILED':>8}{'SENT/1m':>9}{'OLDEST':>9}"
+    header = (f"{'':<34}{'PENDING':>10}{'CLAIMABLE':>10}{'DELAYED':>9}{'HELD':>8}{'FAILED':>8}{'SENT/1m':>9}"
+              f"{'OLDEST':>9}")
     lines = [header]
 
     def row(label: str, b: Backlog) -> str:
-        return (f"{label[:33]:<34}{b.pending:>10}{b.claimable:>10}{b.delayed:>9}{b.failed:>8}"
+        return (f"{label[:33]:<34}{b.pending:>10}{b.claimable:>10}{b.delayed:>9}{b.held:>8}{b.failed:>8}"
                 f"{b.sent_last_minute:>9}{_age(b.oldest_claimable_age_s):>9}")
 
     lines.append(row("all topics", snap.total))
@@ -161,6 +177,9 @@ def render(snap: Snapshot) -> str:
     lines += [row(f"  lane {lane}", b) for lane, b in sorted(snap.lanes.items())]
     if snap.capped:
         lines.append(f"(counts stop at {DEFAULT_CAP:,} rows per figure: these are lower bounds)")
+    if snap.total.held:
+        lines.append(f"HELD: {snap.total.held} pending {'event waits' if snap.total.held == 1 else 'events wait'}"
+                     " behind failed events of their keys: see `outbox-relay failed list`, then retry or discard")
     return "\n".join([*lines, "", render_lanes(snap)])
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -21,19 +22,29 @@ REPLAY_HEADER = "outbox-replay-of"
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """Which events an action applies to: ids, a topic, a key, or everything (at least one)."""
+    """Which events an action applies to: row ids, event ids, a topic, a key, or everything (at least one).
+
+    Row ids and event ids (the UUID that logs and the outbox-event-id header carry) together select
+    the events that have either."""
 
     ids: list[int] | None = None
     topic: str | None = None
     key: bytes | None = None
     everything: bool = False
+    event_ids: list[uuid.UUID] | None = None
 
     def where(self) -> tuple[sql.Composable, list[Any]]:
         clauses: list[sql.Composable] = []
         params: list[Any] = []
-        for column, value in (("id", self.ids), ("topic", self.topic), ("key", self.key)):
+        if self.ids and self.event_ids:
+            clauses.append(sql.SQL("(id = ANY(%s) OR event_id = ANY(%s))"))
+            params += [self.ids, self.event_ids]
+        for column, value in (("id", None if self.event_ids else self.ids),
+                              ("event_id", None if self.ids else self.event_ids),
+                              ("topic", self.topic), ("key", self.key)):
             if value:
-                clauses.append(sql.SQL("{} = ANY(%s)" if column == "id" else "{} = %s").format(sql.Identifier(column)))
+                clauses.append(sql.SQL("{} = ANY(%s)" if column in ("id", "event_id") else "{} = %s").format(
+                    sql.Identifier(column)))
                 params.append(value)
         if not clauses and not self.everything:
             raise ValueError("say which events: ids, a topic, a key, or all")
@@ -41,8 +52,9 @@ class Selection:
 
     def describe(self) -> str:
         key = self.key.decode(errors="replace") if self.key else None
-        parts = [f"{name}={value}" for name, value in (("ids", self.ids), ("topic", self.topic), ("key", key))
-                 if value]
+        event_ids = [str(e) for e in self.event_ids] if self.event_ids else None
+        parts = [f"{name}={value}" for name, value in (("ids", self.ids), ("event_ids", event_ids),
+                                                      ("topic", self.topic), ("key", key)) if value]
         return " ".join(parts) or "all"
 
 
@@ -52,16 +64,44 @@ class ErrorGroup:
     count: int
     topics: list[str]
     first_ids: list[int]
+    first_event_ids: list[str]
+    keys: list[str]  # the first few failed keys, as text (what `--key` takes); undecodable bytes escaped
+    key_count: int  # distinct keys of the group (keyless events hold nothing)
+    held: int  # pending events waiting behind this group's failed events of their key
+
+
+def key_text(key: bytes) -> str:
+    return key.decode(errors="backslashreplace")
 
 
 def failed_groups(conn: psycopg.Connection[Any], limit: int = 50) -> list[ErrorGroup]:
-    """Failed events grouped by their error, the largest group first."""
+    """Failed events grouped by their error, the largest group first, with the keys they hold."""
     query = sql.SQL(
-        "SELECT coalesce(last_error, ''), count(*), array_agg(DISTINCT topic), (array_agg(id ORDER BY id))[1:5]"
-        " FROM {} WHERE state = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT %s"
-    ).format(_EVENTS)
+        "WITH g AS (SELECT coalesce(last_error, '') AS error, count(*) AS n, array_agg(DISTINCT topic) AS topics,"
+        " (array_agg(id ORDER BY id))[1:5] AS ids, (array_agg(event_id::text ORDER BY id))[1:5] AS event_ids,"
+        " (array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL))[1:5] AS keys,"
+        " count(DISTINCT key) AS key_count FROM {events} WHERE state = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
+        " LIMIT %s),"
+        " f AS (SELECT coalesce(last_error, '') AS error, key, min(id) AS first FROM {events}"
+        " WHERE state = 'failed' AND key IS NOT NULL GROUP BY 1, 2),"
+        " h AS (SELECT f.error, count(*) AS held FROM f JOIN {events} p ON p.state = 'pending' AND p.key = f.key"
+        " AND p.id > f.first GROUP BY 1)"
+        " SELECT g.error, g.n, g.topics, g.ids, g.event_ids, coalesce(g.keys, '{{}}'), g.key_count,"
+        " coalesce(h.held, 0) FROM g LEFT JOIN h ON h.error = g.error ORDER BY g.n DESC, g.error"
+    ).format(events=_EVENTS)
     rows = conn.execute(query, (limit,))
-    return [ErrorGroup(error, count, sorted(topics), ids) for error, count, topics, ids in rows]
+    return [ErrorGroup(error, count, sorted(topics), ids, event_ids, [key_text(k) for k in keys], key_count, held)
+            for error, count, topics, ids, event_ids, keys, key_count, held in rows]
+
+
+def render_group(group: ErrorGroup) -> str:
+    """A group of `outbox-relay failed list`: how many, where, which keys, what waits behind them."""
+    more = f" (+{group.key_count - len(group.keys)} more)" if group.key_count > len(group.keys) else ""
+    keys = f"  keys: {', '.join(repr(k) for k in group.keys)}{more}" if group.keys else "  keys: (none)"
+    held = f"  holding {group.held} pending" if group.held else ""
+    return (f"{group.count:>7} failed  topics: {', '.join(group.topics)}{keys}{held}\n"
+            f"        first ids: {', '.join(f'{i} ({e})' for i, e in zip(group.first_ids, group.first_event_ids))}"
+            f"\n        {group.error}")
 
 
 def retry_failed(conn: psycopg.Connection[Any], selection: Selection, *, dry_run: bool = False) -> int:

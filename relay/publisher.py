@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -77,12 +77,16 @@ class ProducerFailed(BrokerUnavailable):
         self.fenced = fenced
 
 
-def validate_config(config: dict[str, Any], transactional_id: str) -> None:
-    """Raise ConfigurationError naming what librdkafka rejects in the producer configuration."""
+def validate_config(config: dict[str, Any], transactional_id: str, sources: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigurationError naming what librdkafka rejects in the producer configuration, and
+    where the property was set when ``sources`` says (property -> variable, file line or flag)."""
     try:
-        Producer({**config, "transactional.id": transactional_id})
+        Producer({**config, "transactional.id": transactional_id, "logger": progress.LibrdkafkaLogger(quiet=True)})
     except KafkaException as exc:
-        raise ConfigurationError(f"invalid Kafka configuration: {exc.args[0].str()}") from None
+        message = exc.args[0].str()
+        where = [source for prop, source in (sources or {}).items() if f'"{prop}"' in message]
+        hint = f" (from {', '.join(where)})" if where else ""
+        raise ConfigurationError(f"invalid Kafka configuration: {message}{hint}") from None
 
 
 def describe(error: KafkaError) -> str:

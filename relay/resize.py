@@ -17,6 +17,7 @@ import time
 from outbox_relay import progress
 from outbox_relay.config import Settings
 from outbox_relay.errors import OutboxError
+from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher
 from outbox_relay.recovery import recover
 from outbox_relay.store import Store, connect
@@ -50,7 +51,8 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         for lane in range(current):
             scope = progress.Scope(state.outbox_id, lane, current)
             publisher = LanePublisher(settings.producer_config(), names.transactional_id(lane), scope=scope,
-                                      progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout)
+                                      progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout,
+                                      logger=LibrdkafkaLogger(quiet=True))
             try:
                 publisher.start()
                 recovered += recover(store, conn, publisher.committed_records(), scope)

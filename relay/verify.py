@@ -2,7 +2,9 @@
 
 Given the table's rows and the messages a read_committed consumer saw, it reports events lost
 (committed, not in Kafka), duplicated (one event id more than once), reordered (a key's events
-out of id order), unknown (in Kafka, but no row produced it) and rows marked sent that Kafka lacks.
+out of id order within one partition of one topic: the only order a consumer can see), unknown
+(in Kafka, but no row produced it), rows marked sent that Kafka lacks, and rows parked as failed
+or discarded that Kafka has nevertheless (retrying them would publish them twice).
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ class LedgerReport:
     reordered: list[tuple[bytes, str, str]]
     unknown: list[str]
     sent_but_missing: list[str]
+    parked_but_published: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicates or self.reordered or self.unknown or self.sent_but_missing)
+        return not (self.lost or self.duplicates or self.reordered or self.unknown or self.sent_but_missing
+                    or self.parked_but_published)
 
     @property
     def duplicate_count(self) -> int:
@@ -54,7 +58,7 @@ class LedgerReport:
     def summary(self) -> str:
         return (f"committed={self.committed} received={self.received} lost={len(self.lost)} "
                 f"duplicated={self.duplicate_count} reordered={len(self.reordered)} unknown={len(self.unknown)} "
-                f"sent_but_missing={len(self.sent_but_missing)}")
+                f"sent_but_missing={len(self.sent_but_missing)} parked_but_published={len(self.parked_but_published)}")
 
 
 def check(
@@ -71,18 +75,21 @@ def check(
     sent_but_missing = [r.event_id for r in rows if r.state == "sent" and r.event_id not in counts]
     unknown = [m.event_id or f"{m.topic}/{m.partition}@{m.offset}" for m in messages
                if m.event_id is None or m.event_id not in by_event]
-    # Per key, the first sighting of each event must follow id order (a key lives in one partition).
-    first_seen: dict[bytes, list[LedgerRow]] = defaultdict(list)
-    seen: set[str] = set()
+    parked_but_published = [r.event_id for r in rows if r.state in ("failed", "discarded") and r.event_id in counts]
+    # Order is judged per stream, (topic, partition), and per key in it: a key's events on two topics,
+    # or on two partitions (an explicit partition=), have no order between them that anyone can see.
+    # Within a stream, the first sighting of each event must follow id order.
+    first_seen: dict[tuple[str, int, bytes], list[LedgerRow]] = defaultdict(list)
+    seen: set[tuple[str, int, str]] = set()
     for message in messages:
         row = by_event.get(message.event_id or "")
-        if row is None or row.event_id in seen or row.key is None:
+        if row is None or row.key is None or (message.topic, message.partition, row.event_id) in seen:
             continue
-        seen.add(row.event_id)
-        first_seen[row.key].append(row)
+        seen.add((message.topic, message.partition, row.event_id))
+        first_seen[(message.topic, message.partition, row.key)].append(row)
     reordered = [
         (key, earlier.event_id, later.event_id)
-        for key, sequence in first_seen.items()
+        for (_topic, _partition, key), sequence in first_seen.items()
         for earlier, later in pairwise(sequence)
         if later.id < earlier.id
     ]
@@ -94,6 +101,7 @@ def check(
         reordered=reordered,
         unknown=unknown,
         sent_but_missing=sent_but_missing,
+        parked_but_published=parked_but_published,
     )
 
 
@@ -156,7 +164,8 @@ def render(report: LedgerReport, limit: int = 10) -> str:
                          ("duplicated (event id: copies)", [f"{k}: {v}" for k, v in report.duplicates.items()]),
                          ("out of key order (key, earlier, later)", [str(r) for r in report.reordered]),
                          ("in Kafka without a row (or deleted by retention)", report.unknown),
-                         ("marked sent but not in Kafka", report.sent_but_missing)):
+                         ("marked sent but not in Kafka", report.sent_but_missing),
+                         ("parked as failed or discarded, yet in Kafka", report.parked_but_published)):
         if items:
             lines.append(f"{title}: {len(items)}")
             lines += [f"  {item}" for item in list(items)[:limit]]

@@ -19,15 +19,17 @@ import datetime as dt
 import decimal
 import json
 import re
+import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, overload
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, cast, overload
 
-from sqlalchemy import Connection, bindparam, func, insert
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, bindparam, func, insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from outbox_relay import errors
-from outbox_relay.models import TOPIC_PATTERN, OutboxEvent
+from outbox_relay.models import EVENTS_TABLE, TOPIC_PATTERN, OutboxEvent
 
 # Kafka's default message.max.bytes (broker) and max.request.size neighbourhood.
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
@@ -35,6 +37,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 RECORD_OVERHEAD_BYTES = 256
 
 CONTENT_TYPE_HEADER = "content-type"
+MAX_PARTITION = 2**31 - 1  # Kafka partitions are int32
+MAX_DELAY = dt.timedelta(days=365 * 1000)  # far inside PostgreSQL's timestamps; longer is a mistake
 _TOPIC = re.compile(TOPIC_PATTERN)  # the rule the table's CHECK constraint enforces too
 # The relay's own: progress topics (by their default names) and the headers it sets itself.
 _RESERVED_TOPIC = re.compile(r"^outbox-relay\..*\.progress$")
@@ -51,8 +55,62 @@ SyncTarget: TypeAlias = "Session | Connection"
 AsyncTarget: TypeAlias = "AsyncSession | AsyncConnection"
 
 
+_UNIQUE_EVENT_ID = f"uq_{EVENTS_TABLE}_event_id"
+
+
 def _is_async(target: object) -> TypeGuard[AsyncTarget]:
-    return type(target).__module__.startswith("sqlalchemy.ext.asyncio")
+    """Decided by type, so subclasses (SQLModel's AsyncSession) are what they derive from.
+
+    sqlalchemy.ext.asyncio is looked up, never imported: if the application has not imported it,
+    the target cannot be one of its objects (and sync applications need not install greenlet).
+    """
+    if isinstance(target, Session | Connection):
+        return False
+    asyncio_module = sys.modules.get("sqlalchemy.ext.asyncio")
+    if asyncio_module is not None and isinstance(target, asyncio_module.AsyncSession | asyncio_module.AsyncConnection):
+        return True
+    raise errors.InvalidTarget(_target_advice(target))
+
+
+def _target_advice(target: object) -> str:
+    kind = f"{type(target).__module__}.{type(target).__qualname__}"
+    if isinstance(target, Engine) or kind.endswith("AsyncEngine"):
+        return (f"enqueue got an Engine ({kind}), which has no transaction of yours to join: pass the connection "
+                "or session of your transaction, e.g. `with engine.begin() as conn: enqueue(conn, ...)`")
+    if isinstance(target, sessionmaker) or kind.endswith("async_sessionmaker"):
+        return (f"enqueue got a session factory ({kind}): pass a session with a transaction, e.g. "
+                "`with Session() as session, session.begin(): enqueue(session, ...)`")
+    if type(target).__module__.split(".")[0] in ("psycopg", "psycopg2", "asyncpg", "pg8000"):
+        return (f"enqueue got a plain driver connection ({kind}): pass a SQLAlchemy Connection or Session "
+                "running your transaction, e.g. `with engine.begin() as conn: enqueue(conn, ...)`")
+    return (f"enqueue got {kind}: pass the SQLAlchemy Session, Connection, AsyncSession or AsyncConnection "
+            "of your transaction")
+
+
+def _autocommit_refused(dbapi_connection: Any) -> None:
+    """An AUTOCOMMIT connection would commit the event at once, whatever the caller's transaction does."""
+    if getattr(dbapi_connection, "autocommit", False):
+        raise errors.InvalidTarget(
+            "enqueue got a connection in AUTOCOMMIT mode: the event would be committed at once, whether or not "
+            "your business change commits. Pass a connection or session inside a transaction "
+            "(without isolation_level='AUTOCOMMIT'), e.g. `with engine.begin() as conn: enqueue(conn, ...)`"
+        )
+
+
+def _sync_connection(target: SyncTarget) -> Connection:
+    if isinstance(target, Session):
+        return target.connection(bind_arguments={"mapper": OutboxEvent.__mapper__})
+    return target
+
+
+def _duplicate(exc: IntegrityError, rows: list[dict[str, Any]]) -> errors.OutboxError | None:
+    if _UNIQUE_EVENT_ID not in str(exc.orig):
+        return None
+    which = f"event_id {rows[0]['event_id']}" if len(rows) == 1 else "an event_id of this batch"
+    return errors.DuplicateEvent(
+        f"{which} is already in the outbox: pass a new uuid.UUID (or no event_id to get a fresh one). "
+        "The database aborted your transaction: roll it back."
+    )
 
 
 def _json_default(obj: Any) -> Any:
@@ -88,9 +146,29 @@ def encode_key(key: bytes | str | int | uuid.UUID | None) -> bytes | None:
         return key
     if isinstance(key, bool):
         raise errors.InvalidKey(f"key {key!r}: bool is not a key type; use bytes, str, int or UUID")
+    if isinstance(key, str) and not _encodable(key):
+        raise errors.InvalidKey(f"key {key!r} is not valid Unicode (a lone surrogate); pass bytes or valid text")
     if isinstance(key, str | int | uuid.UUID):
         return str(key).encode()
     raise errors.InvalidKey(f"key of type {type(key).__name__}: use bytes, str, int or uuid.UUID")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unscoped(target: Any) -> Any:
+    """A scoped_session (Flask-SQLAlchemy's db.session) stands for the session of the current scope."""
+    if isinstance(target, scoped_session):
+        return target()
+    asyncio_module = sys.modules.get("sqlalchemy.ext.asyncio")
+    if asyncio_module is not None and isinstance(target, asyncio_module.async_scoped_session):
+        return target()
+    return target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +201,7 @@ class Outbox:
         table = OutboxEvent.__table__  # a Table: typed as FromClause by the declarative base
         # One statement for every call: the delay is added by the database clock, the same one
         # the relay compares available_at with.
-        self._insert = insert(OutboxEvent).values(
+        self._insert = insert(OutboxEvent).inline().values(
             event_id=bindparam("event_id"),
             topic=bindparam("topic"),
             key=bindparam("key"),
@@ -189,10 +267,11 @@ class Outbox:
         delay / available_at: publish no earlier than that (one or the other).
         """
         event = Event(topic, value, key, headers, partition, event_id, delay, available_at)
+        target = _unscoped(target)
         row = self._row(event)
         if _is_async(target):
             return self._execute_async(target, [row])
-        target.execute(self._insert, row)
+        self._execute(cast("SyncTarget", target), [row])
         return row["event_id"]  # type: ignore[no-any-return]
 
     @overload
@@ -207,8 +286,19 @@ class Outbox:
         self, target: SyncTarget | AsyncTarget, events: Iterable[Event]
     ) -> list[uuid.UUID] | Coroutine[Any, Any, list[uuid.UUID]]:
         """Add several events in one round trip; all are validated before any is written."""
+        target = _unscoped(target)
+        if isinstance(events, Event | Mapping | str | bytes):
+            raise errors.InvalidEvent(
+                f"enqueue_many takes a list of Event objects, not one {type(events).__name__}: "
+                "enqueue_many(target, [Event(topic, value, ...), ...])"
+            )
         rows = []
         for index, event in enumerate(events):
+            if not isinstance(event, Event):
+                hint = " (Event(**fields) makes one from a dict)" if isinstance(event, Mapping) else ""
+                raise errors.InvalidEvent(
+                    f"event #{index} is a {type(event).__name__}: pass Event(topic, value, key=...) objects{hint}"
+                )
             try:
                 rows.append(self._row(event))
             except errors.InvalidEvent as exc:
@@ -216,16 +306,39 @@ class Outbox:
         if _is_async(target):
             return self._execute_many_async(target, rows)
         if rows:
-            target.execute(self._insert, rows)
+            self._execute(cast("SyncTarget", target), rows)
         return [row["event_id"] for row in rows]
 
+    def _execute(self, target: SyncTarget, rows: list[dict[str, Any]]) -> None:
+        _autocommit_refused(_sync_connection(target).connection.dbapi_connection)
+        try:
+            target.execute(self._insert, rows[0] if len(rows) == 1 else rows)
+        except IntegrityError as exc:
+            duplicate = _duplicate(exc, rows)
+            if duplicate is None:
+                raise
+            raise duplicate from exc
+
+    async def _execute_async_rows(self, target: AsyncTarget, rows: list[dict[str, Any]]) -> None:
+        connection = await target.connection() if hasattr(target, "sync_session") else target
+        sync_connection = connection.sync_connection  # type: ignore[union-attr]
+        if sync_connection is not None:
+            _autocommit_refused(sync_connection.connection.dbapi_connection)
+        try:
+            await target.execute(self._insert, rows[0] if len(rows) == 1 else rows)
+        except IntegrityError as exc:
+            duplicate = _duplicate(exc, rows)
+            if duplicate is None:
+                raise
+            raise duplicate from exc
+
     async def _execute_async(self, target: AsyncTarget, rows: list[dict[str, Any]]) -> uuid.UUID:
-        await target.execute(self._insert, rows[0])
+        await self._execute_async_rows(target, rows)
         return rows[0]["event_id"]  # type: ignore[no-any-return]
 
     async def _execute_many_async(self, target: AsyncTarget, rows: list[dict[str, Any]]) -> list[uuid.UUID]:
         if rows:
-            await target.execute(self._insert, rows)
+            await self._execute_async_rows(target, rows)
         return [row["event_id"] for row in rows]
 
     def _row(self, event: Event) -> dict[str, Any]:
@@ -238,9 +351,11 @@ class Outbox:
         if _RESERVED_TOPIC.match(event.topic):
             raise errors.InvalidTopic(f"topic {event.topic!r} is reserved for the relay's progress records")
         if event.partition is not None and (
-            not isinstance(event.partition, int) or isinstance(event.partition, bool) or event.partition < 0
+            not isinstance(event.partition, int) or isinstance(event.partition, bool)
+            or not 0 <= event.partition <= MAX_PARTITION
         ):
-            raise errors.InvalidPartition(f"invalid partition {event.partition!r}: use an int >= 0 or None")
+            raise errors.InvalidPartition(
+                f"invalid partition {event.partition!r}: use an int from 0 to {MAX_PARTITION} or None")
         if event.event_id is not None and not isinstance(event.event_id, uuid.UUID):
             raise errors.InvalidEvent(f"event_id {event.event_id!r} is not a uuid.UUID")
         key = encode_key(event.key)
@@ -248,11 +363,21 @@ class Outbox:
         value: bytes | None = None
         if event.value is not None:
             try:
-                value, content_type = self.serializer(event.value)
+                encoded = self.serializer(event.value)
             except (TypeError, ValueError) as exc:
                 raise errors.SerializationError(f"value for topic {event.topic!r} cannot be serialized: {exc}") from exc
-            if not isinstance(value, bytes):
-                raise errors.SerializationError(f"the serializer returned {type(value).__name__}, not bytes")
+            if not (isinstance(encoded, tuple) and len(encoded) == 2 and isinstance(encoded[0], bytes)
+                    and (encoded[1] is None or isinstance(encoded[1], str))):
+                shape = type(encoded).__name__ if not isinstance(encoded, tuple) else (
+                    f"({', '.join(type(part).__name__ for part in encoded)})")
+                raise errors.SerializationError(
+                    f"the serializer returned {shape}: a serializer returns (bytes, content type str or None), "
+                    "e.g. lambda v: (avro_bytes(v), 'application/avro')"
+                )
+            value, content_type = encoded
+            if content_type is not None and not _encodable(content_type):
+                raise errors.SerializationError(f"the serializer's content type {content_type!r} is not valid "
+                                                "Unicode (a lone surrogate)")
             if content_type and CONTENT_TYPE_HEADER not in names:
                 names.append(CONTENT_TYPE_HEADER)
                 values.append(content_type.encode())
@@ -292,9 +417,15 @@ class Outbox:
             name, value = item
             if not isinstance(name, str) or not name:
                 raise errors.InvalidHeader(f"header name {name!r} must be a non-empty str")
+            if "\x00" in name or not _encodable(name):
+                raise errors.InvalidHeader(
+                    f"header name {name!r} must be text without NUL characters or lone surrogates")
             if name.lower() in RESERVED_HEADERS:
                 raise errors.InvalidHeader(f"header {name!r} is reserved: the relay sets it")
             if isinstance(value, str):
+                if not _encodable(value):
+                    raise errors.InvalidHeader(f"header {name!r}: value {value!r} is not valid Unicode "
+                                               "(a lone surrogate); pass bytes or valid text")
                 value = value.encode()
             elif isinstance(value, bytearray | memoryview):
                 value = bytes(value)
@@ -318,8 +449,9 @@ def _schedule(delay: dt.timedelta | None, available_at: dt.datetime | None) -> d
             )
         return {"available_at": available_at, "delay_seconds": 0.0}
     if delay is not None:
-        if not isinstance(delay, dt.timedelta) or delay < dt.timedelta(0):
-            raise errors.InvalidSchedule(f"delay {delay!r} must be a non-negative datetime.timedelta")
+        if not isinstance(delay, dt.timedelta) or not dt.timedelta(0) <= delay <= MAX_DELAY:
+            raise errors.InvalidSchedule(
+                f"delay {delay!r} must be a datetime.timedelta from 0 to {MAX_DELAY.days // 365} years")
         return {"available_at": None, "delay_seconds": delay.total_seconds()}
     return {"available_at": None, "delay_seconds": 0.0}
 

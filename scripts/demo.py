@@ -46,15 +46,31 @@ def main() -> int:
     url = os.environ["OUTBOX_DATABASE_URL"]
     bootstrap = os.environ["OUTBOX_KAFKA_BOOTSTRAP_SERVERS"]
     cli = [sys.executable, "-m", "outbox_relay.cli"]
-    subprocess.run([*cli, "migrate"], check=True)
+    migrated = subprocess.run([*cli, "migrate"], check=False)
+    if migrated.returncode:
+        print(f"\n== migrate failed (exit {migrated.returncode}); see its message above")
+        return migrated.returncode
     partitions = ensure_topic(bootstrap)
     consumer = consumer_from_now(bootstrap, partitions)
 
     log_path = ROOT / ".services" / "demo-relay.log"
     print(f"\n== starting the relay (log: {log_path})")
-    with open(log_path, "ab") as log_file:
+    with open(log_path, "wb") as log_file:
         relay = subprocess.Popen([*cli, "run", "--poll-interval", "0.2"], stdout=log_file, stderr=log_file)
+
+    def relay_died() -> bool:
+        """The relay exited: say so at once with its last log lines, rather than wait for events."""
+        if relay.poll() is None:
+            return False
+        lines = log_path.read_text(errors="replace").splitlines()[-15:]
+        print(f"\n== the relay exited with code {relay.returncode}; its last log lines ({log_path}):")
+        print("\n".join(f"   {line}" for line in lines) or "   (empty)")
+        return True
+
     try:
+        time.sleep(1)  # a configuration the relay rejects stops it within a second
+        if relay_died():
+            return 1
         engine = create_engine(url)
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE IF NOT EXISTS demo_orders (id bigserial PRIMARY KEY, customer text)"))
@@ -74,11 +90,15 @@ def main() -> int:
                     continue
             committed.add(event_id)
             print(f"   order {order_id:>4} for {customer:<8} committed   event {event_id}")
+            if relay_died():
+                return 1
 
         print(f"== reading {TOPIC} (read_committed) until all {len(committed)} committed events arrived")
         seen: set[str] = set()
         deadline = time.monotonic() + 60
         while seen != committed and time.monotonic() < deadline:
+            if relay_died():
+                return 1
             message = consumer.poll(0.5)
             if message is None or message.error():
                 continue
@@ -93,8 +113,9 @@ def main() -> int:
         subprocess.run([*cli, "status"], check=False)
         return 0 if not missing and not leaked else 1
     finally:
-        relay.send_signal(signal.SIGTERM)
-        relay.wait(30)
+        if relay.poll() is None:
+            relay.send_signal(signal.SIGTERM)
+            relay.wait(30)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def test_librdkafka_properties_pass_through_from_env_file_and_flags(tmp_path: Pa
     ({"OUTBOX_BATCH_SIZE": "many"}, "OUTBOX_BATCH_SIZE='many' is not a valid int"),
     ({"OUTBOX_BATCH_SIZE": "0"}, "batch_size must be >= 1"),
     ({"OUTBOX_FAILED_KEY_POLICY": "drop"}, "choose one of hold, skip"),
-    ({"OUTBOX_KAFKA_ENABLE_IDEMPOTENCE": "false"}, "enable.idempotence=false would break delivery guarantees"),
-    ({"OUTBOX_KAFKA_TRANSACTIONAL_ID": "x"}, "transactional.id is set per lane"),
+    ({"OUTBOX_KAFKA_ENABLE_IDEMPOTENCE": "false"}, "enable.idempotence=false .*would break delivery guarantees"),
+    ({"OUTBOX_KAFKA_TRANSACTIONAL_ID": "x"}, "transactional.id .*is set per lane"),
     ({"OUTBOX_DATABASE_URL": ""}, "no database"),
     ({"OUTBOX_KAFKA_CONFIG_FILE": "/nonexistent"}, "does not exist"),
 ])
@@ -93,3 +93,42 @@ def test_limits_agree_the_producer_sends_what_the_write_api_accepts_and_a_record
     Settings.from_sources({}, {**BASE, "OUTBOX_BATCH_SIZE": str(MAX_RECORD_IDS)})
     with pytest.raises(ConfigurationError, match=f"batch_size must be <= {MAX_RECORD_IDS}"):
         Settings.from_sources({}, {**BASE, "OUTBOX_BATCH_SIZE": "100000"})
+
+
+def test_every_command_shows_the_schema_and_table_variables_in_help() -> None:
+    import contextlib
+    import io
+
+    for command in (["run"], ["status"], ["migrate"], ["failed", "list"], ["lanes", "show"], ["verify"], []):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        help_text = " ".join(out.getvalue().split())
+        assert "OUTBOX_SCHEMA (default outbox)" in help_text and "OUTBOX_TABLE (default events)" in help_text
+
+
+@pytest.mark.parametrize(("where", "source"), [
+    ("env", "OUTBOX_KAFKA_PORT"), ("file", "kafka.properties:2"), ("flag", "-X port"),
+])
+def test_a_property_librdkafka_rejects_is_named_with_where_it_was_set(tmp_path: Path, where: str,
+                                                                       source: str) -> None:
+    from outbox_relay.publisher import validate_config
+
+    config = tmp_path / "kafka.properties"
+    config.write_text("linger.ms=5\nport=29092\n" if where == "file" else "linger.ms=5\n")
+    env = {**BASE, "OUTBOX_KAFKA_CONFIG_FILE": str(config)}
+    if where == "env":
+        env["OUTBOX_KAFKA_PORT"] = "29092"
+    settings = Settings.from_sources({"kafka_property": ["port=29092"]} if where == "flag" else {}, env)
+    with pytest.raises(ConfigurationError) as raised:
+        validate_config(settings.producer_config(), "outbox-relay.configuration-check", settings.kafka_sources)
+    message = str(raised.value)
+    assert 'No such configuration property: "port" (from ' in message and "\n" not in message
+    assert message.endswith(f"(from {config}:2)" if where == "file" else f"(from {source})")
+
+
+def test_a_weakened_guarantee_names_where_it_was_set() -> None:
+    with pytest.raises(ConfigurationError, match=r"acks=1 \(from -X acks\) would break"):
+        Settings.from_sources({"kafka_property": ["acks=1"]}, BASE)
+    with pytest.raises(ConfigurationError, match=r"enable.idempotence=false \(from OUTBOX_KAFKA_ENABLE_IDEMPOTENCE\)"):
+        Settings.from_sources({}, {**BASE, "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE": "false"})

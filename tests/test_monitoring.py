@@ -54,11 +54,11 @@ def test_status_reports_the_backlog_and_exits_on_thresholds(engine: Engine, data
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["topics"]["orders"] | {"oldest_claimable_age_s": None} == {
-        "pending": 5, "claimable": 3, "delayed": 2, "failed": 0, "sent_last_minute": 0,
+        "pending": 5, "claimable": 3, "delayed": 2, "held": 0, "failed": 0, "sent_last_minute": 0,
         "oldest_claimable_age_s": None}
     assert 110 < status["topics"]["orders"]["oldest_claimable_age_s"] < 300
     assert status["topics"]["other.topic"] | {"oldest_claimable_age_s": None} == {
-        "pending": 0, "claimable": 0, "delayed": 0, "failed": 1, "sent_last_minute": 4,
+        "pending": 0, "claimable": 0, "delayed": 0, "held": 0, "failed": 1, "sent_last_minute": 4,
         "oldest_claimable_age_s": None}
     assert status["total"]["pending"] == 5 and status["total"]["failed"] == 1
     assert status["lanes"]["0"]["pending"] == 5 and status["lane_count"] == 1 and not status["capped"]
@@ -83,7 +83,7 @@ def test_status_queries_walk_partial_indexes_not_the_table(engine: Engine, datab
     with connect(database_url) as conn:
         for query in STATUS_QUERIES:
             plan = "\n".join(row[0] for row in conn.execute(b"EXPLAIN " + query.as_bytes(conn),
-                                                             {"lanes": 1, "cap": 1_000_000}))
+                                                             {"lanes": 1, "cap": 1_000_000, "hold": True}))
             assert "Seq Scan" not in plan, plan
             assert "ix_events_pending" in plan or "ix_events_failed_key" in plan or "ix_events_sent_at" in plan, plan
 
@@ -253,3 +253,68 @@ def test_each_lane_claims_through_its_own_index(engine: Engine, database_url: st
         plan = "\n".join(row[0] for row in conn.execute(
             b"EXPLAIN " + Store().claim_query(4).as_bytes(conn), {"lane": 2, "limit": 1000}))
     assert "Index Scan using ix_events_lane_4" in plan, plan
+
+
+def seed_held(engine: Engine) -> list[str]:
+    """Key "k": a failed event (2 minutes old) with 3 events held behind it; key "free": 1 claimable event.
+
+    Returns the failed event's id (UUID)."""
+    with engine.begin() as conn:
+        failed = str(enqueue(conn, "orders", b"poison", key="k"))
+        for n in range(3):
+            enqueue(conn, "orders", {"n": n}, key="k")
+        enqueue(conn, "orders", b"free", key="free")
+        conn.execute(text("UPDATE outbox.events SET created_at = now() - interval '2 minutes' WHERE key = 'k'"))
+        conn.execute(text("UPDATE outbox.events SET state = 'failed', last_error = 'MSG_SIZE_TOO_LARGE: too big',"
+                          " attempts = 3 WHERE id = 1"))
+    return [failed]
+
+
+def test_events_held_behind_a_failed_key_are_reported_as_held(engine: Engine, database_url: str) -> None:
+    seed_held(engine)
+    status = json.loads(cli(database_url, "status", "--json").stdout)
+    orders = status["topics"]["orders"]
+    assert (orders["pending"], orders["claimable"], orders["held"], orders["delayed"], orders["failed"]) == (4, 1, 3,
+                                                                                                          0, 1)
+    assert orders["oldest_claimable_age_s"] < 60 and status["total"]["oldest_claimable_age_s"] < 60
+    assert status["lanes"]["0"]["held"] == 3
+    # The held events do not make the relay look slow: they wait for an operator, and status says so.
+    assert cli(database_url, "status", "--max-age", "60").returncode == 0
+    table = cli(database_url, "status").stdout
+    assert "HELD" in table and "3 pending events wait behind failed events" in table
+    # With the skip policy nothing is held: the same events are claimable.
+    skip = json.loads(cli(database_url, "status", "--json", "--failed-key-policy", "skip").stdout)
+    assert (skip["total"]["claimable"], skip["total"]["held"]) == (4, 0)
+    assert skip["total"]["oldest_claimable_age_s"] > 100
+
+    # Metrics (and the status page, which shows the same snapshot) carry the held count.
+    from outbox_relay.metrics import Metrics
+    from outbox_relay.monitor import snapshot
+
+    metrics = Metrics()
+    with connect(database_url) as conn:
+        metrics.observe_backlog(snapshot(conn))
+    exposition = metrics.exposition().decode()
+    assert metric_value(exposition, 'outbox_held_events{topic="orders"}') == 3
+    assert metric_value(exposition, 'outbox_claimable_events{topic="orders"}') == 1
+    assert metric_value(exposition, "outbox_oldest_claimable_age_seconds") < 60
+    assert metrics.last_snapshot is not None and metrics.last_snapshot.to_json()["total"]["held"] == 3
+
+
+def test_failed_list_shows_keys_and_what_they_hold_and_ids_take_uuids(engine: Engine, database_url: str) -> None:
+    (failed,) = seed_held(engine)
+    listing = cli(database_url, "failed", "list").stdout
+    assert "1 failed  topics: orders  keys: 'k'  holding 3 pending" in listing
+    assert f"first ids: 1 ({failed})" in listing and "MSG_SIZE_TOO_LARGE: too big" in listing
+    (group,) = json.loads(cli(database_url, "failed", "list", "--json").stdout)
+    assert group | {"error": None} == {"error": None, "count": 1, "topics": ["orders"], "first_ids": [1],
+                                       "first_event_ids": [failed], "keys": ["k"], "key_count": 1, "held": 3}
+    lanes = json.loads(cli(database_url, "lanes", "show", "--json").stdout)
+    assert lanes["lane_count"] == 1 and lanes["owners"] == [] and lanes["instances"] == []
+    # The event id from a log line or a header works wherever a row id does.
+    assert cli(database_url, "failed", "retry", "--id", failed, "--dry-run").stdout.strip() == \
+        "retry: would change 1 failed event"
+    assert cli(database_url, "failed", "discard", "--id", failed).stdout.strip() == "discard: changed 1 failed event"
+    assert states(engine) == {"discarded": 1, "pending": 4}
+    bad = cli(database_url, "failed", "retry", "--id", "not-an-id")
+    assert bad.returncode == 2 and "neither a row id nor an event id" in bad.stderr

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from outbox_relay import Event, Outbox, enqueue, enqueue_many, errors
 from outbox_relay.models import OutboxEvent
 from tests.pgtools import EVENTS
+from tests.relaytools import ROOT
 
 
 def rows(engine: Engine) -> list[OutboxEvent]:
@@ -139,13 +140,20 @@ BAD_EVENTS: list[tuple[str, dict[str, Any], type[errors.InvalidEvent], str]] = [
     ("nested unserializable", {"value": {"x": {1, 2}}}, errors.SerializationError, "set is not JSON"),
     ("negative partition", {"partition": -1}, errors.InvalidPartition, "invalid partition -1"),
     ("bool partition", {"partition": True}, errors.InvalidPartition, "invalid partition True"),
+    ("int64 partition", {"partition": 2**40}, errors.InvalidPartition, "from 0 to 2147483647"),
+    ("endless delay", {"delay": dt.timedelta.max}, errors.InvalidSchedule, "from 0 to 1000 years"),
     ("naive available_at", {"available_at": dt.datetime(2030, 1, 1)}, errors.InvalidSchedule, "naive"),
-    ("negative delay", {"delay": dt.timedelta(seconds=-1)}, errors.InvalidSchedule, "non-negative"),
+    ("negative delay", {"delay": dt.timedelta(seconds=-1)}, errors.InvalidSchedule, "from 0 to 1000 years"),
     ("both schedules", {"delay": dt.timedelta(1), "available_at": dt.datetime.now(dt.UTC)},
      errors.InvalidSchedule, "not both"),
     ("float key", {"key": 1.5}, errors.InvalidKey, "key of type float"),
     ("bool key", {"key": True}, errors.InvalidKey, "bool is not a key type"),
     ("event id not uuid", {"event_id": "abc"}, errors.InvalidEvent, "is not a uuid.UUID"),
+    ("NUL in header name", {"headers": {"a\x00b": b"v"}}, errors.InvalidHeader, "without NUL characters"),
+    ("lone surrogate in header name", {"headers": {"a\udc80": b"v"}}, errors.InvalidHeader, "lone surrogates"),
+    ("lone surrogate in header value", {"headers": {"h": "\ud800"}}, errors.InvalidHeader, "lone surrogate"),
+    ("lone surrogate in key", {"key": "k\udfff"}, errors.InvalidKey, "not valid Unicode"),
+    ("lone surrogate in value", {"value": "\ud800"}, errors.SerializationError, "cannot be serialized"),
 ]
 
 
@@ -242,3 +250,130 @@ def test_async_session_and_connection(database_url: str, engine: Engine) -> None
 
     asyncio.run(scenario())
     assert [r.value for r in rows(engine)] == [b"session", b"batch", b"connection"]
+
+
+@pytest.mark.parametrize(("returned", "shape"), [
+    (b"raw", "bytes"), (("text", None), "(str, NoneType)"), ((b"x", b"type"), "(bytes, bytes)"), ((b"x",), "(bytes)"),
+])
+def test_a_serializer_returning_the_wrong_shape_is_told_the_right_one(engine: Engine, returned: Any,
+                                                                     shape: str) -> None:
+    outbox = Outbox(serializer=lambda value: returned)
+    with engine.begin() as conn, pytest.raises(errors.SerializationError) as raised:
+        outbox.enqueue(conn, "t", {"x": 1})
+    assert f"the serializer returned {shape}" in str(raised.value)
+    assert "returns (bytes, content type str or None)" in str(raised.value)
+    assert count(engine) == 0
+
+
+def test_a_content_type_that_is_not_unicode_is_a_serialization_error(engine: Engine) -> None:
+    outbox = Outbox(serializer=lambda value: (b"x", "text/\ud800"))
+    with engine.begin() as conn, pytest.raises(errors.SerializationError, match=r"content type .* not valid Unicode"):
+        outbox.enqueue(conn, "t", 1)
+    assert count(engine) == 0
+
+
+def test_misused_targets_are_told_what_to_pass_and_nothing_is_written(engine: Engine, database_url: str) -> None:
+    import psycopg
+    from sqlalchemy.orm import sessionmaker
+
+    from outbox_relay.store import conninfo
+
+    with psycopg.connect(conninfo(database_url)) as raw, pytest.raises(errors.InvalidTarget,
+                                                                       match="plain driver connection"):
+        enqueue(raw, "t", b"x")  # type: ignore[call-overload]
+    with pytest.raises(errors.InvalidTarget, match=r"an Engine .* engine\.begin\(\) as conn"):
+        enqueue(engine, "t", b"x")  # type: ignore[call-overload]
+    with pytest.raises(errors.InvalidTarget, match="session factory"):
+        enqueue(sessionmaker(engine), "t", b"x")  # type: ignore[call-overload]
+    with pytest.raises(errors.InvalidTarget, match=r"enqueue got builtins\.str"):
+        enqueue("postgresql://db", "t", b"x")  # type: ignore[call-overload]
+    with engine.begin() as conn:
+        with pytest.raises(errors.InvalidEvent, match=r"event #0 is a dict: .*Event\(\*\*fields\)"):
+            enqueue_many(conn, [{"topic": "t", "value": b"x"}])  # type: ignore[list-item]
+        with pytest.raises(errors.InvalidEvent, match="a list of Event objects, not one Event"):
+            enqueue_many(conn, Event("t", b"x"))  # type: ignore[arg-type]
+    assert count(engine) == 0
+    for error in (errors.InvalidTarget, errors.DuplicateEvent):
+        assert issubclass(error, errors.OutboxError) and issubclass(error, ValueError)
+
+
+def test_autocommit_connections_and_sessions_are_refused(engine: Engine) -> None:
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with autocommit.connect() as conn, pytest.raises(errors.InvalidTarget, match="AUTOCOMMIT"):
+        enqueue(conn, "t", b"x")
+    with Session(autocommit) as session, pytest.raises(errors.InvalidTarget, match="AUTOCOMMIT"):
+        enqueue_many(session, [Event("t", b"x")])
+    assert count(engine) == 0
+
+
+def test_a_duplicate_event_id_is_an_outbox_error(engine: Engine) -> None:
+    given = uuid.uuid4()
+    with engine.begin() as conn:
+        enqueue(conn, "t", b"first", event_id=given)
+    with engine.connect() as conn:
+        with pytest.raises(errors.DuplicateEvent, match=f"event_id {given} is already in the outbox.*roll it back"):
+            enqueue(conn, "t", b"second", event_id=given)
+        conn.rollback()
+    with Session(engine) as session, pytest.raises(errors.DuplicateEvent, match="an event_id of this batch"):
+        enqueue_many(session, [Event("t", b"a"), Event("t", b"b", event_id=given)])
+    assert [r.value for r in rows(engine)] == [b"first"]
+
+
+def test_a_subclass_of_async_session_takes_the_async_path(database_url: str, engine: Engine) -> None:
+    """SQLModel's AsyncSession (the usual FastAPI stack) is a subclass defined in another module."""
+    from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+
+    class AppAsyncSession(AsyncSession):
+        pass
+
+    AppAsyncSession.__module__ = "sqlmodel.ext.asyncio.session"
+
+    async def scenario() -> None:
+        async_engine = create_async_engine(database_url)
+        async with AppAsyncSession(async_engine) as session, session.begin():
+            written = enqueue(session, "t", b"subclass")
+            assert asyncio.iscoroutine(written)
+            await written
+        scoped = async_scoped_session(async_sessionmaker(async_engine), scopefunc=asyncio.current_task)
+        async with scoped.begin():
+            await enqueue(scoped, "t", b"scoped")  # type: ignore[call-overload]
+        await scoped.remove()
+        await async_engine.dispose()
+
+    asyncio.run(scenario())
+    assert [r.value for r in rows(engine)] == [b"subclass", b"scoped"]
+
+
+def test_async_autocommit_is_refused(database_url: str, engine: Engine) -> None:
+    async def scenario() -> None:
+        async_engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
+        async with async_engine.connect() as conn:
+            with pytest.raises(errors.InvalidTarget, match="AUTOCOMMIT"):
+                await enqueue(conn, "t", b"x")
+        await async_engine.dispose()
+
+    asyncio.run(scenario())
+    assert count(engine) == 0
+
+
+def test_the_documented_writer_role_can_enqueue_and_nothing_more(engine: Engine, database_url: str) -> None:
+    role = f"writer_{uuid.uuid4().hex[:8]}"
+    grants = (ROOT / "docs" / "least-privilege-writer.sql").read_text().replace("outbox_writer", role)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(grants)
+    limited = create_engine(database_url.replace("://outbox@", f"://{role}@"))
+    try:
+        with limited.begin() as conn:
+            enqueue(conn, "t", b"one", key="k")
+            enqueue_many(conn, [Event("t", b"two"), Event("t", b"three")])
+        with Session(limited) as session, session.begin():
+            enqueue(session, "t", b"four", delay=dt.timedelta(seconds=1))
+        for statement in ("SELECT * FROM outbox.events", "UPDATE outbox.events SET state = 'sent'",
+                          "DELETE FROM outbox.events", "SELECT * FROM outbox.events_settings"):
+            with pytest.raises(Exception, match="permission denied"), limited.begin() as conn:
+                conn.exec_driver_sql(statement)
+    finally:
+        limited.dispose()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    assert [r.value for r in rows(engine)] == [b"one", b"two", b"three", b"four"]

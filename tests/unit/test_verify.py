@@ -52,11 +52,6 @@ def test_parked_rows_are_neither_lost_nor_missing() -> None:
     assert report.ok and report.committed == 3 and report.received == 1
 
 
-def test_a_parked_row_that_reached_kafka_is_not_a_violation_either() -> None:
-    rows = [row(1, state="failed")]  # e.g. retried by an operator after a first copy went out
-    assert check(rows, delivered(rows[0])).ok
-
-
 def test_an_event_seen_twice_is_duplicated() -> None:
     rows = [row(1), row(2)]
     messages = [*delivered(*rows), message("e1", 2)]

@@ -1,0 +1,110 @@
+"""Is the outbox schema there, and as recent as this relay needs? One cheap check, one line of advice.
+
+Every command runs it before it works, whoever owns the migrations:
+
+- **Structure**, compared with the models (so a table, column or index a new release declares is
+  required as soon as it is declared), plus what the models cannot declare: the commit trigger and
+  the lane index of the current lane count. A handful of catalog reads, whatever the table's size.
+- **Revision**: when ``outbox-relay migrate`` manages the schema, its version table must be at this
+  release's head (a migration may change data, not only structure). An application that runs the
+  migration functions from its own Alembic history has no such table; the structure speaks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from psycopg import sql
+
+from outbox_relay.errors import SchemaError
+from outbox_relay.models import EVENTS_TABLE, LANE_INDEX_PREFIX, SCHEMA, SETTINGS_TABLE, metadata
+
+VERSION_TABLE = "outbox_relay_version"  # the outbox's own Alembic version table (alembic/env.py)
+NOTIFY_TRIGGER = f"{EVENTS_TABLE}_notify"
+
+# Which migration function adds what, for applications that own their Alembic history.
+_ADDED_BY = {
+    f"table {SCHEMA}.{EVENTS_TABLE}_instances": "add_scale_out_v2",
+    f"column {SETTINGS_TABLE}.resize_to": "add_scale_out_v2",
+    f"trigger {NOTIFY_TRIGGER}": "add_commit_notify_v3",
+    f"index ix_{EVENTS_TABLE}_discarded": "add_discarded_index_v4",
+    "lane index": "add_lane_index_v5",
+    f"column {SETTINGS_TABLE}.outbox_id": "add_outbox_identity_v6",
+    f"column {EVENTS_TABLE}_instances.backend_pid": "add_instance_sessions_v7",
+}
+
+_COLUMNS = (
+    "SELECT c.relname, a.attname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+    " WHERE n.nspname = %s AND c.relkind IN ('r', 'p')"
+)
+_INDEXES = "SELECT indexname FROM pg_indexes WHERE schemaname = %s"
+_TRIGGER = (
+    "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s AND t.tgname = %s"
+)
+_VERSION_READABLE = "SELECT has_table_privilege(to_regclass(%s), 'SELECT')"
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest revision of the outbox's own history, as installed."""
+    from alembic.script import ScriptDirectory
+
+    from outbox_relay.migrate import script_location
+
+    return str(ScriptDirectory(script_location()).get_current_head())
+
+
+def problems(conn: Any) -> list[str]:
+    """What is missing or behind, as short phrases; empty when the schema is what this relay needs."""
+    columns: dict[str, set[str]] = {}
+    for table, column in conn.execute(_COLUMNS, (SCHEMA,)):
+        columns.setdefault(table, set()).add(column)
+    if EVENTS_TABLE not in columns:
+        return [f"no outbox: schema {SCHEMA!r} has no table {EVENTS_TABLE!r}"]
+    missing: list[str] = []
+    for table in metadata.tables.values():
+        if table.name not in columns:
+            missing.append(f"table {SCHEMA}.{table.name}")
+            continue
+        missing += [f"column {table.name}.{c.name}" for c in table.columns if c.name not in columns[table.name]]
+    indexes = {row[0] for row in conn.execute(_INDEXES, (SCHEMA,))}
+    for table in metadata.tables.values():
+        missing += [f"index {index.name}" for index in table.indexes if index.name not in indexes]
+    trigger = conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, NOTIFY_TRIGGER)).fetchone()
+    if not trigger or not trigger[0]:
+        missing.append(f"trigger {NOTIFY_TRIGGER}")
+    if SETTINGS_TABLE in columns:
+        row = conn.execute(sql.SQL("SELECT lane_count FROM {} WHERE id = 1").format(
+            sql.Identifier(SCHEMA, SETTINGS_TABLE))).fetchone()
+        if row is None:
+            missing.append(f"the row of {SCHEMA}.{SETTINGS_TABLE}")
+        elif not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
+            missing.append("lane index")
+    if missing:
+        return missing
+    version_table = f'"{SCHEMA}"."{VERSION_TABLE}"'
+    readable = conn.execute(_VERSION_READABLE, (version_table,)).fetchone()
+    if readable and readable[0]:
+        row = conn.execute(f"SELECT max(version_num) FROM {version_table}").fetchone()
+        current = row[0] if row else None
+        if current != head_revision():
+            return [f"revision {current or '(none)'}, this relay needs {head_revision()}"]
+    return []
+
+
+def check(conn: Any) -> None:
+    """Raise SchemaError, in one line saying what to run, unless the schema is what this relay needs."""
+    found = problems(conn)
+    if not found:
+        return
+    if found[0].startswith("no outbox"):
+        raise SchemaError(f"{found[0]} in this database: run `outbox-relay migrate` (or check --database-url, "
+                          "OUTBOX_SCHEMA and OUTBOX_TABLE)")
+    functions = sorted({_ADDED_BY[item] for item in found if item in _ADDED_BY})
+    own_history = (f"; if your application's Alembic history owns the outbox, add a revision calling "
+                   f"outbox_relay.models.migration.{'(), '.join(functions)}()" if functions else "")
+    raise SchemaError(f"the outbox schema is behind this relay ({', '.join(found)}): run `outbox-relay migrate`"
+                      f"{own_history}")

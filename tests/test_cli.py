@@ -1,0 +1,208 @@
+"""The command line against the real services: expected failures are one line and a named exit code,
+every command checks the schema it needs, and the first hour's surprises are gone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from outbox_relay import cli as cli_module
+from outbox_relay import enqueue
+from tests.conftest import url_for
+from tests.relaytools import ROOT
+
+# Every command that reads or writes the outbox, with what it needs beyond --database-url.
+COMMANDS = [["status"], ["status", "--json"], ["failed", "list"], ["failed", "retry", "--all"],
+            ["failed", "discard", "--all"], ["lanes", "show"], ["lanes", "set", "2"], ["verify"],
+            ["replay", "--all"], ["run"]]
+
+
+def cli(database_url: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **env})
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """An expected failure says one line on stderr, never a traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_command_on_an_unmigrated_database_says_run_migrate(empty_database_url: str,
+                                                                  command: list[str]) -> None:
+    result = cli(empty_database_url, *command)
+    assert result.returncode == cli_module.EXIT_SCHEMA == 5
+    line = one_line(result)
+    assert "no outbox" in line and "run `outbox-relay migrate`" in line
+
+
+def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, database_url: str) -> None:
+    # Managed by `outbox-relay migrate`, one revision behind.
+    downgraded = cli(database_url, "migrate", "--downgrade", "--revision", "0004_discarded_index")
+    assert downgraded.returncode == 0, downgraded.stderr
+    line = one_line(cli(database_url, "status"))
+    assert "behind this relay (lane index)" in line and "run `outbox-relay migrate`" in line
+    assert "outbox_relay.models.migration.add_lane_index_v5()" in line
+    assert cli(database_url, "migrate").returncode == 0
+    assert cli(database_url, "status").returncode == 0
+
+    # Owned by the application's own Alembic history (no outbox version table), missing v3 and v5.
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE outbox.outbox_relay_version"))
+        conn.execute(text("DROP TRIGGER events_notify ON outbox.events"))
+        conn.execute(text("DROP INDEX outbox.ix_events_lane_1"))
+    result = cli(database_url, "failed", "list")
+    assert result.returncode == 5
+    line = one_line(result)
+    assert "trigger events_notify" in line and "lane index" in line
+    assert "add_commit_notify_v3(), add_lane_index_v5()" in line
+
+
+def test_a_revision_behind_with_the_same_structure_is_named(engine: Engine, database_url: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox.outbox_relay_version SET version_num = '0004_discarded_index'"))
+    result = cli(database_url, "lanes", "show")
+    assert result.returncode == 5
+    assert "revision 0004_discarded_index, this relay needs 0005_lane_index" in one_line(result)
+
+
+def test_run_on_an_unmigrated_database_stops_with_one_line(empty_database_url: str) -> None:
+    result = cli(empty_database_url, "run", timeout=30)
+    assert result.returncode == 5
+    assert "run `outbox-relay migrate`" in one_line(result)
+
+
+def test_unreachable_or_misnamed_databases_are_one_line(database_url: str) -> None:
+    misnamed = url_for("no_such_database_here")
+    result = cli(misnamed, "status")
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE == 4
+    assert 'database "no_such_database_here" does not exist' in one_line(result)
+    refused = database_url.replace(f":{os.environ['OUTBOX_SERVICES_PG_PORT']}/", ":1/") if \
+        "OUTBOX_SERVICES_PG_PORT" in os.environ else "postgresql+psycopg://outbox@127.0.0.1:1/outbox"
+    for command in (["status"], ["failed", "list"], ["migrate"], ["lanes", "show"]):
+        result = cli(refused, *command)
+        assert result.returncode == 4, result.stderr
+        assert "Connection refused" in one_line(result)
+    # A wrong name is not waited for, even by the daemon.
+    result = cli(misnamed, "run", timeout=30)
+    assert result.returncode == 4 and "does not exist" in one_line(result)
+
+
+def test_unreachable_kafka_is_one_line(engine: Engine, database_url: str) -> None:
+    with engine.begin() as conn:
+        enqueue(conn, "orders", b"x")
+    result = cli(database_url, "verify", "--bootstrap-servers", "127.0.0.1:1", "--kafka-timeout", "2")
+    assert result.returncode == 4
+    assert "Kafka" in one_line(result)
+    # lanes set narrates its steps at INFO; the failure is its last line, librdkafka's own lines are not shown.
+    result = cli(database_url, "lanes", "set", "2", "--bootstrap-servers", "127.0.0.1:1", OUTBOX_KAFKA_TIMEOUT="2")
+    assert result.returncode == 4 and "Traceback" not in result.stderr
+    assert "rdkafka" not in result.stderr and "init_transactions failed" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_closed_pipe_ends_quietly(engine: Engine, database_url: str) -> None:
+    with engine.begin() as conn:
+        for n in range(5):
+            enqueue(conn, f"topic{n}", b"x")
+    process = subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "status", "--database-url", database_url],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the command prints, as with `status | head -0`
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(60) == cli_module.EXIT_PIPE == 141
+    assert stderr == ""
+
+
+def test_an_invalid_pass_through_property_names_its_variable(database_url: str) -> None:
+    result = cli(database_url, "run", timeout=30, OUTBOX_KAFKA_PORT="29092")
+    assert result.returncode == 2
+    assert one_line(result).endswith('No such configuration property: "port" (from OUTBOX_KAFKA_PORT)')
+
+
+def test_migrate_on_an_existing_outbox_says_it_keeps_the_lane_count(database_url: str) -> None:
+    result = cli(database_url, "migrate", "--lanes", "8")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "already exists with 1 lane and keeps its lane count" in line and "outbox-relay lanes set 8" in line
+    assert "already exists" not in cli(database_url, "migrate", "--lanes", "1").stderr  # nothing to say
+
+
+def test_downgrade_to_base_needs_confirmation(engine: Engine, database_url: str) -> None:
+    def has_outbox() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT to_regclass('outbox.events')")).scalar() is not None
+
+    for revision in ("base", "-5"):
+        result = cli(database_url, "migrate", "--downgrade", "--revision", revision)
+        assert result.returncode == 2 and "without --yes" in one_line(result)
+        assert has_outbox()
+    assert cli(database_url, "migrate", "--downgrade", "--revision", "-1").returncode == 0  # drops an index only
+    result = cli(database_url, "migrate", "--downgrade", "--revision", "base", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert not has_outbox()
+
+
+def test_replay_refuses_a_naive_timestamp(database_url: str) -> None:
+    result = cli(database_url, "replay", "--since", "2026-11-27T10:00:00")
+    assert result.returncode == 2
+    assert "has no time zone: add one, e.g. 2026-11-27T10:00:00+00:00" in result.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"outbox-relay {version('outbox-relay')}"
+
+
+def test_verify_judges_order_per_stream_and_finds_parked_rows_in_kafka(engine: Engine, database_url: str,
+                                                                        tmp_path: Path) -> None:
+    import uuid
+
+    from tests import kafkatools
+    from tests.relaytools import RelayProcess, pending, wait_until
+
+    suffix = uuid.uuid4().hex[:8]
+    # One key on two topics, the later event on the topic that sorts first: no order between them.
+    later_first, earlier_second = (kafkatools.create_topic(f"{name}-{suffix}", partitions=1) for name in ("b", "a"))
+    with engine.begin() as conn:
+        enqueue(conn, later_first, b"1", key="k")
+        enqueue(conn, earlier_second, b"2", key="k")
+        enqueue(conn, later_first, b"3", key="k")
+    relay = RelayProcess(database_url, tmp_path).start()
+    try:
+        wait_until(lambda: pending(engine) == 0, 30, "publication")
+    finally:
+        relay.stop()
+    result = cli(database_url, "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reordered=0" in result.stdout
+
+    # An operator (or a bug) parks a row that Kafka already has: retrying it would publish it twice.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox.events SET state = 'failed', sent_at = NULL, last_error = 'x' WHERE id = 2"))
+    result = cli(database_url, "verify")
+    assert result.returncode == 1
+    assert "parked as failed or discarded, yet in Kafka: 1" in result.stdout
+
+
+def test_the_demo_stops_when_the_relay_dies_and_shows_its_last_lines(database_url: str) -> None:
+    import time
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py")], capture_output=True, text=True,
+                            timeout=45, cwd=ROOT,
+                            env={**os.environ, "OUTBOX_DATABASE_URL": database_url, "OUTBOX_KAFKA_PORT": "29092"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started < 30  # not the 60 s wait for events that will never come
+    assert "the relay exited with code 2; its last log lines" in result.stdout
+    assert 'No such configuration property: "port" (from OUTBOX_KAFKA_PORT)' in result.stdout
