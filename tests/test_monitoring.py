@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -277,3 +278,52 @@ def test_each_lane_claims_through_its_own_index(engine: Engine, database_url: st
         plan = "\n".join(row[0] for row in conn.execute(
             b"EXPLAIN " + Store().claim_query(4).as_bytes(conn), {"lane": 2, "limit": 1000}))
     assert "Index Scan using ix_events_lane_4" in plan, plan
+
+
+MARKUP_OWNER = '<img src=x onerror="document.body.dataset.xss=1">'
+
+
+def test_status_page_shows_database_text_as_text_and_labels_its_chart(engine: Engine, database_url: str,
+                                                                       tmp_path: Path) -> None:
+    """Lane owners are free text (OUTBOX_INSTANCE): markup in one is shown, never run. HEAD answers like GET."""
+    seed(engine, "orders")
+    port = free_port()
+    relay = RelayProcess(database_url, tmp_path, OUTBOX_HTTP=str(port), OUTBOX_BACKLOG_INTERVAL="0.3",
+                         OUTBOX_SHUTDOWN_TIMEOUT="3", OUTBOX_INSTANCE=MARKUP_OWNER,
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start()  # nothing moves
+    try:
+        url = f"http://127.0.0.1:{port}/"
+
+        def ready_to_look() -> bool:
+            if get_or_none(url + "api/status") != 200:
+                return False
+            status = json.loads(get(url + "api/status")[1])
+            return (status["snapshot"] is not None and len(status["history"]) >= 3
+                    and [o["owner"] for o in status["snapshot"]["owners"]] == [MARKUP_OWNER])
+
+        wait_until(ready_to_look, 30, "the markup owner to hold the lane, and some history")
+        dom = browse(url, "--dump-dom").stdout
+        heads = {path: head(url + path) for path in ("", "metrics", "readyz", "nowhere")}
+        gets = {path: get(url + path) for path in ("", "metrics")}
+    finally:
+        relay.stop()
+    # The owner's markup is text in a cell: escaped in the DOM, no element made of it, its handler never ran.
+    assert "<td>&lt;img src=x onerror=\"document.body.dataset.xss=1\"&gt;</td>" in dom, dom
+    assert "<img" not in dom and "data-xss" not in dom
+    # The chart says what it shows: a title naming the window it really covers, axes with units.
+    title = re.search(r'<h2 id="chart-title">Backlog and throughput, last (\d+) s</h2>', dom)
+    assert title and 0 < int(title.group(1)) < 120, dom
+    assert '>events</text>' in dom and '>events/s</text>' in dom and '>now</text>' in dom
+    # HEAD answers as GET would, without a body.
+    assert heads[""] == (200, str(len(gets[""][1])), b"") and heads["metrics"][:2] == (200, heads["metrics"][1])
+    assert heads["readyz"][0] == 503 and heads["nowhere"][0] == 404
+
+
+def head(url: str) -> tuple[int, str | None, bytes]:
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Content-Length"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Length"], exc.read()
+
