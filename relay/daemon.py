@@ -51,7 +51,9 @@ class _LibrdkafkaLogger:
         self._log = logging.getLogger("outbox_relay.librdkafka")
 
     def log(self, level: int, message: str, *args: Any) -> None:
-        self._log.log(logging.WARNING if level <= 4 else logging.DEBUG, message, *args)
+        # `level` is a Python level (ERROR for each refused connection, per client and attempt). The relay
+        # reports Kafka trouble itself, once (circuit breaker), so librdkafka's own lines are detail.
+        self._log.debug(message, *args)
 
 
 class Relay:
@@ -81,7 +83,8 @@ class Relay:
         log.info("relay %s starting: %s", self.settings.instance_name(), self.settings.redacted(),
                  extra={"action": "start"})
         # librdkafka judges the configuration now, so a typo stops the daemon with one clear line.
-        validate_config(self.settings.producer_config(), self.settings.transactional_id(0))
+        validate_config({**self.settings.producer_config(), "logger": self._kafka_logger},
+                        self.settings.transactional_id(0))
         now = dt.datetime.now(dt.UTC)
         self.scheduler.add_job(self._manage_lanes, "interval", seconds=self.settings.lane_interval,
                                id="lanes", next_run_time=now)
