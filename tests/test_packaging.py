@@ -31,6 +31,7 @@ from outbox_relay.store import conninfo
 from tests import kafkatools
 from tests.conftest import create_database, drop_database
 from tests.relaytools import FAST, wait_until
+from tests.test_monitoring import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -269,14 +270,6 @@ def app_relay() -> Iterator[list[subprocess.Popen[bytes]]]:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(900)
