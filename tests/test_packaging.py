@@ -121,6 +121,27 @@ def test_readme_recipe_calls_every_migration_function_in_order() -> None:
     assert len(ups) == len(downs) == max(version(n) for n in functions)
 
 
+
+def test_changelog_announces_the_unreleased_changes_and_every_migration_function() -> None:
+    import tomllib
+
+    from outbox_relay.models import migration
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert changelog.index("## Unreleased") < changelog.index(f"## {version}")
+    unreleased = changelog[changelog.index("## Unreleased"):changelog.index(f"## {version}")]
+    ports = re.findall(r'"(OUTBOX_SERVICES_\w+_PORT)", "(\d+)"', (ROOT / "scripts" / "services").read_text())
+    assert len(ports) == 3
+    for needle in ["`outbox_relay`", *(name for name, _ in ports), *(port for _, port in ports)]:
+        assert needle in unreleased, f"CHANGELOG's Unreleased section does not mention {needle}"
+    # An application that owns its migrations learns from the changelog which functions to call.
+    for name in vars(migration):
+        if re.fullmatch(r"(create|add)_\w+_v\d+", name):
+            assert f"`{name}" in changelog, f"{name} is not in CHANGELOG.md"
+    # Not on PyPI yet: the README must not tell anyone to pip install it by name.
+    assert not re.search(r"pip install outbox-relay\b", README)
+
 # --- the application --------------------------------------------------------------------------------
 
 MODELS = '''\
