@@ -65,6 +65,15 @@ class StatusServer:
 
 class _Handler(BaseHTTPRequestHandler):
     server_side: StatusServer
+    _head = False
+
+    def do_HEAD(self) -> None:
+        """What GET would answer, headers only (uptime checkers and curl -I use it)."""
+        self._head = True
+        try:
+            self.do_GET()
+        finally:
+            self._head = False
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -90,7 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if not self._head:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: not worth a log line
         pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -264,8 +265,8 @@ def seed_held(engine: Engine) -> list[str]:
         for n in range(3):
             enqueue(conn, "orders", {"n": n}, key="k")
         enqueue(conn, "orders", b"free", key="free")
-        conn.execute(text("UPDATE outbox.events SET created_at = now() - interval '2 minutes' WHERE key = 'k'"))
-        conn.execute(text("UPDATE outbox.events SET state = 'failed', last_error = 'MSG_SIZE_TOO_LARGE: too big',"
+        conn.execute(text(f"UPDATE {EVENTS} SET created_at = now() - interval '2 minutes' WHERE key = 'k'"))
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'failed', last_error = 'MSG_SIZE_TOO_LARGE: too big',"
                           " attempts = 3 WHERE id = 1"))
     return [failed]
 
@@ -318,3 +319,63 @@ def test_failed_list_shows_keys_and_what_they_hold_and_ids_take_uuids(engine: En
     assert states(engine) == {"discarded": 1, "pending": 4}
     bad = cli(database_url, "failed", "retry", "--id", "not-an-id")
     assert bad.returncode == 2 and "neither a row id nor an event id" in bad.stderr
+
+
+MARKUP_OWNER = '<img src=x onerror="document.body.dataset.xss=1">'
+
+
+def test_status_page_shows_database_text_as_text_and_labels_its_chart(engine: Engine, database_url: str,
+                                                                       relays: Relays) -> None:
+    """Lane owners are free text (OUTBOX_INSTANCE): markup in one is shown, never run. HEAD answers like GET."""
+    seed(engine, "orders")
+    port = free_port()
+    relay = relays.start(database_url, OUTBOX_HTTP=str(port), OUTBOX_BACKLOG_INTERVAL="0.3",
+                         OUTBOX_SHUTDOWN_TIMEOUT="3", OUTBOX_INSTANCE=MARKUP_OWNER,
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")  # nothing moves
+    url = f"http://127.0.0.1:{port}/"
+
+    def ready_to_look() -> bool:
+        if get_or_none(url + "api/status") != 200:
+            return False
+        status = json.loads(get(url + "api/status")[1])
+        return (status["snapshot"] is not None and len(status["history"]) >= 3
+                and [o["owner"] for o in status["snapshot"]["owners"]] == [MARKUP_OWNER])
+
+    wait_until(ready_to_look, 30, "the markup owner to hold the lane, and some history")
+    dom = browse(url, "--dump-dom").stdout
+    heads = {path: head(url + path) for path in ("", "metrics", "readyz", "nowhere")}
+    gets = {path: get(url + path) for path in ("", "metrics")}
+    relay.stop()
+    # The owner's markup is text in a cell: escaped in the DOM, no element made of it, its handler never ran.
+    assert "<td>&lt;img src=x onerror=\"document.body.dataset.xss=1\"&gt;</td>" in dom, dom
+    assert "<img" not in dom and "data-xss" not in dom
+    # The chart says what it shows: a title naming the window it really covers, axes with units.
+    title = re.search(r'<h2 id="chart-title">Backlog and throughput, last (\d+) s</h2>', dom)
+    assert title and 0 < int(title.group(1)) < 120, dom
+    assert '>events</text>' in dom and '>events/s</text>' in dom and '>now</text>' in dom
+    # HEAD answers as GET would, without a body.
+    assert heads[""] == (200, str(len(gets[""][1])), b"") and heads["metrics"][:2] == (200, heads["metrics"][1])
+    assert heads["readyz"][0] == 503 and heads["nowhere"][0] == 404
+
+
+def head(url: str) -> tuple[int, str | None, bytes]:
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Content-Length"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Length"], exc.read()
+
+
+def test_librdkafka_lines_follow_the_json_log_format(database_url: str, tmp_path: Path) -> None:
+    """librdkafka's own lines go through logging like every other line, from every client the relay makes
+    (debug=broker makes each client log as it is created, so one without the relay's logger shows at once)."""
+    relay = RelayProcess(database_url, tmp_path, OUTBOX_LOG_FORMAT="json", OUTBOX_LOG_LEVEL="DEBUG",
+                         OUTBOX_SHUTDOWN_TIMEOUT="3", OUTBOX_KAFKA_TIMEOUT="2", OUTBOX_KAFKA_DEBUG="broker",
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start()
+    try:
+        wait_until(lambda: '"outbox_relay.librdkafka"' in relay.log(), 30, "a librdkafka line")
+    finally:
+        relay.stop()
+    for line in relay.log().splitlines():
+        assert line.startswith("{") and json.loads(line)["logger"], f"not a JSON log line: {line}"
