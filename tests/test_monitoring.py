@@ -367,15 +367,13 @@ def head(url: str) -> tuple[int, str | None, bytes]:
         return exc.code, exc.headers["Content-Length"], exc.read()
 
 
-def test_librdkafka_lines_follow_the_json_log_format(database_url: str, tmp_path: Path) -> None:
+def test_librdkafka_lines_follow_the_json_log_format(database_url: str, relays: Relays) -> None:
     """librdkafka's own lines go through logging like every other line, from every client the relay makes
     (debug=broker makes each client log as it is created, so one without the relay's logger shows at once)."""
-    relay = RelayProcess(database_url, tmp_path, OUTBOX_LOG_FORMAT="json", OUTBOX_LOG_LEVEL="DEBUG",
+    relay = relays.start(database_url, OUTBOX_LOG_FORMAT="json", OUTBOX_LOG_LEVEL="DEBUG",
                          OUTBOX_SHUTDOWN_TIMEOUT="3", OUTBOX_KAFKA_TIMEOUT="2", OUTBOX_KAFKA_DEBUG="broker",
-                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start()
-    try:
-        wait_until(lambda: '"outbox_relay.librdkafka"' in relay.log(), 30, "a librdkafka line")
-    finally:
-        relay.stop()
+                         OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    wait_until(lambda: '"outbox_relay.librdkafka"' in relay.log(), 30, "a librdkafka line")
+    relay.stop()
     for line in relay.log().splitlines():
         assert line.startswith("{") and json.loads(line)["logger"], f"not a JSON log line: {line}"
