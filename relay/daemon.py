@@ -65,14 +65,16 @@ class BrokerProbe:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._logger = LibrdkafkaLogger(quiet=True)
-        config: dict[str, Any] = {**progress.client_config(settings.producer_config()), "logger": self._logger}
-        self._admin = AdminClient(config)
+        self._config: dict[str, Any] = {**progress.client_config(settings.producer_config()), "logger": self._logger}
+        self._admin: AdminClient | None = None  # made at the first probe, after the configuration check
         self._bootstrap = settings.kafka_properties.get("bootstrap.servers", "")
         self._gauge = metrics.broker_up
         self.up = True  # until the first probe says otherwise: a fresh start tries at once
         self.problem = ""
 
     def probe(self) -> None:
+        if self._admin is None:
+            self._admin = AdminClient(self._config)
         try:
             self._admin.list_topics(timeout=PROBE_TIMEOUT)
         except KafkaException as exc:

@@ -23,6 +23,11 @@ from outbox_relay.store import Row, Store, connect
 log = logging.getLogger(__name__)
 
 ISOLATION_RETRIES = 5
+TRANSACTION_POOLING = (
+    "the lane's advisory lock is not held by this connection's session: a transaction-pooling proxy "
+    "(PgBouncer pool_mode=transaction) stands between the relay and PostgreSQL; connect the relay directly "
+    "or through session pooling"
+)
 DRAIN_SLICE_SECONDS = 1.0
 
 
@@ -104,6 +109,17 @@ class LaneWorker:
                 self.store.release_lane_lock(self._conn, self.lane)
                 log.info("not taking lane %d: the lane count changed to %d", self.lane, state.lane_count,
                          extra={**self._extra, "action": "lane_stale"})
+                return False
+            if not self.store.holds_lane_lock(self._conn, self.lane):
+                # The lock went to a server session that is not ours any more: a transaction-pooling
+                # proxy hands each statement to whichever session is free, and ownership means nothing
+                # then. (It may hand the same session back by chance: the README warns too.)
+                self._conn.close()
+                self._conn = None
+                if not self.database.failures:
+                    log.error("lane %d: %s", self.lane, TRANSACTION_POOLING,
+                              extra={**self._extra, "action": "transaction_pooling"})
+                self.database.failure(TRANSACTION_POOLING)
                 return False
             self.store.record_owner(self._conn, self.lane, self.owner)
         except psycopg.OperationalError as exc:

@@ -57,17 +57,19 @@ def database_name(database_url: str) -> str:
     return make_url(database_url).database or "postgres"
 
 
+# Session settings are SET after connecting rather than sent as the `options` startup parameter,
+# which PgBouncer refuses.
+# The relay's own writes are durable whatever the database's default (recovery covers marks lost
+# anyway, but should rarely have to). The server also notices a vanished relay within seconds (and
+# frees its lanes' locks).
+_SESSION = ("SET synchronous_commit = on; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
+            " SET tcp_keepalives_count = 3")
 # The claim must walk the pending index in id order and stop after one batch, whatever the planner
 # thinks of `lane_key % n = lane` (it cannot estimate it, and on a fresh table it has no statistics
-# at all): a bitmap scan + sort would read the whole backlog on every claim.
-_LANE_SESSION = "-c enable_bitmapscan=off -c enable_sort=off"
-# The relay's own writes are durable whatever the database's default (recovery covers marks lost
-# anyway, but should rarely have to).
-_DURABLE = "-c synchronous_commit=on"
-# No statement or lock wait of a lane may hang it (a claim or mark takes milliseconds).
-_LANE_TIMEOUTS = "-c statement_timeout=30000 -c lock_timeout=10000"
-# The server also notices a vanished relay within seconds (and frees its lanes' locks).
-_KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
+# at all): a bitmap scan + sort would read the whole backlog on every claim. No statement or lock
+# wait of a lane may hang it (a claim or mark takes milliseconds).
+_LANE_SESSION = ("SET enable_bitmapscan = off; SET enable_sort = off; SET statement_timeout = 30000;"
+                 " SET lock_timeout = 10000")
 
 
 def connect(
@@ -77,7 +79,7 @@ def connect(
 
     TCP keepalives make a dead peer visible in seconds rather than hours, on both sides.
     """
-    return psycopg.connect(
+    conn = psycopg.connect(
         conninfo(database_url),
         autocommit=True,
         application_name=application_name,
@@ -86,9 +88,16 @@ def connect(
         keepalives_idle=5,
         keepalives_interval=2,
         keepalives_count=3,
-        options=" ".join([_KEEPALIVES, _DURABLE, *([_LANE_TIMEOUTS, _LANE_SESSION] if lane else [])]),
         row_factory=tuple_row,
     )
+    try:
+        conn.execute(_SESSION)
+        if lane:
+            conn.execute(_LANE_SESSION)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 _EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
