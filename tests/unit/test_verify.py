@@ -28,7 +28,7 @@ def test_every_row_sent_once_in_id_order_is_ok() -> None:
     assert report.ok
     assert (report.committed, report.received, report.duplicate_count) == (3, 3, 0)
     assert report.summary() == ("committed=3 received=3 lost=0 duplicated=0 reordered=0 unknown=0"
-                                " sent_but_missing=0")
+                                " sent_but_missing=0 parked_but_published=0")
     assert render(report).startswith("OK: committed=3")
 
 
