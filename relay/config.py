@@ -18,7 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from outbox_relay.errors import ConfigurationError
+from outbox_relay.models import EVENTS_TABLE, SCHEMA
 from outbox_relay.progress import MAX_RECORD_IDS
 from outbox_relay.write import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -186,10 +189,7 @@ class Settings:
 
     def kafka_names(self, outbox_id: str) -> KafkaNames:
         """This outbox's names in Kafka; the defaults carry its durable identity (made by `migrate`)."""
-        from outbox_relay.models import EVENTS_TABLE, SCHEMA
-        from outbox_relay.store import database_name
-
-        database = database_name(self.database_url)
+        database = make_url(self.database_url).database or "postgres"
         default = kafka_safe(f"outbox-relay.{database}.{SCHEMA}.{EVENTS_TABLE}.{outbox_id[:12]}")
         prefix = self.transactional_id_prefix or default
         return KafkaNames(outbox_id, prefix, self.progress_topic or f"{prefix}.progress")

@@ -53,10 +53,6 @@ def conninfo(database_url: str) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def database_name(database_url: str) -> str:
-    return make_url(database_url).database or "postgres"
-
-
 # Session settings are SET after connecting rather than sent as the `options` startup parameter,
 # which PgBouncer refuses.
 # The relay's own writes are durable whatever the database's default (recovery covers marks lost
