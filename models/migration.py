@@ -163,9 +163,15 @@ def drop_commit_notify_v3() -> None:
 
 
 def add_discarded_index_v4() -> None:
-    """Lets retention find old discarded events without walking the table."""
-    op.create_index(f"ix_{EVENTS_TABLE}_discarded", EVENTS_TABLE, ["created_at"], schema=SCHEMA,
-                    postgresql_where=sa.text("state = 'discarded'"))
+    """Lets retention find old discarded events without walking the table.
+
+    Built CONCURRENTLY (outside the migration's transaction): the events table may be large and busy,
+    and a plain CREATE INDEX would block every writer until it finished.
+    """
+    with op.get_context().autocommit_block():
+        op.create_index(f"ix_{EVENTS_TABLE}_discarded", EVENTS_TABLE, ["created_at"], schema=SCHEMA,
+                        postgresql_where=sa.text("state = 'discarded'"), postgresql_concurrently=True,
+                        if_not_exists=True)
 
 
 def drop_discarded_index_v4() -> None:
@@ -174,14 +180,26 @@ def drop_discarded_index_v4() -> None:
 
 def add_lane_index_v5() -> None:
     """Each lane's claim walks its own slice of the pending rows: ((lane_key % N), id) for the
-    current lane count N. `outbox-relay lanes set` builds the next one before switching."""
-    op.execute(sa.text(
-        f"""DO $$ DECLARE n integer; BEGIN
+    current lane count N. `outbox-relay lanes set` builds the next one before switching.
+
+    Built CONCURRENTLY, as add_discarded_index_v4 is: writers go on while it is built.
+    """
+    if op.get_context().as_sql:  # offline (--sql): the count is only known to the database
+        op.execute(sa.text(
+            f"""DO $$ DECLARE n integer; BEGIN
             SELECT lane_count INTO n FROM "{SCHEMA}"."{SETTINGS_TABLE}";
             EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON "{SCHEMA}"."{EVENTS_TABLE}" ((lane_key %% %s), id)'
                            || ' WHERE state = ''pending''', '{LANE_INDEX_PREFIX}' || n, n);
         END $$"""
-    ))
+        ))
+        return
+    count = op.get_bind().execute(sa.text(f'SELECT lane_count FROM "{SCHEMA}"."{SETTINGS_TABLE}"')).scalar_one()
+    lanes = int(count)
+    with op.get_context().autocommit_block():
+        op.execute(sa.text(
+            f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{LANE_INDEX_PREFIX}{lanes}" ON "{SCHEMA}"."{EVENTS_TABLE}"'
+            f" ((lane_key % {lanes}), id) WHERE state = 'pending'"
+        ))
 
 
 def drop_lane_index_v5() -> None:

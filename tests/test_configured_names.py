@@ -7,6 +7,7 @@ Those names are read once, at import, so each step runs in a subprocess with its
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -56,7 +57,9 @@ def test_a_relay_runs_end_to_end_under_other_schema_and_table_names(empty_databa
     wait_until(lambda: column(empty_database_url, "SELECT count(*) FROM shop_outbox.order_events"
                                                   " WHERE state = 'sent'") == [60], 60, "the relay to publish")
     relay.stop()
-    assert ".shop_outbox.order_events.lane-0" in relay.log() and ".shop_outbox.order_events.lane-1" in relay.log()
+    transactional_ids = re.findall(r"transactional\.id (\S+)\)", relay.log())
+    assert {t.rsplit(".", 2)[0].split(".", 2)[2] for t in transactional_ids} == {"shop_outbox.order_events"}
+    assert {t.rsplit(".", 1)[1] for t in transactional_ids} == {"lane-0", "lane-1"}
 
     ledger = cli(empty_database_url, "verify", env=env)
     assert ledger.returncode == 0, ledger.stdout + ledger.stderr

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
+import psycopg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
@@ -18,8 +20,9 @@ from outbox_relay.models import (
     SETTINGS_TABLE,
     metadata,
 )
-from tests.pgtools import SETTINGS, create_database, drop_database
-from tests.relaytools import cli
+from outbox_relay.store import conninfo
+from tests.pgtools import EVENTS, SETTINGS, create_database, drop_database
+from tests.relaytools import cli, wait_until
 
 
 def _diff(url: str) -> list[object]:
@@ -116,3 +119,24 @@ def test_the_lane_index_follows_the_lane_count(empty_database_url: str) -> None:
     engine.dispose()
     assert indexes == [f"CREATE INDEX {LANE_INDEX_PREFIX}4 ON {SCHEMA}.{EVENTS_TABLE} USING btree"
                        " (((lane_key % 4)), id) WHERE (state = 'pending'::text)"]
+
+
+def test_migrations_that_index_the_events_table_never_block_its_writers(empty_database_url: str) -> None:
+    """A writer's transaction is open while the migration runs: a plain CREATE INDEX would queue behind it
+    and every later writer behind the CREATE INDEX. Built CONCURRENTLY, later writers go on."""
+    migrate.upgrade(empty_database_url, "0003_commit_notify", lanes=2)
+    with psycopg.connect(conninfo(empty_database_url)) as open_writer:
+        open_writer.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('t')")
+        migration = threading.Thread(target=migrate.upgrade, args=(empty_database_url, "head"), daemon=True)
+        migration.start()
+        with psycopg.connect(conninfo(empty_database_url), autocommit=True) as later_writer:
+            wait_until(lambda: later_writer.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%%'"
+                " AND wait_event IS NOT NULL AND datname = current_database()").fetchone()[0], 30,
+                "the migration to wait for the open writer")
+            later_writer.execute("SET lock_timeout = '2s'")
+            later_writer.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('t')")  # LockNotAvailable if blocked
+        open_writer.commit()
+        migration.join(60)
+    assert not migration.is_alive()
+    assert _diff(empty_database_url) == []
