@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 
 from outbox_relay import cli as cli_module
 from outbox_relay import enqueue
-from tests.conftest import url_for
+from tests.pgtools import url_for
 from tests.relaytools import ROOT
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.

@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 from outbox_relay.store import conninfo
 from tests import kafkatools
-from tests.conftest import create_database, drop_database
+from tests.pgtools import create_database, drop_database
 from tests.relaytools import FAST, wait_until
 from tests.test_monitoring import free_port
 
