@@ -32,7 +32,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
-from outbox_relay.errors import BrokerUnavailable, ConfigurationError
+from outbox_relay.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ MAX_RECORD_IDS = 10_000
 MIN_COMPACTION_LAG_MS = 24 * 3600 * 1000
 TOPIC_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(MIN_COMPACTION_LAG_MS)}
 _POLL_SLICE = 0.5  # seconds; a stop request is noticed within one slice
+_NOT_ALLOWED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED})
 # What a partition answers while its leader is being elected or its topic is still being made.
 _LEADERSHIP_SETTLING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
                                   KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION})
@@ -155,10 +156,21 @@ def ensure_topic(kafka_config: dict[str, Any], topic: str, partitions: int, time
                     raise
             return
         resource = ConfigResource("topic", topic)
-        config = admin.describe_configs([resource])[resource].result(timeout)
-        policy = config["cleanup.policy"].value if "cleanup.policy" in config else "delete"
+        try:
+            config = admin.describe_configs([resource])[resource].result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NOT_ALLOWED:
+                raise
+            # A least-privilege principal may lack DescribeConfigs: say what to check, and go on.
+            log.warning("cannot read the configuration of progress topic %s (%s): make sure it has"
+                        " cleanup.policy=compact", topic, exc.args[0].str(),
+                        extra={"action": "progress_topic_unchecked", "topic": topic})
+            config = {}
+        policy = config["cleanup.policy"].value if "cleanup.policy" in config else "compact"
         if policy != "compact":
-            raise ConfigurationError(
+            # Reported like any broker trouble (the lane backs off, its breaker says it once), since
+            # an operator can fix the topic while the relay runs.
+            raise BrokerUnavailable(
                 f"progress topic {topic!r} has cleanup.policy={policy}: the relay needs 'compact' (records kept "
                 "per lane); fix the topic or choose another with OUTBOX_PROGRESS_TOPIC"
             )

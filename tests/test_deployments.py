@@ -329,3 +329,17 @@ def test_a_relay_stops_within_its_bound_while_the_broker_hangs(
     relay.stop()
     report = ledger(engine, [topic])
     assert report.ok and report.received == 400, report.summary()
+
+
+def test_a_progress_topic_that_deletes_old_records_is_refused(
+    engine: Engine, database_url: str, topic: str, relays: Relays
+) -> None:
+    # Records deleted by age would leave recovery blind: the relay publishes nothing rather than risk it.
+    unfit = kafkatools.create_topic(f"progress-{uuid.uuid4().hex[:8]}", partitions=1,
+                                    config={"cleanup.policy": "delete"})
+    backlog(engine, topic, 5)
+    relay = relays.start(database_url, OUTBOX_PROGRESS_TOPIC=unfit, OUTBOX_BREAKER_THRESHOLD="2")
+    wait_until(lambda: "circuit open" in relay.log(), 60, "the relay to refuse the topic")
+    relay.stop()
+    assert f"progress topic '{unfit}' has cleanup.policy=delete" in relay.log()
+    assert pending(engine) == 5
