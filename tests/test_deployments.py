@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -75,8 +74,7 @@ def second_postgres() -> Iterator[str]:
 
 
 def test_two_outboxes_whose_databases_share_a_name_share_a_kafka_cluster_safely(
-    engine: Engine, database_url: str, second_postgres: str, topic: str, tmp_path: Path,
-    relays: Relays,
+    engine: Engine, database_url: str, second_postgres: str, topic: str, relays: Relays,
 ) -> None:
     # The second server gets a database of the same name as ours: two services, one common name.
     name = make_url(database_url).database
@@ -107,7 +105,7 @@ def test_two_outboxes_whose_databases_share_a_name_share_a_kafka_cluster_safely(
 
 
 def test_the_progress_topic_and_the_relays_headers_are_reserved(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     names = kafka_names(engine, database_url)
     with engine.begin() as conn:
@@ -144,7 +142,7 @@ def test_the_progress_topic_and_the_relays_headers_are_reserved(
 
 
 def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     backlog(engine, topic, 1000)
     relay = relays.start(database_url, OUTBOX_BATCH_SIZE=50)
@@ -167,7 +165,7 @@ def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
 
 
 def test_a_relay_that_stalls_across_a_lane_count_change_never_publishes_under_the_old_count(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     set_lane_count(engine, 2)
     # The stalled relay has read "2 lanes" and stalls before it locks its first lane.
@@ -219,7 +217,7 @@ def _instances(engine: Engine) -> set[str]:
 
 
 def test_an_error_after_the_kafka_commit_leads_to_recovery_not_a_second_publish(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     # A trigger that refuses the mark (any error that is not a lost connection: a read-only
     # session, a trigger, an internal error) while the refusal is switched on.
@@ -245,7 +243,7 @@ def test_an_error_after_the_kafka_commit_leads_to_recovery_not_a_second_publish(
 
 
 def test_a_hung_owner_loses_its_lane_to_a_live_instance(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     hung = relays.start(database_url, name="hung", OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: lane_owners(engine).get(0) == "hung", 30, "the first relay to own the lane")
@@ -271,7 +269,7 @@ def test_a_hung_owner_loses_its_lane_to_a_live_instance(
 
 
 def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     set_lane_count(engine, 4)
     # The default instance timeout (10 s): a killed instance must not count until it runs out.
@@ -293,7 +291,7 @@ def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
 
 
 def test_an_event_the_write_api_accepts_is_one_the_producer_sends(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     large = os.urandom(1_020_000)  # under the write API's limit, over librdkafka's own default
     with engine.begin() as conn:
@@ -307,7 +305,7 @@ def test_an_event_the_write_api_accepts_is_one_the_producer_sends(
 
 
 def test_a_relay_stops_within_its_bound_while_the_broker_hangs(
-    engine: Engine, database_url: str, topic: str, tmp_path: Path, relays: Relays,
+    engine: Engine, database_url: str, topic: str, relays: Relays,
     restores_services: None,
 ) -> None:
     relay = relays.start(database_url, OUTBOX_BATCH_SIZE=20, OUTBOX_SHUTDOWN_TIMEOUT="30")
