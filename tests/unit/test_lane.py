@@ -1,0 +1,177 @@
+"""A lane's tick, without PostgreSQL or Kafka: what it does after each outcome of a Kafka transaction.
+
+The store and the publisher are stand-ins given to the worker's existing seams (its store and its
+publisher factory); the real ones are proven against the services by the integration tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import KafkaError
+
+from outbox_relay import progress
+from outbox_relay.config import Settings
+from outbox_relay.lane import LaneWorker
+from outbox_relay.metrics import Metrics
+from outbox_relay.publisher import PoisonEvent, ProducerFailed, TransactionAborted
+from outbox_relay.store import Row
+
+SCOPE = progress.Scope("0b5e6c1d-7a1f-4a57-9b5e-0e0a1c2b3d4e", 0, 1)
+SETTINGS = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u@h/db",
+                                      "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092", "OUTBOX_BATCH_SIZE": "3",
+                                      "OUTBOX_MAX_ATTEMPTS": "2", "OUTBOX_BACKOFF_INITIAL": "0.001"})
+
+
+def row(id_: int, attempts: int = 0) -> Row:
+    return Row(id_, uuid.uuid4(), "t", b"k", b"v", [], [], None, attempts, dt.datetime.now(dt.UTC))
+
+
+class FakeStore:
+    """The outbox table in memory: pending ids, sent ids, failures."""
+
+    def __init__(self, pending: list[int]) -> None:
+        self.pending = list(pending)
+        self.sent: list[int] = []
+        self.failures: list[tuple[int, bool]] = []
+        self.attempts: dict[int, int] = {}
+        self.mark_error: Exception | None = None
+        self.claim_error: Exception | None = None
+
+    def claim(self, _conn: object, _lane: int, _lanes: int, limit: int) -> list[Row]:
+        if self.claim_error is not None:
+            raise self.claim_error
+        return [row(i, self.attempts.get(i, 0)) for i in self.pending[:limit]]
+
+    def mark_sent(self, _conn: object, ids: list[int]) -> int:
+        if self.mark_error is not None:
+            raise self.mark_error
+        marked = [i for i in ids if i in self.pending]
+        self.pending = [i for i in self.pending if i not in marked]
+        self.sent += marked
+        return len(marked)
+
+    def record_failure(self, _conn: object, id_: int, _error: str, park: bool) -> None:
+        self.failures.append((id_, park))
+        self.attempts[id_] = self.attempts.get(id_, 0) + 1
+        if park:
+            self.pending.remove(id_)
+
+    def holds_lane_lock(self, _conn: object, _lane: int) -> bool:
+        return True
+
+
+class FakePublisher:
+    """Kafka in memory: what each committed transaction carried, and the outcome to raise next."""
+
+    def __init__(self, kafka: list[list[int]], outcomes: list[Exception]) -> None:
+        self.kafka = kafka
+        self.outcomes = outcomes
+        self.closed = False
+
+    def start(self) -> None:
+        pass
+
+    def committed_records(self) -> list[tuple[int, bytes]]:
+        return [(n, progress.encode(SCOPE, ids)) for n, ids in reversed(list(enumerate(self.kafka)))]
+
+    def publish(self, rows: list[Row]) -> None:
+        if self.outcomes:
+            raise self.outcomes.pop(0)
+        self.kafka.append([r.id for r in rows])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Harness:
+    def __init__(self, pending: list[int], outcomes: list[Exception] | None = None) -> None:
+        self.store = FakeStore(pending)
+        self.kafka: list[list[int]] = []
+        self.outcomes = outcomes or []
+        self.publishers: list[FakePublisher] = []
+        self.worker = LaneWorker(SCOPE, "tx.lane-0", SETTINGS, self.store, self._publisher,  # type: ignore[arg-type]
+                                 Metrics())
+        self.worker._conn = _Connection()  # type: ignore[assignment]
+        self.worker.owned = True
+
+    def _publisher(self) -> Any:
+        publisher = FakePublisher(self.kafka, self.outcomes)
+        self.publishers.append(publisher)
+        return publisher
+
+    def tick(self) -> bool:
+        self.worker.kafka.retry_at = self.worker.database.retry_at = 0.0  # no waiting in unit tests
+        return self.worker.tick(threading.Event())
+
+    def published(self) -> list[int]:
+        return [i for ids in self.kafka for i in ids]
+
+
+class _Connection:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_committed_batch_is_marked_and_the_tick_drains_on() -> None:
+    h = Harness(pending=[1, 2, 3, 4, 5])
+    assert h.tick() is False  # drained within one tick: 3, then 2 (a short batch ends it)
+    assert h.kafka == [[1, 2, 3], [4, 5]] and h.store.sent == [1, 2, 3, 4, 5]
+
+
+def test_an_error_after_the_commit_makes_the_next_tick_recover_before_it_publishes() -> None:
+    h = Harness(pending=[1, 2, 3])
+    h.store.mark_error = psycopg.errors.RaiseException("a trigger refused the mark")
+    with pytest.raises(psycopg.errors.RaiseException):
+        h.tick()
+    assert h.kafka == [[1, 2, 3]] and h.store.sent == [] and h.publishers[0].closed
+    h.store.mark_error = None
+    h.tick()
+    # The new producer read the progress back and marked 1-3: nothing went to Kafka twice.
+    assert h.kafka == [[1, 2, 3]] and h.store.sent == [1, 2, 3] and len(h.publishers) == 2
+
+
+def test_a_poison_event_is_parked_and_the_rest_go_on() -> None:
+    error = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")
+    h = Harness(pending=[1, 2, 3], outcomes=[PoisonEvent(row(1), error)])
+    h.tick()
+    assert h.store.failures == [(1, True)] and h.kafka == [[2, 3]] and h.store.sent == [2, 3]
+
+
+def test_an_event_that_may_heal_is_retried_before_it_is_parked() -> None:
+    error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "ACL not there yet")
+    h = Harness(pending=[1], outcomes=[PoisonEvent(row(1), error), PoisonEvent(row(1, attempts=1), error)])
+    h.tick()
+    h.tick()
+    assert h.store.failures == [(1, False), (1, True)] and h.kafka == []
+
+
+def test_an_aborted_transaction_publishes_nothing_and_keeps_the_producer() -> None:
+    h = Harness(pending=[1, 2], outcomes=[TransactionAborted("broker busy")])
+    assert h.tick() is False and h.kafka == [] and h.store.sent == []
+    h.tick()
+    assert h.kafka == [[1, 2]] and len(h.publishers) == 1
+
+
+def test_fenced_while_still_holding_the_lock_is_a_lost_epoch_not_a_new_owner() -> None:
+    h = Harness(pending=[1], outcomes=[ProducerFailed("fenced", fenced=True)])
+    h.tick()
+    assert h.worker.owned and h.publishers[0].closed  # a timed-out transaction: a new producer, same lane
+    h.store.holds_lane_lock = lambda _conn, _lane: False  # type: ignore[method-assign]
+    h.outcomes.append(ProducerFailed("fenced", fenced=True))
+    h.tick()
+    assert not h.worker.owned  # someone else owns the lane now: step back
+
+
+def test_a_lost_database_connection_gives_the_lane_up() -> None:
+    h = Harness(pending=[1])
+    h.store.claim_error = psycopg.OperationalError("server closed the connection unexpectedly")
+    assert h.tick() is False
+    assert not h.worker.owned and h.publishers[0].closed and h.kafka == []
