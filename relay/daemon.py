@@ -92,6 +92,18 @@ class BrokerProbe:
         self._gauge.set(int(self.up))
 
 
+def lane_share(lane_count: int, live: list[str], me: str) -> tuple[int, list[int]]:
+    """How many lanes this instance should hold (ceil(lanes / live instances)), and which it prefers.
+
+    Each instance prefers the lanes whose number matches its rank among the live instances, so they
+    converge on disjoint sets without negotiating; the rest follow, to pick up a dead peer's lanes.
+    """
+    members = live if me in live else sorted([*live, me])
+    rank = members.index(me)
+    preferred = sorted(range(lane_count), key=lambda lane: (lane % len(members) != rank, lane))
+    return -(-lane_count // len(members)), preferred
+
+
 class Relay:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -239,12 +251,7 @@ class Relay:
             self.workers = {lane: self._worker(self.names, progress.Scope(state.outbox_id, lane, count))
                             for lane in range(count)}
             self.lane_count = count
-        me = self.settings.instance_name()
-        members = live if me in live else sorted([*live, me])
-        share = -(-count // len(members))
-        rank = members.index(me)
-        # Prefer lanes spread by rank, so instances converge on disjoint sets without negotiating.
-        preferred = sorted(self.workers, key=lambda lane: (lane % len(members) != rank, lane))
+        share, preferred = lane_share(count, live, self.settings.instance_name())
         owned = [lane for lane in preferred if self.workers[lane].owned]
         if len(owned) > share:
             self._release([self.workers[lane] for lane in owned[share:]])
