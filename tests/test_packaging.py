@@ -268,7 +268,8 @@ def outbox_schema(url: str) -> dict[str, Any]:
                     " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'outbox' AND NOT tgisinternal",
         "functions": "SELECT proname, prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
                      " WHERE n.nspname = 'outbox'",
-        "settings": "SELECT * FROM outbox.events_settings",
+        # The outbox id is random by design: each outbox its own. The rest must be identical.
+        "settings": "SELECT id, lane_count, resize_to FROM outbox.events_settings",
     }
     with psycopg.connect(conninfo(url)) as conn:
         conn.execute(b"SET search_path = pg_catalog")  # definitions spelled out in full, whatever the database's
