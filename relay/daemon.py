@@ -43,13 +43,6 @@ from outbox_relay.web import StatusServer
 log = logging.getLogger(__name__)
 
 
-def new_lane_publisher(settings: Settings, names: KafkaNames, scope: progress.Scope, logger: Any = None,
-                       stopping: threading.Event | None = None) -> LanePublisher:
-    return LanePublisher(settings.producer_config(), names.transactional_id(scope.lane), scope=scope,
-                         progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout,
-                         logger=logger, stopping=stopping)
-
-
 # How often the broker is asked for metadata, and how long it has to answer: Kafka going away is
 # noticed (readiness, metrics, one log line) within about PROBE_INTERVAL + PROBE_TIMEOUT seconds.
 PROBE_INTERVAL = 2.0
@@ -360,7 +353,8 @@ class Relay:
 
     def _worker(self, names: KafkaNames, scope: progress.Scope) -> LaneWorker:
         def new_publisher() -> LanePublisher:
-            return new_lane_publisher(self.settings, names, scope, logger=self._kafka_logger, stopping=self.stopping)
+            return LanePublisher.for_lane(self.settings, names, scope, logger=self._kafka_logger,
+                                          stopping=self.stopping)
 
         return LaneWorker(scope, names.transactional_id(scope.lane), self.settings, self.store, new_publisher,
                           self.metrics)

@@ -16,6 +16,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox_relay import faults, progress
+from outbox_relay.config import KafkaNames, Settings
 from outbox_relay.errors import BrokerUnavailable, ConfigurationError, OutboxError
 from outbox_relay.store import Row
 
@@ -123,6 +124,14 @@ class LanePublisher:
         if logger is not None:
             conf["logger"] = logger
         self._producer = Producer(conf)
+
+    @classmethod
+    def for_lane(cls, settings: Settings, names: KafkaNames, scope: progress.Scope, *, logger: Any = None,
+                 stopping: threading.Event | None = None) -> LanePublisher:
+        """The publisher of one lane of this outbox, as the settings configure it."""
+        return cls(settings.producer_config(), names.transactional_id(scope.lane), scope=scope,
+                   progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout, logger=logger,
+                   stopping=stopping)
 
     def start(self) -> None:
         """Take over the lane in Kafka: fence any older producer of this transactional.id.

@@ -50,9 +50,7 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         recovered = 0
         for lane in range(current):
             scope = progress.Scope(state.outbox_id, lane, current)
-            publisher = LanePublisher(settings.producer_config(), names.transactional_id(lane), scope=scope,
-                                      progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout,
-                                      logger=LibrdkafkaLogger(quiet=True))
+            publisher = LanePublisher.for_lane(settings, names, scope, logger=LibrdkafkaLogger(quiet=True))
             try:
                 publisher.start()
                 recovered += recover(store, conn, publisher.committed_records(), scope)
