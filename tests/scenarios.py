@@ -75,9 +75,8 @@ class Sampler:
 
     def published_since(self, at: float) -> int:
         """Events marked sent since `at` (0 while nothing was, even if the count went down in a failover)."""
-        before = [s.sent for s in self.samples if s.at <= at]
-        after = [s.sent for s in self.samples if s.at > at]
-        return max(after, default=0) - (before[-1] if before else 0) if after else 0
+        after = [s.sent for s in self.samples if s.at > at]  # counted on whichever server answers now
+        return max(after) - after[0] if after else 0
 
     def stall(self, start: float, end: float | None = None) -> float:
         """The longest time after `start` during which the sent count did not grow while work was pending."""
