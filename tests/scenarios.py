@@ -16,6 +16,7 @@ import dataclasses
 import os
 import threading
 import time
+from itertools import pairwise
 
 import pytest
 from sqlalchemy import Engine, text
@@ -80,7 +81,8 @@ class Sampler:
 
     def stall(self, start: float, end: float | None = None) -> float:
         """The longest time after `start` during which the sent count did not grow while work was pending."""
-        window = [s for s in self.samples if s.at >= start and (end is None or s.at <= end)]
+        before = [s for s in self.samples if s.at < start][-1:]  # compared with the first sample after
+        window = before + [s for s in self.samples if s.at >= start and (end is None or s.at <= end)]
         longest, last_progress, previous = 0.0, start, None
         for sample in window:
             if previous is not None and sample.sent > previous.sent:
@@ -90,6 +92,12 @@ class Sampler:
                 last_progress = sample.at  # nothing to publish is no stall
             previous = sample
         return longest
+
+    def longest_gap(self, start: float) -> float:
+        """The longest time without a sample after `start` (the sampler itself held up: a stall measured
+        across such a gap is an upper bound)."""
+        times = [s.at for s in self.samples if s.at >= start]
+        return max((b - a for a, b in pairwise(times)), default=0.0)
 
     def first_progress_after(self, at: float) -> float | None:
         """Seconds from `at` to the first sample whose sent count grew over the previous one."""
@@ -101,7 +109,10 @@ class Sampler:
         return None
 
 
-def report_line(name: str, report: LedgerReport, recovery: float, detail: str = "") -> str:
+def report_line(name: str, report: LedgerReport, recovery: float, detail: str = "",
+                sampler: Sampler | None = None, since: float | None = None) -> str:
+    if sampler is not None and since is not None and (gap := sampler.longest_gap(since)) > 1.0:
+        detail += f"; the sampler itself was held up {gap:.1f}s, so the recovery time is an upper bound"
     line = (f"SCENARIO {name}: events={report.committed} lost={len(report.lost)} "
             f"duplicated={report.duplicate_count} reordered={len(report.reordered)} recovery={recovery:.1f}s"
             + (f" ({detail})" if detail else "") + f" [{SIZE} size; {report.summary()}]")
