@@ -128,7 +128,7 @@ def relay_settings() -> dict[str, str]:
             "OUTBOX_PROGRESS_TOPIC": f"{prefix}.progress"}
 
 
-def _primary_crash_and_promotion(standby: str, topic: str, tmp_path: Path, lag: float) -> None:
+def _primary_crash_and_promotion(standby: str, topic: str, tmp_path: Path, lag: float, mode: str) -> None:
     engine = create_engine(standby, pool_pre_ping=True)
     settings = relay_settings()
     relay = RelayProcess(standby, tmp_path, **settings).start()
@@ -154,7 +154,8 @@ def _primary_crash_and_promotion(standby: str, topic: str, tmp_path: Path, lag: 
         relay.stop(timeout=60)
         recovered = [line.split("WARNING", 1)[-1].split(" lane=")[0].strip() for line in relay.log().splitlines()
                      if "recovered" in line]
-        judge("primary crashed (immediate), standby promoted, relay follows by itself", engine, topic, writers,
+        judge(f"primary crashed (immediate), {mode} standby promoted, relay follows by itself", engine, topic,
+              writers,
               recovery, f"replication paused {lag:.0f}s before the crash; promoted {promoted:.1f}s after it;"
               f" the relay logged {recovered}", settings["OUTBOX_PROGRESS_TOPIC"])
     finally:
@@ -164,7 +165,7 @@ def _primary_crash_and_promotion(standby: str, topic: str, tmp_path: Path, lag: 
 
 
 def test_primary_crashed_and_async_standby_promoted_under_load(standby: str, topic: str, tmp_path: Path) -> None:
-    _primary_crash_and_promotion(standby, topic, tmp_path, lag=1.0)
+    _primary_crash_and_promotion(standby, topic, tmp_path, lag=1.0, mode="asynchronous")
 
 
 @full_size_only
@@ -172,7 +173,7 @@ def test_primary_crashed_and_async_standby_promoted_under_load(standby: str, top
 def test_primary_crashed_and_synchronous_standby_promoted_under_load(standby: str, topic: str,
                                                                      tmp_path: Path) -> None:
     """synchronous_standby_names plus synchronous_commit=on: nothing committed is lost with the primary."""
-    _primary_crash_and_promotion(standby, topic, tmp_path, lag=1.0)
+    _primary_crash_and_promotion(standby, topic, tmp_path, lag=1.0, mode="synchronous")
 
 
 def test_postgres_crashed_in_immediate_mode_mid_drain(engine: Engine, database_url: str, topic: str,
