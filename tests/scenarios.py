@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from outbox_relay.verify import LedgerReport
+from tests.pgtools import EVENTS
 
 SIZE = os.environ.get("OUTBOX_SCENARIO_SIZE", "ci")
 if SIZE not in ("ci", "full"):
@@ -60,7 +61,7 @@ class Sampler:
 
     def _run(self) -> None:
         query = text("SELECT count(*) FILTER (WHERE state = 'sent'), count(*) FILTER (WHERE state = 'pending')"
-                     " FROM outbox.events")
+                     f" FROM {EVENTS}")
         while not self._stop.is_set():
             try:
                 with self.engine.connect() as conn:

@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from outbox_relay.verify import LedgerReport
 from tests.relaytools import (
     ROOT,
     RelayProcess,
+    Relays,
     Writers,
     lane_owners,
     ledger,
@@ -114,9 +114,9 @@ def wait_fully_replicated(bootstrap: str, topics: list[str], timeout: float = 12
 class Scenario:
     """Writers and relays on the cluster; the fault is the test's, the ending is common."""
 
-    def __init__(self, engine: Engine, database_url: str, topic: str, tmp_path: Path, bootstrap: str,
+    def __init__(self, engine: Engine, database_url: str, topic: str, relays: Relays, bootstrap: str,
                  **settings: str) -> None:
-        self.engine, self.database_url, self.topic, self.tmp_path = engine, database_url, topic, tmp_path
+        self.engine, self.database_url, self.topic, self.started = engine, database_url, topic, relays
         self.bootstrap = bootstrap
         self.prefix = f"cluster-{uuid.uuid4().hex[:8]}"
         self.progress_topic = f"{self.prefix}.progress"
@@ -127,7 +127,7 @@ class Scenario:
         self.writers = Writers(engine, topic, threads=3)
 
     def relay(self, name: str = "relay") -> RelayProcess:
-        self.relays[name] = RelayProcess(self.database_url, self.tmp_path, name=name, **self.settings).start()
+        self.relays[name] = self.started.start(self.database_url, name, **self.settings)
         return self.relays[name]
 
     def __enter__(self) -> Scenario:
@@ -172,14 +172,14 @@ class Scenario:
         return "\n".join(relay.log() for relay in self.relays.values())
 
 
-def scenario(engine: Engine, database_url: str, topic: str, tmp_path: Path, cluster: str, **settings: str) -> Scenario:
-    return Scenario(engine, database_url, topic, tmp_path, cluster, **settings)
+def scenario(engine: Engine, database_url: str, topic: str, relays: Relays, cluster: str, **settings: str) -> Scenario:
+    return Scenario(engine, database_url, topic, relays, cluster, **settings)
 
 
 def test_partition_leader_sigkilled_mid_transaction_then_restarted(
-    engine: Engine, database_url: str, busy_topic: str, tmp_path: Path, cluster: str
+    engine: Engine, database_url: str, busy_topic: str, relays: Relays, cluster: str
 ) -> None:
-    with scenario(engine, database_url, busy_topic, tmp_path, cluster) as s:
+    with scenario(engine, database_url, busy_topic, relays, cluster) as s:
         s.relay()
         s.wait_publishing()
         leader = leader_of(cluster, busy_topic, 0)
@@ -197,11 +197,11 @@ def test_partition_leader_sigkilled_mid_transaction_then_restarted(
 @full_size_only
 @pytest.mark.timeout(900)
 def test_transaction_coordinator_sigkilled_mid_commit(
-    engine: Engine, database_url: str, busy_topic: str, tmp_path: Path, cluster: str
+    engine: Engine, database_url: str, busy_topic: str, relays: Relays, cluster: str
 ) -> None:
     """Twice: the lane's coordinator dies while the relay commits a transaction every few
     milliseconds (EndTxn in flight or markers being written), then comes back."""
-    with scenario(engine, database_url, busy_topic, tmp_path, cluster) as s:
+    with scenario(engine, database_url, busy_topic, relays, cluster) as s:
         s.relay()
         s.wait_publishing()
         stalls, victims, begin = [], [], time.monotonic()
@@ -222,10 +222,10 @@ def test_transaction_coordinator_sigkilled_mid_commit(
 @full_size_only
 @pytest.mark.timeout(900)
 def test_broker_paused_longer_than_session_and_transaction_timeouts(
-    engine: Engine, database_url: str, busy_topic: str, tmp_path: Path, cluster: str
+    engine: Engine, database_url: str, busy_topic: str, relays: Relays, cluster: str
 ) -> None:
     """A zombie leader: SIGSTOP for 15 s (> broker session timeout 9 s, > transaction timeout 5 s)."""
-    with scenario(engine, database_url, busy_topic, tmp_path, cluster,
+    with scenario(engine, database_url, busy_topic, relays, cluster,
                   OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS="5000", OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS="4000") as s:
         s.relay()
         s.wait_publishing()
@@ -247,11 +247,11 @@ def test_broker_paused_longer_than_session_and_transaction_timeouts(
 @full_size_only
 @pytest.mark.timeout(900)
 def test_rolling_restart_of_all_three_brokers(
-    engine: Engine, database_url: str, busy_topic: str, tmp_path: Path, cluster: str
+    engine: Engine, database_url: str, busy_topic: str, relays: Relays, cluster: str
 ) -> None:
     """What every upgrade does: each broker in turn stopped (SIGTERM, controlled shutdown), started,
     and waited for until every replica is back in sync."""
-    with scenario(engine, database_url, busy_topic, tmp_path, cluster) as s:
+    with scenario(engine, database_url, busy_topic, relays, cluster) as s:
         s.relay()
         s.wait_publishing()
         started = time.monotonic()
@@ -267,7 +267,7 @@ def test_rolling_restart_of_all_three_brokers(
 
 @pytest.mark.timeout(900)
 def test_two_brokers_down_below_min_insync_replicas(
-    engine: Engine, database_url: str, busy_topic: str, tmp_path: Path, cluster: str
+    engine: Engine, database_url: str, busy_topic: str, relays: Relays, cluster: str
 ) -> None:
     """One broker of three left: nothing can be acknowledged by 2 replicas. The relay publishes
     nothing, marks nothing, loses nothing, and drains by itself when the brokers return.
@@ -278,7 +278,7 @@ def test_two_brokers_down_below_min_insync_replicas(
     duplicate without being written (5 events marked sent, found only in an aborted transaction).
     """
     outage = 25.0 if FULL else 15.0
-    with scenario(engine, database_url, busy_topic, tmp_path, cluster, OUTBOX_KAFKA_TIMEOUT="5") as s:
+    with scenario(engine, database_url, busy_topic, relays, cluster, OUTBOX_KAFKA_TIMEOUT="5") as s:
         s.relay()
         s.wait_publishing()
         service("kill", "broker-2", "broker-3")
@@ -306,13 +306,13 @@ def test_two_brokers_down_below_min_insync_replicas(
 @full_size_only
 @pytest.mark.timeout(900)
 def test_progress_topic_leader_killed_while_lanes_are_taken_over(
-    engine: Engine, database_url: str, busy_topic: str, tmp_path: Path, cluster: str
+    engine: Engine, database_url: str, busy_topic: str, relays: Relays, cluster: str
 ) -> None:
     """Two relays on 4 lanes (2/2). One is SIGKILLed together with the broker leading the progress
     partitions of its lanes: the survivor must fence, read progress from a partition whose leader
     is being re-elected, and carry on without a duplicate."""
     set_lane_count(engine, 4)
-    with scenario(engine, database_url, busy_topic, tmp_path, cluster) as s:
+    with scenario(engine, database_url, busy_topic, relays, cluster) as s:
         s.relay("a")
         s.relay("b")
         wait_until(lambda: sorted(list(lane_owners(engine).values()).count(n) for n in "ab") == [2, 2], 60,

@@ -18,7 +18,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -28,7 +27,8 @@ from sqlalchemy.engine import make_url
 from outbox_relay.store import conninfo
 from outbox_relay.verify import LedgerReport
 from tests import kafkatools
-from tests.relaytools import ROOT, RelayProcess, Writers, ledger, pending, service, wait_until
+from tests.pgtools import EVENTS
+from tests.relaytools import ROOT, Relays, Writers, ledger, pending, service, wait_until
 from tests.scenarios import LOAD_AFTER, Sampler, full_size_only, report_line
 
 SERVICES = [sys.executable, str(ROOT / "scripts" / "services")]
@@ -60,7 +60,7 @@ def standby(request: pytest.FixtureRequest, database_url: str, monkeypatch: pyte
     def replicated() -> bool:
         try:
             with psycopg.connect(conninfo(database_url), port=standby_port, connect_timeout=2) as conn:
-                return conn.execute("SELECT to_regclass('outbox.events') IS NOT NULL").fetchone() == (True,)
+                return conn.execute(f"SELECT to_regclass('{EVENTS}') IS NOT NULL").fetchone() == (True,)
         except psycopg.OperationalError:
             return False
 
@@ -78,7 +78,7 @@ def standby(request: pytest.FixtureRequest, database_url: str, monkeypatch: pyte
 
 def existing_event_ids(engine: Engine) -> set[str]:
     with engine.connect() as conn:
-        return {row[0] for row in conn.execute(text("SELECT event_id::text FROM outbox.events"))}
+        return {row[0] for row in conn.execute(text(f"SELECT event_id::text FROM {EVENTS}"))}
 
 
 def progress_ids(progress_topic: str) -> set[int]:
@@ -98,7 +98,7 @@ def judge(name: str, engine: Engine, topic: str, writers: Writers, recovery: flo
     # Published before the crash, its row gone with the old primary: in Kafka with no row ("unknown").
     published_then_lost = application_lost & set(report.unknown)
     with engine.connect() as conn:
-        missing = conn.execute(text("SELECT id FROM outbox.events WHERE event_id::text = ANY(:e)"),
+        missing = conn.execute(text(f"SELECT id FROM {EVENTS} WHERE event_id::text = ANY(:e)"),
                                {"e": report.sent_but_missing}).scalars().all()
     # A row marked sent that Kafka never got, whose id a progress record names: the id was handed out
     # again by the promoted standby's sequence, and recovery marked a different event under it.
@@ -128,10 +128,10 @@ def relay_settings() -> dict[str, str]:
             "OUTBOX_PROGRESS_TOPIC": f"{prefix}.progress"}
 
 
-def _primary_crash_and_promotion(standby: str, topic: str, tmp_path: Path, lag: float, mode: str) -> None:
+def _primary_crash_and_promotion(standby: str, topic: str, relays: Relays, lag: float, mode: str) -> None:
     engine = create_engine(standby, pool_pre_ping=True)
     settings = relay_settings()
-    relay = RelayProcess(standby, tmp_path, **settings).start()
+    relay = relays.start(standby, **settings)
     try:
         with Sampler(engine) as sampler, Writers(engine, topic, threads=3) as writers:
             wait_until(lambda: sampler.sent >= 300, 90, "publishing to start")
@@ -164,23 +164,23 @@ def _primary_crash_and_promotion(standby: str, topic: str, tmp_path: Path, lag: 
         engine.dispose()
 
 
-def test_primary_crashed_and_async_standby_promoted_under_load(standby: str, topic: str, tmp_path: Path) -> None:
-    _primary_crash_and_promotion(standby, topic, tmp_path, lag=1.0, mode="asynchronous")
+def test_primary_crashed_and_async_standby_promoted_under_load(standby: str, topic: str, relays: Relays) -> None:
+    _primary_crash_and_promotion(standby, topic, relays, lag=1.0, mode="asynchronous")
 
 
 @full_size_only
 @pytest.mark.parametrize("standby", ["sync"], indirect=True)
 def test_primary_crashed_and_synchronous_standby_promoted_under_load(standby: str, topic: str,
-                                                                     tmp_path: Path) -> None:
+                                                                     relays: Relays) -> None:
     """synchronous_standby_names plus synchronous_commit=on: nothing committed is lost with the primary."""
-    _primary_crash_and_promotion(standby, topic, tmp_path, lag=1.0, mode="synchronous")
+    _primary_crash_and_promotion(standby, topic, relays, lag=1.0, mode="synchronous")
 
 
 def test_postgres_crashed_in_immediate_mode_mid_drain(engine: Engine, database_url: str, topic: str,
-                                                      tmp_path: Path, restores_services: None) -> None:
+                                                      relays: Relays, restores_services: None) -> None:
     """One server, no standby: `pg_ctl stop -m immediate` (no checkpoint, as in a crash), restarted 2 s later."""
     settings = relay_settings()
-    relay = RelayProcess(database_url, tmp_path, **settings).start()
+    relay = relays.start(database_url, **settings)
     try:
         with Sampler(engine) as sampler, Writers(engine, topic, threads=3) as writers:
             wait_until(lambda: sampler.sent >= 300, 90, "publishing to start")
