@@ -38,11 +38,12 @@ test: check unit services
 	scripts/test-tools
 	$(ENV) && $(PY) -m pytest --ignore=tests/unit $(PYTEST_ARGS)
 
-# The reliability suite at full size (2-minute load) against the local services.
+# The reliability suite at full size (2-minute load) against the local services, and every fault
+# scenario on the 3-broker cluster and the PostgreSQL standby (the tests start those themselves).
 verify: check services
 	scripts/test-tools
-	$(ENV) && OUTBOX_LOAD_SECONDS=120 $(PY) -m pytest -s tests/test_reliability.py tests/test_faults.py \
-		tests/test_exactly_once.py $(PYTEST_ARGS)
+	$(ENV) && OUTBOX_LOAD_SECONDS=120 OUTBOX_SCENARIO_SIZE=full $(PY) -m pytest -s tests/test_reliability.py \
+		tests/test_faults.py tests/test_exactly_once.py tests/test_cluster.py tests/test_standby.py $(PYTEST_ARGS)
 
 demo: services
 	$(ENV) && $(PY) scripts/demo.py

@@ -259,6 +259,12 @@ class LanePublisher:
             raise _fatal(error, "commit_transaction") from exc
 
     def abort(self) -> None:
+        # An abort purges messages still queued or in flight, yet a leader may have appended them
+        # already. Seen on the 3-broker cluster below min ISR: 5 events whose only copy sat in the
+        # aborted transaction were marked sent after the retry "succeeded". Let them settle first;
+        # if they cannot, replace the producer (init_transactions bumps the epoch, aborts the rest).
+        if len(self._producer) and self._flush():
+            raise ProducerFailed(f"abort_transaction: {len(self._producer)} messages still unacknowledged")
         try:
             self._retrying(self._producer.abort_transaction)
             self._in_transaction = False

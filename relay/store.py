@@ -48,8 +48,19 @@ class OutboxState:
 
 
 def conninfo(database_url: str) -> str:
-    """A libpq connection string from a SQLAlchemy URL (postgresql+psycopg://...)."""
+    """A libpq connection string from a SQLAlchemy URL (postgresql+psycopg://...).
+
+    SQLAlchemy spells several hosts ``?host=a:5432&host=b:5433`` (its only multi-host form); libpq
+    wants ``host=a,b&port=5432,5433``, so a primary and its standby are both tried.
+    """
     url = make_url(database_url)
+    hosts = url.query.get("host")
+    hosts = (hosts,) if isinstance(hosts, str) else hosts
+    if hosts and any(":" in host for host in hosts):
+        pairs = [host.rpartition(":") if ":" in host else (host, "", "") for host in hosts]
+        query = {**url.query, "host": ",".join(name for name, _, _ in pairs),
+                 "port": ",".join(port or str(url.port or 5432) for _, _, port in pairs)}
+        url = url.set(query=query)
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 

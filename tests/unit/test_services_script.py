@@ -33,5 +33,6 @@ def test_a_cluster_id_never_starts_with_a_dash() -> None:
 def test_development_ports_lie_outside_the_ephemeral_range() -> None:
     # A reconnecting client may be given any port of 32768-60999 as its own, and then Kafka cannot bind it.
     services = _services()
-    for port in (services.PG_PORT, services.KAFKA_PORT, services.CONTROLLER_PORT):
+    cluster = [node.port for node in services.NODES.values()]
+    for port in (services.PG_PORT, services.KAFKA_PORT, services.CONTROLLER_PORT, services.STANDBY_PORT, *cluster):
         assert not 32768 <= port <= 60999, port
