@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 # The most ids one transaction may carry: the largest batch the relay accepts. It keeps a record
-# (at most ~12 bytes an id) far below Kafka's default 1 MB message limit.
+# (at most ~21 bytes an id with its fingerprint) far below Kafka's default 1 MB message limit.
 MAX_RECORD_IDS = 10_000
+FINGERPRINT_CHARS = 8  # 32 bits of the event's UUID per id
+_HEX = re.compile(r"[0-9a-f]*")
 # Records younger than this are never compacted away: recovery can read back a day of transactions.
 MIN_COMPACTION_LAG_MS = 24 * 3600 * 1000
 TOPIC_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(MIN_COMPACTION_LAG_MS)}
@@ -69,13 +72,27 @@ class ForeignRecord(Exception):
         self.older_generation = older_generation
 
 
-def encode(scope: Scope, ids: Iterable[int]) -> bytes:
+def fingerprint(event_id: str) -> str:
+    """Enough of an event's UUID to tell it from another event that got the same row id."""
+    return event_id[:FINGERPRINT_CHARS]
+
+
+def encode(scope: Scope, events: Iterable[tuple[int, str]]) -> bytes:
+    """A record of the (row id, event id) pairs one transaction carried.
+
+    Row ids are compact (ranges) but not identities: a promoted standby that never received some rows
+    hands their ids out again. So each id travels with its event's fingerprint, and recovery marks a
+    row only when both match.
+    """
+    pairs = sorted(events)
     return json.dumps({"v": FORMAT_VERSION, "outbox": scope.outbox_id, "lane": scope.lane,
-                       "lane_count": scope.lane_count, "ids": to_ranges(ids)}, separators=(",", ":")).encode()
+                       "lane_count": scope.lane_count, "ids": to_ranges(i for i, _ in pairs),
+                       "fp": "".join(fingerprint(e) for _, e in pairs)}, separators=(",", ":")).encode()
 
 
-def decode(value: bytes | None, scope: Scope) -> list[int]:
-    """The ids a record of this scope carried; ForeignRecord for anything else, however malformed."""
+def decode(value: bytes | None, scope: Scope) -> list[tuple[int, str]]:
+    """The (row id, fingerprint) pairs a record of this scope carried, in id order; ForeignRecord for
+    anything else, however malformed."""
     try:
         record = json.loads(value) if value is not None else None
     except ValueError:
@@ -93,7 +110,11 @@ def decode(value: bytes | None, scope: Scope) -> list[int]:
     if record.get("lane_count") != scope.lane_count:
         raise ForeignRecord(f"a record written under {record.get('lane_count')!r} lanes, now {scope.lane_count}",
                             older_generation=True)
-    return from_ranges(record.get("ids"))
+    ids = from_ranges(record.get("ids"))
+    prints = record.get("fp")
+    if not (isinstance(prints, str) and len(prints) == FINGERPRINT_CHARS * len(ids) and _HEX.fullmatch(prints)):
+        raise ForeignRecord("malformed progress record: fingerprints do not match the ids")
+    return [(i, prints[n * FINGERPRINT_CHARS:(n + 1) * FINGERPRINT_CHARS]) for n, i in enumerate(sorted(ids))]
 
 
 def to_ranges(ids: Iterable[int]) -> list[int | list[int]]:

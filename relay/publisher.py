@@ -235,7 +235,7 @@ class LanePublisher:
                 self._producer.poll(0.05)
 
     def _produce_progress(self, rows: Sequence[Row]) -> None:
-        value = progress.encode(self.scope, (row.id for row in rows))
+        value = progress.encode(self.scope, ((row.id, str(row.event_id)) for row in rows))
         try:
             self._producer.produce(self.progress_topic, key=progress.record_key(self.scope.lane), value=value,
                                    partition=self.scope.lane)

@@ -5,7 +5,11 @@ transaction only), and PostgreSQL losing committed writes (an asynchronous stand
 crash with ``synchronous_commit=off``, a restore: the last several transactions). Either way the
 lost marks are the newest ones of the lane, in the order its transactions committed, because a
 lane marks one transaction before it publishes the next. So reading the lane's progress records
-back from the newest, the first record whose ids are all marked already ends the search.
+back from the newest, the first record whose rows are all marked already ends the search.
+
+A row counts as a record's only when its event matches the record's fingerprint: PostgreSQL may
+also have lost the rows themselves and handed their ids to new events, which are not sent. A
+record none of whose rows are left (lost, or deleted by retention) tells nothing; reading goes on.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ def recover(
             log.error("ignored a record at offset %d of the progress partition of lane %d: %s", offset, scope.lane,
                       exc, extra={**extra, "action": "foreign_progress_record"})
             continue
-        marked = store.mark_sent(conn, ids) if ids else 0
+        marked, matched = store.mark_recovered(conn, ids)
         recovered += marked
-        if marked == 0:
+        if matched and not marked:
             break  # this transaction's marks survived, and so did every earlier one's
     return recovered

@@ -310,6 +310,26 @@ class Store:
         return conn.execute(query.format(_EVENTS), (ids,)).rowcount
 
     @staticmethod
+    def mark_recovered(conn: psycopg.Connection[Any], events: list[tuple[int, str]]) -> tuple[int, int]:
+        """Mark sent the rows that are these events (id and fingerprint match) and still pending.
+
+        Returns (rows marked now, rows that are these events at all).
+        """
+        row = conn.execute(
+            sql.SQL(
+                "WITH r AS (SELECT * FROM unnest(%s::bigint[], %s::text[]) AS r(id, fp)),"
+                " m AS (SELECT e.id, e.state FROM {events} e JOIN r ON e.id = r.id"
+                " AND left(e.event_id::text, length(r.fp)) = r.fp),"
+                " u AS (UPDATE {events} e SET state = 'sent', sent_at = now() FROM m"
+                " WHERE e.id = m.id AND m.state = 'pending' AND e.state = 'pending' RETURNING 1)"
+                " SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)"
+            ).format(events=_EVENTS),
+            ([i for i, _ in events], [fp for _, fp in events]),
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    @staticmethod
     def record_failure(conn: psycopg.Connection[Any], event_id: int, error: str, park: bool) -> None:
         """Count a failed attempt; park the event as failed when it cannot or may no longer be retried."""
         conn.execute(

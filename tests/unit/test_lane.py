@@ -28,8 +28,12 @@ SETTINGS = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": "postgresql+psycopg
                                       "OUTBOX_MAX_ATTEMPTS": "2", "OUTBOX_BACKOFF_INITIAL": "0.001"})
 
 
+def event_id(id_: int) -> uuid.UUID:
+    return uuid.UUID(int=id_ << 96 | 0x4000_8000_0000_0000_0000)
+
+
 def row(id_: int, attempts: int = 0) -> Row:
-    return Row(id_, uuid.uuid4(), "t", b"k", b"v", [], [], None, attempts, dt.datetime.now(dt.UTC))
+    return Row(id_, event_id(id_), "t", b"k", b"v", [], [], None, attempts, dt.datetime.now(dt.UTC))
 
 
 class FakeStore:
@@ -56,6 +60,10 @@ class FakeStore:
         self.sent += marked
         return len(marked)
 
+    def mark_recovered(self, conn: object, batch: list[tuple[int, str]]) -> tuple[int, int]:
+        ours = [i for i, fp in batch if str(event_id(i)).startswith(fp) and (i in self.pending or i in self.sent)]
+        return self.mark_sent(conn, ours), len(ours)
+
     def record_failure(self, _conn: object, id_: int, _error: str, park: bool) -> None:
         self.failures.append((id_, park))
         self.attempts[id_] = self.attempts.get(id_, 0) + 1
@@ -78,7 +86,8 @@ class FakePublisher:
         pass
 
     def committed_records(self) -> list[tuple[int, bytes]]:
-        return [(n, progress.encode(SCOPE, ids)) for n, ids in reversed(list(enumerate(self.kafka)))]
+        return [(n, progress.encode(SCOPE, [(i, str(event_id(i))) for i in ids]))
+                for n, ids in reversed(list(enumerate(self.kafka)))]
 
     def publish(self, rows: list[Row]) -> None:
         if self.outcomes:
