@@ -36,7 +36,7 @@ unit: venv
 # The fast tier first (a logic error fails in seconds), then everything against the real services.
 test: check unit services
 	scripts/test-tools
-	$(ENV) && $(PY) -m pytest --ignore=tests/unit $(PYTEST_ARGS)
+	$(ENV) && $(PY) -m pytest --ignore=tests/unit -m "not verify_only" $(PYTEST_ARGS)
 
 # The reliability suite at full size (2-minute load) against the local services, and every fault
 # scenario on the 3-broker cluster and the PostgreSQL standby (the tests start those themselves).
