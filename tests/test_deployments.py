@@ -32,6 +32,7 @@ from tests import kafkatools
 from tests.pgtools import EVENTS, INSTANCES, SETTINGS
 from tests.relaytools import (
     ROOT,
+    RelayProcess,
     Relays,
     Writers,
     free_port,
@@ -51,6 +52,14 @@ def kafka_names(engine: Engine, database_url: str) -> KafkaNames:
     settings = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
                                           "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": kafkatools.bootstrap()})
     return settings.kafka_names(outbox_id)
+
+
+def drained(relays: Relays, database_url: str, engine: Engine, **settings: object) -> RelayProcess:
+    """A relay that ran until nothing was pending, then stopped."""
+    relay = relays.start(database_url, **settings)  # type: ignore[arg-type]  # name= travels in settings
+    wait_until(lambda: pending(engine) == 0, 60, f"{relay.name} to drain")
+    relay.stop()
+    return relay
 
 
 def backlog(engine: Engine, topic: str, events: int, keys: int = 20) -> None:
@@ -132,9 +141,7 @@ def test_the_progress_topic_and_the_relays_headers_are_reserved(
         producer.produce(names.progress_topic, key=b"lane-0", value=value, partition=0)
     producer.flush(30)
     backlog(engine, topic, 100)
-    relay = relays.start(database_url, name="again", OUTBOX_BATCH_SIZE=20)
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to publish the new events")
-    relay.stop()
+    relay = drained(relays, database_url, engine, name="again", OUTBOX_BATCH_SIZE=20)
     assert "ignored a record" in relay.log()
     report = ledger(engine, [topic])
     print(f"\n{report.summary()}")
@@ -145,9 +152,7 @@ def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
     engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     backlog(engine, topic, 1000)
-    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=50)
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to drain")
-    relay.stop()
+    drained(relays, database_url, engine, OUTBOX_BATCH_SIZE=50)
     # PostgreSQL loses the marks of the last 8 transactions, as a promoted asynchronous standby or a
     # restore would: those rows are pending again although Kafka committed them.
     with engine.begin() as conn:
@@ -155,9 +160,7 @@ def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
                                  f" WHERE id > (SELECT max(id) - 400 FROM {EVENTS})")).rowcount
     assert lost == 400
     backlog(engine, topic, 100)
-    relay = relays.start(database_url, name="after-failover", OUTBOX_BATCH_SIZE=50)
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to recover and drain")
-    relay.stop()
+    relay = drained(relays, database_url, engine, name="after-failover", OUTBOX_BATCH_SIZE=50)
     assert "recovered 400 events" in relay.log()
     report = ledger(engine, [topic])
     print(f"\n8 transactions' marks lost: {report.summary()}")
@@ -168,9 +171,7 @@ def test_ids_a_promoted_standby_hands_out_again_are_not_taken_for_published_even
     engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
     backlog(engine, topic, 300)
-    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=50)
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to drain")
-    relay.stop()
+    drained(relays, database_url, engine, OUTBOX_BATCH_SIZE=50)
     # The promoted standby never received the last 100 rows (published already) nor the marks of the
     # 100 before them, and its sequence hands the 100 ids out again to new events.
     with engine.begin() as conn:
@@ -180,9 +181,7 @@ def test_ids_a_promoted_standby_hands_out_again_are_not_taken_for_published_even
         conn.execute(text(f"UPDATE {EVENTS} SET state = 'pending', sent_at = NULL WHERE id > :t"), {"t": top - 200})
         conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{EVENTS}', 'id'), :t)"), {"t": top - 100})
     backlog(engine, topic, 150)  # 100 of them under the ids the lost events had
-    relay = relays.start(database_url, name="after-failover", OUTBOX_BATCH_SIZE=50)
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to recover and drain")
-    relay.stop()
+    relay = drained(relays, database_url, engine, name="after-failover", OUTBOX_BATCH_SIZE=50)
     assert "recovered 100 events" in relay.log()
     report = ledger(engine, [topic])
     print(f"\nids handed out again after a failover: {report.summary()}")
@@ -325,9 +324,7 @@ def test_an_event_the_write_api_accepts_is_one_the_producer_sends(
     large = os.urandom(1_020_000)  # under the write API's limit, over librdkafka's own default
     with engine.begin() as conn:
         enqueue_many(conn, [Event(topic, large, key="big"), Event(topic, b"after", key="big")])
-    relay = relays.start(database_url)
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to publish")
-    relay.stop()
+    relay = drained(relays, database_url, engine)
     assert states(engine) == {"sent": 2}, relay.log()[-2000:]
     received = kafkatools.consume([topic], expected=2)
     assert [m.value for m in received] == [large, b"after"]
