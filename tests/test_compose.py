@@ -83,7 +83,7 @@ def test_host_ports_clear_the_local_services_and_the_ephemeral_range() -> None:
     services_script = (ROOT / "scripts" / "services").read_text()
     local = {int(port) for port in re.findall(r'os\.environ\.get\("OUTBOX_SERVICES_\w+_PORT", "(\d+)"\)',
                                               services_script)}
-    assert local == {25432, 29092, 29093}
+    assert {25432, 29092, 29093} <= local  # the single node; the cluster and the standby add more
     ports = host_ports()
     assert set(ports) == {"postgres", "kafka", "relay"}
     every = [port for mapped in ports.values() for port in mapped]
