@@ -132,7 +132,7 @@ def test_changelog_announces_the_unreleased_changes_and_every_migration_function
     assert changelog.index("## Unreleased") < changelog.index(f"## {version}")
     unreleased = changelog[changelog.index("## Unreleased"):changelog.index(f"## {version}")]
     ports = re.findall(r'"(OUTBOX_SERVICES_\w+_PORT)", "(\d+)"', (ROOT / "scripts" / "services").read_text())
-    assert len(ports) == 3
+    assert len(ports) >= 3
     for needle in ["`outbox_relay`", *(name for name, _ in ports), *(port for _, port in ports)]:
         assert needle in unreleased, f"CHANGELOG's Unreleased section does not mention {needle}"
     # An application that owns its migrations learns from the changelog which functions to call.
