@@ -43,10 +43,12 @@ from outbox_relay.web import StatusServer
 log = logging.getLogger(__name__)
 
 
-# How often the broker is asked for metadata, and how long it has to answer: Kafka going away is
-# noticed (readiness, metrics, one log line) within about PROBE_INTERVAL + PROBE_TIMEOUT seconds.
+# How often the broker is asked for metadata, how long it has to answer, and how many answers may be
+# missing in a row: Kafka going away is noticed (readiness, metrics, one log line) within about
+# PROBE_FAILURES x (PROBE_INTERVAL + PROBE_TIMEOUT) seconds, 14 at most, usually less.
 PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 5.0
+PROBE_FAILURES = 2  # failed probes in a row that make Kafka count as unreachable
 
 
 class BrokerProbe:
@@ -62,8 +64,9 @@ class BrokerProbe:
         self._admin: AdminClient | None = None  # made at the first probe, after the configuration check
         self._bootstrap = settings.kafka_properties.get("bootstrap.servers", "")
         self._gauge = metrics.broker_up
-        self.up = True  # until the first probe says otherwise: a fresh start tries at once
+        self.up = True  # until the probes say otherwise: a fresh start tries at once
         self.problem = ""
+        self._failures = 0
 
     def probe(self) -> None:
         if self._admin is None:
@@ -73,14 +76,16 @@ class BrokerProbe:
         except KafkaException as exc:
             self._admin.poll(0)  # delivers librdkafka's log lines, which name the cause
             cause = self._logger.last_complaint or exc.args[0].str()
-            if self.up or not self.problem:
+            self._failures += 1
+            # Two in a row: one slow answer on a busy machine is not an outage worth a flapping /readyz.
+            if self._failures == PROBE_FAILURES:
                 log.warning("Kafka unreachable at %s: %s; lanes wait for it", self._bootstrap, cause,
                             extra={"action": "kafka_down"})
-            self.up, self.problem = False, f"Kafka unreachable at {self._bootstrap}: {cause}"
+                self.up, self.problem = False, f"Kafka unreachable at {self._bootstrap}: {cause}"
         else:
             if not self.up:
                 log.info("Kafka reachable again at %s", self._bootstrap, extra={"action": "kafka_up"})
-            self.up, self.problem = True, ""
+            self.up, self.problem, self._failures = True, "", 0
         self._logger.last_complaint = ""
         self._gauge.set(int(self.up))
 
@@ -110,6 +115,7 @@ class Relay:
         self._control: psycopg.Connection[Any] | None = None
         self._monitor: psycopg.Connection[Any] | None = None
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
+        self._lanes_taken = False  # a first pass took this instance's share: readiness means something now
         # librdkafka complains per client and per retry; the broker probe and the lanes say it once, in our words.
         self._kafka_logger = LibrdkafkaLogger(quiet=True)
         self.metrics = Metrics()
@@ -265,6 +271,7 @@ class Relay:
             if worker.owned and not worker.ticking and self.scheduler.get_job(f"lane-{lane}") is None:
                 self._schedule(lane, self.settings.poll_interval)
         self._heartbeat()
+        self._lanes_taken = True
 
     def _free_hung_lanes(self, lanes: list[int]) -> None:
         """Lanes held by an owner without a heartbeat for instance_timeout: end its sessions.
@@ -320,6 +327,8 @@ class Relay:
         problems = []
         if time.monotonic() - self._membership_seen > max(3 * self.settings.lane_interval, 5.0):
             problems.append("database unreachable")
+        elif not self._lanes_taken:
+            problems.append("taking lanes")
         if not self.broker.up:
             problems.append(self.broker.problem)
         stuck = [lane for lane, worker in self.workers.items() if worker.owned and not worker.ready]
