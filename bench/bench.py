@@ -33,7 +33,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import create_engine
 
 from outbox_relay import enqueue, migrate
-from outbox_relay.store import conninfo
+from outbox_relay.db.connection import conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' helpers (databases, topics, relay processes) serve the bench too
@@ -255,7 +255,8 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def claim_ms(url: str, runs: int = 30) -> float:
     """Median execution time of the relay's claim (lane 0 of 4, batch 1000), from EXPLAIN ANALYZE."""
-    from outbox_relay.store import Store, connect
+    from outbox_relay.db.connection import connect
+    from outbox_relay.db.lanes import Store
 
     query = Store().claim_query(4).as_string()
     times = []

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from outbox_relay.config import Settings
-from outbox_relay.errors import ConfigurationError, ConnectionTrouble, DatabaseUnavailable, OutboxError, SchemaError
+from outbox_relay.errors import (
+    ConfigurationError,
+    ConnectionTrouble,
+    DatabaseError,
+    DatabaseUnavailable,
+    OutboxError,
+    SchemaError,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command found violations (verify) or failed in an unexpected way
@@ -216,36 +223,23 @@ def _expected_failure(exc: Exception) -> int | None:
     if isinstance(exc, ValueError):  # a selection or value the command cannot act on (InvalidEvent too)
         print(f"outbox-relay: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if isinstance(exc, DatabaseError):  # PostgreSQL refused a statement: its own words say why
+        print(f"outbox-relay: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     if isinstance(exc, OutboxError):
         _print_cause_chain(exc)
         return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILURE
     if isinstance(exc, TimeoutError):
         print(f"outbox-relay: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    import psycopg
     from confluent_kafka import KafkaException
-    from sqlalchemy.exc import DBAPIError
 
-    if isinstance(exc, DBAPIError) and isinstance(exc.orig, psycopg.Error):  # from Alembic (migrate)
-        return _expected_failure(exc.orig)
-    if isinstance(exc, psycopg.OperationalError):
-        print(f"outbox-relay: PostgreSQL: {_first_line(exc)}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    if isinstance(exc, psycopg.Error):
-        print(f"outbox-relay: PostgreSQL refused: {_first_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
     if isinstance(exc, KafkaException):
         error: Any = exc.args[0] if exc.args else None
         text = f"{error.name()}: {error.str()}" if hasattr(error, "name") else str(exc)
         print(f"outbox-relay: Kafka: {text}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    """libpq's message without its framing: 'connection to server at ... failed: FATAL:  database "x" ...'."""
-    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return line.rsplit(" failed: ", 1)[-1].replace("FATAL:  ", "").strip()
 
 
 def _print_cause_chain(exc: BaseException) -> None:
@@ -274,25 +268,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _where(database_url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(database_url)
-    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
-
-
 def _connect(settings: Settings, *, check_schema: bool = True) -> Any:
     """A connection for one command, after checking the schema is what this relay needs."""
-    import psycopg
-
     from outbox_relay import schema
-    from outbox_relay.store import connect
+    from outbox_relay.db.connection import connect
 
     try:
         conn = connect(settings.database_url, "outbox-relay cli")
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {_where(settings.database_url)}: "
-                                  f"{_first_line(exc)} (check --database-url or OUTBOX_DATABASE_URL)") from None
+    except DatabaseUnavailable as exc:
+        raise DatabaseUnavailable(f"{exc} (check --database-url or OUTBOX_DATABASE_URL)") from None
     if check_schema:
         try:
             schema.check(conn)
@@ -368,9 +352,10 @@ def _confirm_drop(args: argparse.Namespace, settings: Settings) -> bool:
         return True
     if not sys.stdin.isatty():
         return False
+    from outbox_relay.db.connection import where
     from outbox_relay.models import EVENTS_TABLE, SCHEMA
 
-    answer = input(f"This drops {SCHEMA}.{EVENTS_TABLE} at {_where(settings.database_url)} and every event in it. "
+    answer = input(f"This drops {SCHEMA}.{EVENTS_TABLE} at {where(settings.database_url)} and every event in it. "
                    f"Type {EVENTS_TABLE!r} to confirm: ")
     return answer.strip() == EVENTS_TABLE
 
@@ -431,7 +416,7 @@ def _lanes(args: argparse.Namespace) -> int:
 
 
 def _selection(args: argparse.Namespace) -> Any:
-    from outbox_relay.operations import Selection
+    from outbox_relay.db.operations import Selection
 
     ids = [i for i in args.ids or [] if isinstance(i, int)] or None
     event_ids = [i for i in args.ids or [] if isinstance(i, uuid.UUID)] or None
@@ -464,8 +449,10 @@ def _verify(args: argparse.Namespace) -> int:
     from outbox_relay import verify
 
     settings = _kafka_settings(args)
+    from outbox_relay.db.operations import ledger_rows
+
     with _connect(settings) as conn:
-        rows = verify.read_table(conn)
+        rows = ledger_rows(conn)
     topics = args.topics or sorted({row.topic for row in rows})
     report = verify.check(rows, verify.read_topics(settings.producer_config(), topics, timeout=settings.kafka_timeout))
     print(json.dumps(dataclasses.asdict(report), default=str, indent=2) if args.json else verify.render(report))

@@ -22,21 +22,23 @@ import traceback
 from types import FrameType
 from typing import Any
 
-import psycopg
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
-from outbox_relay import monitor, operations, progress
+from outbox_relay import monitor, progress
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.config import KafkaNames, Settings
+from outbox_relay.db.connection import Connection, connect
+from outbox_relay.db.lanes import OutboxState, Store
+from outbox_relay.db.retention import delete_expired
+from outbox_relay.errors import DatabaseError, DatabaseUnavailable
 from outbox_relay.lane import LaneWorker
 from outbox_relay.metrics import Metrics
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher, validate_config
-from outbox_relay.store import OutboxState, Store, connect
 from outbox_relay.wakeups import CommitListener
 from outbox_relay.web import StatusServer
 
@@ -112,8 +114,8 @@ class Relay:
         self.workers: dict[int, LaneWorker] = {}
         self.lane_count: int | None = None
         self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
-        self._control: psycopg.Connection[Any] | None = None
-        self._monitor: psycopg.Connection[Any] | None = None
+        self._control: Connection | None = None
+        self._monitor: Connection | None = None
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
         self._lanes_taken = False  # a first pass took this instance's share: readiness means something now
         # librdkafka complains per client and per retry; the broker probe and the lanes say it once, in our words.
@@ -176,7 +178,7 @@ class Relay:
         if self._control is not None and not self._control.closed:
             try:
                 self.store.deregister_instance(self._control, self.settings.instance_name())
-            except psycopg.Error:
+            except DatabaseError:
                 pass
             self._control.close()
         log.info("stopped", extra={"action": "stopped"})
@@ -283,7 +285,7 @@ class Relay:
             return
         try:
             freed = self.store.terminate_stale_owners(self._control, lanes, self.settings.instance_timeout)
-        except psycopg.OperationalError:
+        except DatabaseUnavailable:
             return
         if freed:
             log.warning("lanes %s: their owner showed no heartbeat for %gs; ended its sessions to take them over",
@@ -301,7 +303,7 @@ class Relay:
             return
         try:
             self.store.heartbeat(self._control, owned, self.settings.instance_name())
-        except psycopg.OperationalError:
+        except DatabaseUnavailable:
             self._control.close()
             self._control = None
 
@@ -315,7 +317,7 @@ class Relay:
                                                 self.settings.instance_timeout)
             self._membership_seen = time.monotonic()
             return state, live
-        except psycopg.OperationalError as exc:
+        except DatabaseUnavailable as exc:
             if self._control is not None:
                 self._control.close()
             self._control = None
@@ -344,7 +346,7 @@ class Relay:
                 self._monitor = connect(self.settings.database_url, "outbox-relay monitor")
             self.metrics.observe_backlog(monitor.snapshot(
                 self._monitor, hold=self.settings.failed_key_policy == "hold"))
-        except psycopg.OperationalError:
+        except DatabaseUnavailable:
             if self._monitor is not None:
                 self._monitor.close()
             self._monitor = None
@@ -352,8 +354,8 @@ class Relay:
     def _retention(self) -> None:
         try:
             with connect(self.settings.database_url, "outbox-relay retention") as conn:
-                deleted = operations.delete_expired(conn, dt.timedelta(hours=self.settings.retention_hours))
-        except psycopg.OperationalError:
+                deleted = delete_expired(conn, dt.timedelta(hours=self.settings.retention_hours))
+        except DatabaseUnavailable:
             return
         if deleted:
             self.metrics.retention_deleted.inc(deleted)

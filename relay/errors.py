@@ -62,7 +62,11 @@ class ConnectionTrouble(OutboxError):
     """An outside system could not be reached; the relay backs off and retries."""
 
 
-class DatabaseUnavailable(ConnectionTrouble):
+class DatabaseError(OutboxError):
+    """PostgreSQL refused a statement of the relay."""
+
+
+class DatabaseUnavailable(ConnectionTrouble, DatabaseError):
     """PostgreSQL could not be reached."""
 
 

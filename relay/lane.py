@@ -7,18 +7,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-import psycopg
 
 from outbox_relay import faults, progress
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.config import Settings
-from outbox_relay.errors import BrokerUnavailable
+from outbox_relay.db.connection import Connection, connect
+from outbox_relay.db.lanes import Row, Store
+from outbox_relay.errors import BrokerUnavailable, DatabaseError, DatabaseUnavailable
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
 from outbox_relay.recovery import recover
-from outbox_relay.store import Row, Store, connect
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class LaneWorker:
         self.transactional_id = transactional_id
         self.owner = settings.instance_name()
         self._new_publisher = publisher_factory
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn: Connection | None = None
         self._publisher: LanePublisher | None = None
         self.metrics = metrics
         self._owned = False
@@ -122,7 +120,7 @@ class LaneWorker:
                 self.database.failure(TRANSACTION_POOLING)
                 return False
             self.store.record_owner(self._conn, self.lane, self.owner)
-        except psycopg.OperationalError as exc:
+        except DatabaseUnavailable as exc:
             self._lost_database(exc)
             return False
         self.database.success()
@@ -146,7 +144,7 @@ class LaneWorker:
                 if self.owned:
                     try:
                         self.store.release_owner(self._conn, self.lane, self.owner)
-                    except psycopg.Error:
+                    except DatabaseError:
                         pass
                 self._conn.close()
             if self.owned:
@@ -196,7 +194,7 @@ class LaneWorker:
         finally:
             self._ticking.release()
 
-    def _tick_owned(self, conn: psycopg.Connection[Any], stopping: threading.Event) -> bool:
+    def _tick_owned(self, conn: Connection, stopping: threading.Event) -> bool:
         try:
             # Recovery (inside _ensure_publisher) marks what the last owner left unmarked; only a
             # claim made after it can tell what is really still pending.
@@ -210,11 +208,11 @@ class LaneWorker:
             if outcome is _Outcome.POISONED:
                 return True  # the rest of the batch goes again at once, in a new transaction
             return outcome is _Outcome.PUBLISHED and len(rows) == self.settings.batch_size
-        except psycopg.OperationalError as exc:
+        except DatabaseUnavailable as exc:
             self._lost_database(exc)
             return False
 
-    def _publish(self, conn: psycopg.Connection[Any], publisher: LanePublisher, rows: list[Row]) -> _Outcome:
+    def _publish(self, conn: Connection, publisher: LanePublisher, rows: list[Row]) -> _Outcome:
         """One Kafka transaction for the rows; on success (only then) mark them sent."""
         started = time.time()
         try:
@@ -296,10 +294,10 @@ class LaneWorker:
         conn = self._conn
         try:
             return conn is not None and not conn.closed and self.store.holds_lane_lock(conn, self.lane)
-        except psycopg.Error:
+        except DatabaseError:
             return False
 
-    def _isolate(self, conn: psycopg.Connection[Any], publisher: LanePublisher, rows: list[Row]) -> _Outcome:
+    def _isolate(self, conn: Connection, publisher: LanePublisher, rows: list[Row]) -> _Outcome:
         """One event per transaction, in order, until the one that fails: that one is the culprit.
 
         Rare (only after a failure that several messages shared) and slow on purpose. The first
@@ -315,7 +313,7 @@ class LaneWorker:
                 return outcome
         return _Outcome.PUBLISHED
 
-    def _poison(self, conn: psycopg.Connection[Any], exc: PoisonEvent) -> None:
+    def _poison(self, conn: Connection, exc: PoisonEvent) -> None:
         row: Row = exc.row
         park = exc.permanent or row.attempts + 1 >= self.settings.max_attempts
         self.store.record_failure(conn, row.id, str(exc), park)

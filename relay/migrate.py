@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 from alembic.config import Config
 
 from alembic import command
+from outbox_relay.db import catalog
+from outbox_relay.db.connection import Connection, translated
 from outbox_relay.errors import ConfigurationError
 
 
@@ -31,34 +32,25 @@ def alembic_config(database_url: str, *, lanes: int | None = None) -> Config:
     return config
 
 
+@translated()
 def upgrade(database_url: str, revision: str = "head", *, lanes: int | None = None) -> None:
     """Upgrade the database to ``revision``; ``lanes`` sets the lane count when the table is created."""
     command.upgrade(alembic_config(database_url, lanes=lanes), revision)
 
 
+@translated()
 def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
-def current_lane_count(conn: Any) -> int | None:
+def current_lane_count(conn: Connection) -> int | None:
     """The lane count of an existing outbox, or None when there is no outbox yet."""
-    from psycopg import sql
-
-    from outbox_relay.models import SCHEMA, SETTINGS_TABLE
-
-    exists = conn.execute("SELECT to_regclass(%s)", (f'"{SCHEMA}"."{SETTINGS_TABLE}"',)).fetchone()
-    if not exists or exists[0] is None:
-        return None
-    row = conn.execute(sql.SQL("SELECT lane_count FROM {} WHERE id = 1").format(
-        sql.Identifier(SCHEMA, SETTINGS_TABLE))).fetchone()
-    return int(row[0]) if row else None
+    return catalog.lane_count(conn)
 
 
-def drops_outbox(conn: Any, revision: str) -> bool:
+def drops_outbox(conn: Connection, revision: str) -> bool:
     """Whether downgrading to ``revision`` ("base", or "-N" from the current one) drops the events table."""
     from alembic.script import ScriptDirectory
-
-    from outbox_relay.schema import VERSION_TABLE
 
     if current_lane_count(conn) is None:
         return False  # nothing to drop
@@ -66,15 +58,11 @@ def drops_outbox(conn: Any, revision: str) -> bool:
         return True
     if not revision.startswith("-") or not revision[1:].isdigit():
         return False
-    from outbox_relay.models import SCHEMA
-
-    version_table = f'"{SCHEMA}"."{VERSION_TABLE}"'
-    exists = conn.execute("SELECT to_regclass(%s)", (version_table,)).fetchone()
-    if not exists or exists[0] is None:
+    managed, revision_now = catalog.managed_revision(conn)
+    if not managed:
         return False  # not managed by `outbox-relay migrate`: Alembic refuses relative steps anyway
-    row = conn.execute(f"SELECT max(version_num) FROM {version_table}").fetchone()
     script = ScriptDirectory(script_location())
-    current = script.get_revision(row[0]) if row and row[0] else None
+    current = script.get_revision(revision_now) if revision_now else None
     for _ in range(int(revision[1:])):
         if current is None:
             return True

@@ -1,8 +1,8 @@
 """The backlog at a glance: one snapshot for `outbox-relay status`, the metrics and the status page.
 
-Every query goes through a partial index (pending, failed, recently sent), so the cost follows the
-backlog, not the table: ten million sent rows cost nothing. Counts stop at ``cap`` rows per
-question (the snapshot says when), because an exact count of a huge backlog would scan it all.
+Its reads (``outbox_relay.db.monitor``) go through partial indexes, so the cost follows the backlog,
+not the table. Counts stop at ``cap`` rows per question (the snapshot says when), because an exact
+count of a huge backlog would scan it all.
 
 Pending events are claimable (due, free to go), delayed (not due yet) or held: waiting behind a
 failed event of their key (``OUTBOX_FAILED_KEY_POLICY=hold``). Held events are not claimable and
@@ -16,13 +16,10 @@ import dataclasses
 from collections import defaultdict
 from typing import Any
 
-import psycopg
-from psycopg import sql
+from outbox_relay.db import monitor as queries
+from outbox_relay.db.connection import Connection
+from outbox_relay.db.lanes import Store
 
-from outbox_relay.models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA
-from outbox_relay.store import Store
-
-_EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
 DEFAULT_CAP = 1_000_000
 
 
@@ -80,16 +77,14 @@ class Snapshot:
         }
 
 
-def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP, *, hold: bool = True) -> Snapshot:
+def snapshot(conn: Connection, cap: int = DEFAULT_CAP, *, hold: bool = True) -> Snapshot:
     """``hold``: whether later events of a failed event's key wait (the relay's failed-key policy)."""
     state = Store.outbox_state(conn)
     lane_count, resizing = state.lane_count, state.resizing
     topics: dict[str, Backlog] = defaultdict(Backlog)
     lanes: dict[int, Backlog] = defaultdict(Backlog)
     capped = False
-    params = {"lanes": lane_count, "cap": cap, "hold": hold}
-    for kind, query in _QUERIES.items():
-        rows = conn.execute(query, params).fetchall()
+    for kind, rows in queries.backlog(conn, lane_count, cap, hold).items():
         if sum(row[2] for row in rows) >= cap:
             capped = True
         for topic, lane, *figures in rows:
@@ -99,13 +94,10 @@ def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP, *, hold: boo
     total = Backlog()
     for part in topics.values():
         total.add(part)
-    # The exact oldest claimable event: the first in the pending index, whatever the cap.
-    oldest = conn.execute(_OLDEST, params).fetchone()
-    total.oldest_claimable_age_s = float(oldest[0]) if oldest and oldest[0] is not None else None
-    owners = [LaneOwner(lane, owner, float(age) if age is not None else None)
-              for lane, owner, age in conn.execute(_OWNERS, (lane_count,))]
-    instances = [row[0] for row in conn.execute(_INSTANCES)]
-    return Snapshot(total, dict(topics), dict(lanes), owners, lane_count, resizing, instances, capped)
+    total.oldest_claimable_age_s = queries.oldest_claimable_age(conn, hold)
+    owners = [LaneOwner(*owner) for owner in queries.lane_owners(conn, lane_count)]
+    return Snapshot(total, dict(topics), dict(lanes), owners, lane_count, resizing, queries.live_instances(conn),
+                    capped)
 
 
 def _backlog(kind: str, figures: list[Any]) -> Backlog:
@@ -116,44 +108,6 @@ def _backlog(kind: str, figures: list[Any]) -> Backlog:
     if kind == "failed":
         return Backlog(failed=figures[0])
     return Backlog(sent_last_minute=figures[0])
-
-
-_QUERIES = {
-    # The failed keys are few (each is an operator's to-do); a hash of them marks the held rows.
-    "pending": sql.SQL(
-        "WITH f AS (SELECT key, min(id) AS first FROM {events} WHERE state = 'failed' AND key IS NOT NULL"
-        " AND %(hold)s GROUP BY key)"
-        " SELECT topic, lane_key %% %(lanes)s, count(*),"
-        " count(*) FILTER (WHERE NOT held AND available_at <= now()),"
-        " count(*) FILTER (WHERE NOT held AND available_at > now()), count(*) FILTER (WHERE held),"
-        " extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT held AND available_at <= now()))"
-        " FROM (SELECT p.topic, p.lane_key, p.available_at, p.created_at, coalesce(f.first < p.id, false) AS held"
-        " FROM (SELECT id, topic, key, lane_key, available_at, created_at FROM {events} WHERE state = 'pending'"
-        " LIMIT %(cap)s) p LEFT JOIN f ON f.key = p.key) q"
-        " GROUP BY 1, 2"
-    ).format(events=_EVENTS),
-    "failed": sql.SQL(
-        "SELECT topic, lane_key %% %(lanes)s, count(*)"
-        " FROM (SELECT topic, lane_key FROM {} WHERE state = 'failed' LIMIT %(cap)s) f GROUP BY 1, 2"
-    ).format(_EVENTS),
-    "sent": sql.SQL(
-        "SELECT topic, lane_key %% %(lanes)s, count(*) FROM (SELECT topic, lane_key FROM {}"
-        " WHERE state = 'sent' AND sent_at > now() - interval '1 minute' LIMIT %(cap)s) s GROUP BY 1, 2"
-    ).format(_EVENTS),
-}
-_OLDEST = sql.SQL(
-    "SELECT extract(epoch FROM now() - e.created_at) FROM {events} e"
-    " WHERE e.state = 'pending' AND e.available_at <= now() AND (NOT %(hold)s OR e.key IS NULL OR NOT EXISTS ("
-    "SELECT 1 FROM {events} f WHERE f.state = 'failed' AND f.key = e.key AND f.id < e.id)) ORDER BY e.id LIMIT 1"
-).format(events=_EVENTS)
-_OWNERS = sql.SQL(
-    "SELECT lane, owner, extract(epoch FROM now() - heartbeat_at) FROM {} WHERE lane < %s ORDER BY lane"
-).format(sql.Identifier(SCHEMA, LANES_TABLE))
-_INSTANCES = sql.SQL(
-    "SELECT name FROM {} WHERE heartbeat_at > now() - interval '1 minute' ORDER BY name"
-).format(sql.Identifier(SCHEMA, INSTANCES_TABLE))
-
-STATUS_QUERIES = [*_QUERIES.values(), _OLDEST]  # what the EXPLAIN test checks
 
 
 def _age(value: float | None) -> str:

@@ -17,8 +17,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox_relay import faults, progress
 from outbox_relay.config import KafkaNames, Settings
+from outbox_relay.db.lanes import Row
 from outbox_relay.errors import BrokerUnavailable, ConfigurationError, OutboxError
-from outbox_relay.store import Row
 
 log = logging.getLogger(__name__)
 

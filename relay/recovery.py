@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
-
-import psycopg
 
 from outbox_relay import progress
-from outbox_relay.store import Store
+from outbox_relay.db.connection import Connection
+from outbox_relay.db.lanes import Store
 
 log = logging.getLogger(__name__)
 
 
 def recover(
-    store: Store, conn: psycopg.Connection[Any], records: Iterable[tuple[int, bytes | None]], scope: progress.Scope
+    store: Store, conn: Connection, records: Iterable[tuple[int, bytes | None]], scope: progress.Scope
 ) -> int:
     """Mark the ids of the lane's committed transactions whose marks are missing; returns how many."""
     recovered = 0

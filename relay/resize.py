@@ -16,11 +16,12 @@ import time
 
 from outbox_relay import progress
 from outbox_relay.config import Settings
+from outbox_relay.db.connection import connect
+from outbox_relay.db.lanes import Store
 from outbox_relay.errors import OutboxError
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher
 from outbox_relay.recovery import recover
-from outbox_relay.store import Store, connect
 
 log = logging.getLogger(__name__)
 

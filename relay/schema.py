@@ -13,15 +13,12 @@ Every command runs it before it works, whoever owns the migrations:
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-from psycopg import sql
-
+from outbox_relay.db import catalog
+from outbox_relay.db.connection import Connection
+from outbox_relay.db.names import NOTIFY_TRIGGER
 from outbox_relay.errors import SchemaError
 from outbox_relay.models import EVENTS_TABLE, LANE_INDEX_PREFIX, SCHEMA, SETTINGS_TABLE, metadata
-
-VERSION_TABLE = "outbox_relay_version"  # the outbox's own Alembic version table (alembic/env.py)
-NOTIFY_TRIGGER = f"{EVENTS_TABLE}_notify"
 
 # Which migration function adds what, for applications that own their Alembic history.
 _ADDED_BY = {
@@ -34,19 +31,6 @@ _ADDED_BY = {
     f"column {EVENTS_TABLE}_instances.backend_pid": "add_instance_sessions_v7",
 }
 
-_COLUMNS = (
-    "SELECT c.relname, a.attname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-    " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
-    " WHERE n.nspname = %s AND c.relkind IN ('r', 'p')"
-)
-_INDEXES = "SELECT indexname FROM pg_indexes WHERE schemaname = %s"
-_TRIGGER = (
-    "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s AND t.tgname = %s"
-)
-_VERSION_READABLE = "SELECT has_table_privilege(to_regclass(%s), 'SELECT')"
-
-
 @functools.cache
 def head_revision() -> str:
     """The newest revision of the outbox's own history, as installed."""
@@ -57,11 +41,9 @@ def head_revision() -> str:
     return str(ScriptDirectory(script_location()).get_current_head())
 
 
-def problems(conn: Any) -> list[str]:
+def problems(conn: Connection) -> list[str]:
     """What is missing or behind, as short phrases; empty when the schema is what this relay needs."""
-    columns: dict[str, set[str]] = {}
-    for table, column in conn.execute(_COLUMNS, (SCHEMA,)):
-        columns.setdefault(table, set()).add(column)
+    columns = catalog.columns(conn)
     if EVENTS_TABLE not in columns:
         return [f"no outbox: schema {SCHEMA!r} has no table {EVENTS_TABLE!r}"]
     missing: list[str] = []
@@ -70,32 +52,25 @@ def problems(conn: Any) -> list[str]:
             missing.append(f"table {SCHEMA}.{table.name}")
             continue
         missing += [f"column {table.name}.{c.name}" for c in table.columns if c.name not in columns[table.name]]
-    indexes = {row[0] for row in conn.execute(_INDEXES, (SCHEMA,))}
+    indexes = catalog.indexes(conn)
     for table in metadata.tables.values():
         missing += [f"index {index.name}" for index in table.indexes if index.name not in indexes]
-    trigger = conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, NOTIFY_TRIGGER)).fetchone()
-    if not trigger or not trigger[0]:
+    if not catalog.has_notify_trigger(conn):
         missing.append(f"trigger {NOTIFY_TRIGGER}")
     if SETTINGS_TABLE in columns:
-        row = conn.execute(sql.SQL("SELECT lane_count FROM {} WHERE id = 1").format(
-            sql.Identifier(SCHEMA, SETTINGS_TABLE))).fetchone()
-        if row is None:
+        if catalog.lane_count(conn) is None:
             missing.append(f"the row of {SCHEMA}.{SETTINGS_TABLE}")
         elif not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
             missing.append("lane index")
     if missing:
         return missing
-    version_table = f'"{SCHEMA}"."{VERSION_TABLE}"'
-    readable = conn.execute(_VERSION_READABLE, (version_table,)).fetchone()
-    if readable and readable[0]:
-        row = conn.execute(f"SELECT max(version_num) FROM {version_table}").fetchone()
-        current = row[0] if row else None
-        if current != head_revision():
-            return [f"revision {current or '(none)'}, this relay needs {head_revision()}"]
+    managed, current = catalog.managed_revision(conn)
+    if managed and current != head_revision():
+        return [f"revision {current or '(none)'}, this relay needs {head_revision()}"]
     return []
 
 
-def check(conn: Any) -> None:
+def check(conn: Connection) -> None:
     """Raise SchemaError, in one line saying what to run, unless the schema is what this relay needs."""
     found = problems(conn)
     if not found:

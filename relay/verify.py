@@ -105,17 +105,6 @@ def check(
     )
 
 
-def read_table(conn: Any) -> list[LedgerRow]:
-    """Every row of the outbox table (all states), in id order."""
-    from psycopg import sql
-
-    from outbox_relay.models import EVENTS_TABLE, SCHEMA
-
-    query = sql.SQL("SELECT id, event_id::text, topic, key, state FROM {} ORDER BY id").format(
-        sql.Identifier(SCHEMA, EVENTS_TABLE))
-    return [LedgerRow(*row) for row in conn.execute(query)]
-
-
 def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: float = 30.0) -> list[LedgerMessage]:
     """Everything committed in the topics (read_committed), from the beginning to the current end."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition

@@ -10,12 +10,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-import psycopg
-from psycopg import sql
-
 from outbox_relay.backoff import CircuitBreaker
-from outbox_relay.models import NOTIFY_CHANNEL
-from outbox_relay.store import connect
+from outbox_relay.db.connection import connect, listen, notifications
+from outbox_relay.errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +35,12 @@ class CommitListener:
         while not self.stopping.is_set():
             try:
                 with connect(self.database_url, "outbox-relay listener") as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+                    listen(conn)
                     self.breaker.success()
                     while not self.stopping.is_set():
                         # A timeout keeps the loop checking for shutdown.
-                        for _ in conn.notifies(timeout=1.0):
+                        for _ in notifications(conn, timeout=1.0):
                             self.on_commit()
-            except psycopg.Error as exc:
-                wait = self.breaker.failure(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+            except DatabaseError as exc:
+                wait = self.breaker.failure(str(exc))
                 self.stopping.wait(wait)

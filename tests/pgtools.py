@@ -11,8 +11,8 @@ import os
 import psycopg
 from sqlalchemy.engine import make_url
 
+from outbox_relay.db.connection import conninfo
 from outbox_relay.models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA, SETTINGS_TABLE
-from outbox_relay.store import conninfo
 
 # Qualified names for SQL text (each part is a plain lower-case identifier: models check that at import).
 EVENTS = f"{SCHEMA}.{EVENTS_TABLE}"
@@ -43,3 +43,4 @@ def create_database(name: str, template: str | None = None) -> str:
 def drop_database(name: str) -> None:
     with admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+

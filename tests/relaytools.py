@@ -18,7 +18,8 @@ from sqlalchemy import Engine, text
 
 from outbox_relay import enqueue
 from outbox_relay.config import Settings
-from outbox_relay.verify import LedgerMessage, LedgerReport, check, read_table
+from outbox_relay.db.operations import ledger_rows
+from outbox_relay.verify import LedgerMessage, LedgerReport, check
 from tests import kafkatools
 from tests.pgtools import EVENTS, LANES, SETTINGS
 
@@ -213,7 +214,7 @@ def ledger(engine: Engine, topics: list[str], *, timeout: float = 60, quiet: flo
            expect_all_sent: bool = True) -> LedgerReport:
     """Read every topic back (read_committed) and compare with the table."""
     with engine.connect() as conn:
-        rows = read_table(conn.connection.driver_connection)  # the one the `verify` command reads
+        rows = ledger_rows(conn.connection.driver_connection)  # the one the `verify` command reads
     expected = sum(1 for r in rows if r.state == "sent" or (expect_all_sent and r.state == "pending"))
     received = kafkatools.consume(topics, expected=expected, timeout=timeout, quiet=quiet)
     messages = [
@@ -294,7 +295,7 @@ class Writers:
 
 def set_lane_count(engine: Engine, lanes: int) -> None:
     """Test set-up only, before any relay runs: production uses `outbox-relay lanes set`."""
-    from outbox_relay.store import Store
+    from outbox_relay.db.lanes import Store
 
     with engine.begin() as conn:
         conn.execute(text(f"UPDATE {SETTINGS} SET lane_count = :n"), {"n": lanes})
@@ -304,7 +305,7 @@ def set_lane_count(engine: Engine, lanes: int) -> None:
 
 def lane_owners(engine: Engine) -> dict[int, str]:
     """Owners of lanes that are really held right now (their advisory lock is granted)."""
-    from outbox_relay.store import LOCK_CLASS
+    from outbox_relay.db.names import LOCK_CLASS
 
     with engine.connect() as conn:
         held = {row[0] for row in conn.execute(text(

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay.store import conninfo
+from outbox_relay.db.connection import conninfo
 from tests.relaytools import Relays, cli, wait_until
 
 NAMES = {"OUTBOX_SCHEMA": "shop_outbox", "OUTBOX_TABLE": "order_events"}

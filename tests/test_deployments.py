@@ -22,11 +22,12 @@ from sqlalchemy.engine import make_url
 
 from outbox_relay import enqueue_many, migrate, progress
 from outbox_relay.config import KafkaNames, Settings
+from outbox_relay.db.connection import connect, conninfo
+from outbox_relay.db.lanes import Store
 from outbox_relay.errors import OutboxError
 from outbox_relay.lane import LaneWorker
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher
-from outbox_relay.store import Store, connect, conninfo
 from outbox_relay.write import Event
 from tests import kafkatools
 from tests.pgtools import EVENTS, INSTANCES, SETTINGS

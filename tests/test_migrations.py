@@ -11,6 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from outbox_relay import migrate
+from outbox_relay.db.connection import conninfo
 from outbox_relay.models import (
     EVENTS_TABLE,
     INSTANCES_TABLE,
@@ -20,7 +21,6 @@ from outbox_relay.models import (
     SETTINGS_TABLE,
     metadata,
 )
-from outbox_relay.store import conninfo
 from tests.pgtools import EVENTS, SETTINGS, create_database, drop_database
 from tests.relaytools import cli, wait_until
 

@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from outbox_relay import enqueue
-from outbox_relay.monitor import STATUS_QUERIES
-from outbox_relay.store import connect
+from outbox_relay.db.connection import connect
+from outbox_relay.db.monitor import STATUS_QUERIES
 from tests import kafkatools
 from tests.pgtools import EVENTS
 from tests.relaytools import Relays, cli, free_port, pending, set_lane_count, states, wait_until
@@ -243,7 +243,7 @@ def test_json_logs_name_the_event_topic_and_lane(engine: Engine, database_url: s
 
 
 def test_each_lane_claims_through_its_own_index(engine: Engine, database_url: str) -> None:
-    from outbox_relay.store import Store
+    from outbox_relay.db.lanes import Store
 
     set_lane_count(engine, 4)
     with engine.begin() as conn:

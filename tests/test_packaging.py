@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from outbox_relay.store import conninfo
+from outbox_relay.db.connection import conninfo
 from tests import kafkatools
 from tests.pgtools import create_database, drop_database
 from tests.relaytools import FAST, wait_until

@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from outbox_relay.store import conninfo
+from outbox_relay.db.connection import conninfo
 from outbox_relay.verify import LedgerReport
 from tests import kafkatools
 from tests.pgtools import EVENTS

@@ -276,7 +276,7 @@ def test_misused_targets_are_told_what_to_pass_and_nothing_is_written(engine: En
     import psycopg
     from sqlalchemy.orm import sessionmaker
 
-    from outbox_relay.store import conninfo
+    from outbox_relay.db.connection import conninfo
 
     with psycopg.connect(conninfo(database_url)) as raw, pytest.raises(errors.InvalidTarget,
                                                                        match="plain driver connection"):

@@ -11,16 +11,16 @@ import threading
 import uuid
 from typing import Any
 
-import psycopg
 import pytest
 from confluent_kafka import KafkaError
 
 from outbox_relay import progress
 from outbox_relay.config import Settings
+from outbox_relay.db.lanes import Row
+from outbox_relay.errors import DatabaseError, DatabaseUnavailable
 from outbox_relay.lane import LaneWorker
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import PoisonEvent, ProducerFailed, TransactionAborted
-from outbox_relay.store import Row
 
 SCOPE = progress.Scope("0b5e6c1d-7a1f-4a57-9b5e-0e0a1c2b3d4e", 0, 1)
 SETTINGS = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u@h/db",
@@ -137,8 +137,8 @@ def test_a_committed_batch_is_marked_and_the_tick_drains_on() -> None:
 
 def test_an_error_after_the_commit_makes_the_next_tick_recover_before_it_publishes() -> None:
     h = Harness(pending=[1, 2, 3])
-    h.store.mark_error = psycopg.errors.RaiseException("a trigger refused the mark")
-    with pytest.raises(psycopg.errors.RaiseException):
+    h.store.mark_error = DatabaseError("PostgreSQL refused: a trigger refused the mark")
+    with pytest.raises(DatabaseError):
         h.tick()
     assert h.kafka == [[1, 2, 3]] and h.store.sent == [] and h.publishers[0].closed
     h.store.mark_error = None
@@ -181,6 +181,6 @@ def test_fenced_while_still_holding_the_lock_is_a_lost_epoch_not_a_new_owner() -
 
 def test_a_lost_database_connection_gives_the_lane_up() -> None:
     h = Harness(pending=[1])
-    h.store.claim_error = psycopg.OperationalError("server closed the connection unexpectedly")
+    h.store.claim_error = DatabaseUnavailable("PostgreSQL: server closed the connection unexpectedly")
     assert h.tick() is False
     assert not h.worker.owned and h.publishers[0].closed and h.kafka == []

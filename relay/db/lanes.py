@@ -1,4 +1,4 @@
-"""The relay's only door to PostgreSQL: named queries over psycopg connections.
+"""The lanes' named queries: ownership, lane management, claim and mark.
 
 Each lane owner keeps one connection that holds the lane's advisory lock. Claims and marks run
 on that same connection, so a relay whose connection (and with it the lock) is gone cannot mark
@@ -10,16 +10,19 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-import zlib
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import tuple_row
-from sqlalchemy.engine import make_url
 
 from outbox_relay import faults
-from outbox_relay.models import EVENTS_TABLE, INSTANCES_TABLE, LANE_INDEX_PREFIX, LANES_TABLE, SCHEMA, SETTINGS_TABLE
+from outbox_relay.db.connection import translate_errors
+from outbox_relay.db.names import EVENTS as _EVENTS
+from outbox_relay.db.names import INSTANCES as _INSTANCES
+from outbox_relay.db.names import LANES as _LANES
+from outbox_relay.db.names import LOCK_CLASS, RESIZE_LOCK, lane_index_name
+from outbox_relay.db.names import SETTINGS as _SETTINGS
+from outbox_relay.models import SCHEMA, SETTINGS_TABLE
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,75 +50,6 @@ class OutboxState:
     outbox_id: str
 
 
-def conninfo(database_url: str) -> str:
-    """A libpq connection string from a SQLAlchemy URL (postgresql+psycopg://...).
-
-    SQLAlchemy spells several hosts ``?host=a:5432&host=b:5433`` (its only multi-host form); libpq
-    wants ``host=a,b&port=5432,5433``, so a primary and its standby are both tried.
-    """
-    url = make_url(database_url)
-    hosts = url.query.get("host")
-    hosts = (hosts,) if isinstance(hosts, str) else hosts
-    if hosts and any(":" in host for host in hosts):
-        pairs = [host.rpartition(":") if ":" in host else (host, "", "") for host in hosts]
-        query = {**url.query, "host": ",".join(name for name, _, _ in pairs),
-                 "port": ",".join(port or str(url.port or 5432) for _, _, port in pairs)}
-        url = url.set(query=query)
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-# Session settings are SET after connecting rather than sent as the `options` startup parameter,
-# which PgBouncer refuses.
-# The relay's own writes are durable whatever the database's default (recovery covers marks lost
-# anyway, but should rarely have to). The server also notices a vanished relay within seconds (and
-# frees its lanes' locks).
-_SESSION = ("SET synchronous_commit = on; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
-            " SET tcp_keepalives_count = 3")
-# The claim must walk the pending index in id order and stop after one batch, whatever the planner
-# thinks of `lane_key % n = lane` (it cannot estimate it, and on a fresh table it has no statistics
-# at all): a bitmap scan + sort would read the whole backlog on every claim. No statement or lock
-# wait of a lane may hang it (a claim or mark takes milliseconds).
-_LANE_SESSION = ("SET enable_bitmapscan = off; SET enable_sort = off; SET statement_timeout = 30000;"
-                 " SET lock_timeout = 10000")
-
-
-def connect(
-    database_url: str, application_name: str = "outbox-relay", *, lane: bool = False
-) -> psycopg.Connection[Any]:
-    """An autocommit connection: each statement is its own short transaction.
-
-    TCP keepalives make a dead peer visible in seconds rather than hours, on both sides.
-    """
-    conn = psycopg.connect(
-        conninfo(database_url),
-        autocommit=True,
-        application_name=application_name,
-        connect_timeout=5,
-        keepalives=1,
-        keepalives_idle=5,
-        keepalives_interval=2,
-        keepalives_count=3,
-        row_factory=tuple_row,
-    )
-    try:
-        conn.execute(_SESSION)
-        if lane:
-            conn.execute(_LANE_SESSION)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-_EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
-_LANES = sql.Identifier(SCHEMA, LANES_TABLE)
-_SETTINGS = sql.Identifier(SCHEMA, SETTINGS_TABLE)
-_INSTANCES = sql.Identifier(SCHEMA, INSTANCES_TABLE)
-# Advisory locks are per database; the class id keeps two outbox tables in one database apart.
-LOCK_CLASS = zlib.crc32(f"{SCHEMA}.{EVENTS_TABLE}".encode()) & 0x7FFFFFFF
-# Held by `outbox-relay lanes set` while it changes the lane count (lanes use 0..1023).
-RESIZE_LOCK = 1_000_000
-
 _COLUMNS = sql.SQL(
     "e.id, e.event_id, e.topic, e.key, e.value, e.header_names, e.header_values, e.partition, e.attempts, e.created_at"
 )
@@ -137,10 +71,7 @@ _HOLD = sql.SQL(
 )
 
 
-def lane_index_name(lanes: int) -> str:
-    return f"{LANE_INDEX_PREFIX}{lanes}"
-
-
+@translate_errors
 class Store:
     """Named queries. Methods take the connection to run on; the lane's for lane work."""
 

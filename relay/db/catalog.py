@@ -1,0 +1,65 @@
+"""What the database holds of the outbox: catalog reads for the schema check and `outbox-relay migrate`.
+
+A handful of cheap reads, whatever the table's size.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from outbox_relay.db.connection import Connection, translated
+from outbox_relay.db.names import NOTIFY_TRIGGER, SETTINGS, SETTINGS_REGCLASS, VERSION, VERSION_REGCLASS
+from outbox_relay.models import EVENTS_TABLE, SCHEMA
+
+_COLUMNS = (
+    "SELECT c.relname, a.attname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+    " WHERE n.nspname = %s AND c.relkind IN ('r', 'p')"
+)
+_INDEXES = "SELECT indexname FROM pg_indexes WHERE schemaname = %s"
+_TRIGGER = (
+    "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s AND t.tgname = %s"
+)
+_VERSION_READABLE = "SELECT has_table_privilege(to_regclass(%s), 'SELECT')"
+
+
+@translated()
+def columns(conn: Connection) -> dict[str, set[str]]:
+    """The columns of each table in the outbox's schema."""
+    found: dict[str, set[str]] = {}
+    for table, column in conn.execute(_COLUMNS, (SCHEMA,)):
+        found.setdefault(table, set()).add(column)
+    return found
+
+
+@translated()
+def indexes(conn: Connection) -> set[str]:
+    return {row[0] for row in conn.execute(_INDEXES, (SCHEMA,))}
+
+
+@translated()
+def has_notify_trigger(conn: Connection) -> bool:
+    row = conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, NOTIFY_TRIGGER)).fetchone()
+    return bool(row and row[0])
+
+
+@translated()
+def lane_count(conn: Connection) -> int | None:
+    """The outbox's lane count, or None when it has no settings table or no settings row."""
+    exists = conn.execute("SELECT to_regclass(%s)", (SETTINGS_REGCLASS,)).fetchone()
+    if not exists or exists[0] is None:
+        return None
+    row = conn.execute(sql.SQL("SELECT lane_count FROM {} WHERE id = 1").format(SETTINGS)).fetchone()
+    return int(row[0]) if row else None
+
+
+@translated()
+def managed_revision(conn: Connection) -> tuple[bool, str | None]:
+    """(whether `outbox-relay migrate` manages the schema: its version table is there and readable,
+    the revision it records)."""
+    readable = conn.execute(_VERSION_READABLE, (VERSION_REGCLASS,)).fetchone()
+    if not (readable and readable[0]):
+        return False, None
+    row = conn.execute(sql.SQL("SELECT max(version_num) FROM {}").format(VERSION)).fetchone()
+    return True, row[0] if row else None

@@ -1,0 +1,142 @@
+"""Connections to PostgreSQL, and its errors turned into the relay's own at this boundary.
+
+Every query function of ``outbox_relay.db`` runs under :func:`translated`: a connection that
+broke (or a statement cancelled by a timeout) raises ``DatabaseUnavailable``, anything else
+PostgreSQL refuses raises ``DatabaseError``; the psycopg error stays as the cause. Nothing
+outside this package catches psycopg's exceptions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any, TypeAlias, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from outbox_relay.db.names import CHANNEL
+from outbox_relay.errors import DatabaseError, DatabaseUnavailable
+
+Connection: TypeAlias = "psycopg.Connection[Any]"
+_Class = TypeVar("_Class", bound=type)
+
+
+def first_line(exc: BaseException) -> str:
+    """libpq's message without its framing: 'connection to server at ... failed: FATAL:  database "x" ...'."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line.rsplit(" failed: ", 1)[-1].replace("FATAL:  ", "").strip()
+
+
+@contextlib.contextmanager
+def translated(doing: str = "") -> Iterator[None]:
+    """psycopg's errors as the relay's (usable as a decorator); ``doing`` prefixes the message.
+
+    Errors that SQLAlchemy wraps (Alembic runs the migrations through it) are judged by psycopg's inside.
+    """
+    try:
+        yield
+    except (psycopg.Error, DBAPIError) as exc:
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(cause, psycopg.OperationalError):
+            raise DatabaseUnavailable(f"{doing or 'PostgreSQL'}: {first_line(cause)}") from exc
+        if isinstance(cause, psycopg.Error):
+            raise DatabaseError(f"{doing or 'PostgreSQL refused'}: {first_line(cause)}") from exc
+        raise
+
+
+def translate_errors(cls: _Class) -> _Class:
+    """Class decorator: every public method (the named queries) runs under :func:`translated`."""
+    for name, member in list(vars(cls).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(member, staticmethod):
+            setattr(cls, name, staticmethod(translated()(member.__func__)))
+        elif inspect.isfunction(member):
+            setattr(cls, name, translated()(member))
+    return cls
+
+
+def conninfo(database_url: str) -> str:
+    """A libpq connection string from a SQLAlchemy URL (postgresql+psycopg://...).
+
+    SQLAlchemy spells several hosts ``?host=a:5432&host=b:5433`` (its only multi-host form); libpq
+    wants ``host=a,b&port=5432,5433``, so a primary and its standby are both tried.
+    """
+    url = make_url(database_url)
+    hosts = url.query.get("host")
+    hosts = (hosts,) if isinstance(hosts, str) else hosts
+    if hosts and any(":" in host for host in hosts):
+        pairs = [host.rpartition(":") if ":" in host else (host, "", "") for host in hosts]
+        query = {**url.query, "host": ",".join(name for name, _, _ in pairs),
+                 "port": ",".join(port or str(url.port or 5432) for _, _, port in pairs)}
+        url = url.set(query=query)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def where(database_url: str) -> str:
+    """host:port/database, for messages (no user, no password)."""
+    url = make_url(database_url)
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+# Session settings are SET after connecting rather than sent as the `options` startup parameter,
+# which PgBouncer refuses.
+# The relay's own writes are durable whatever the database's default (recovery covers marks lost
+# anyway, but should rarely have to). The server also notices a vanished relay within seconds (and
+# frees its lanes' locks).
+_SESSION = ("SET synchronous_commit = on; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
+            " SET tcp_keepalives_count = 3")
+# The claim must walk the pending index in id order and stop after one batch, whatever the planner
+# thinks of `lane_key % n = lane` (it cannot estimate it, and on a fresh table it has no statistics
+# at all): a bitmap scan + sort would read the whole backlog on every claim. No statement or lock
+# wait of a lane may hang it (a claim or mark takes milliseconds).
+_LANE_SESSION = ("SET enable_bitmapscan = off; SET enable_sort = off; SET statement_timeout = 30000;"
+                 " SET lock_timeout = 10000")
+
+
+def connect(database_url: str, application_name: str = "outbox-relay", *, lane: bool = False) -> Connection:
+    """An autocommit connection: each statement is its own short transaction.
+
+    TCP keepalives make a dead peer visible in seconds rather than hours, on both sides. A server
+    that cannot be reached raises ``DatabaseUnavailable`` naming it.
+    """
+    doing = f"cannot connect to PostgreSQL at {where(database_url)}"
+    with translated(doing):
+        conn = psycopg.connect(
+            conninfo(database_url),
+            autocommit=True,
+            application_name=application_name,
+            connect_timeout=5,
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+            row_factory=tuple_row,
+        )
+    try:
+        with translated(doing):
+            conn.execute(_SESSION)
+            if lane:
+                conn.execute(_LANE_SESSION)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def listen(conn: Connection) -> None:
+    """Receive the outbox's commit notifications on this connection."""
+    with translated():
+        conn.execute(sql.SQL("LISTEN {}").format(CHANNEL))
+
+
+def notifications(conn: Connection, timeout: float) -> Iterator[None]:
+    """One item per notification received within ``timeout`` seconds."""
+    with translated():
+        for _ in conn.notifies(timeout=timeout):
+            yield None

@@ -1,0 +1,87 @@
+"""The PostgreSQL boundary (`outbox_relay.db`): its errors are the relay's own, and it is the only door.
+
+No server is needed: the translation is judged on psycopg's exception classes, the door on the source.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
+from sqlalchemy.exc import ProgrammingError as SQLAlchemyProgrammingError
+
+from outbox_relay.db.connection import connect, translate_errors, translated
+from outbox_relay.errors import ConnectionTrouble, DatabaseError, DatabaseUnavailable, OutboxError
+
+RELAY = Path(__file__).resolve().parent.parent.parent / "relay"
+
+
+@pytest.mark.parametrize(("raised", "expected", "message"), [
+    (psycopg.OperationalError("server closed the connection unexpectedly"), DatabaseUnavailable,
+     "PostgreSQL: server closed the connection unexpectedly"),
+    (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), DatabaseUnavailable,
+     "PostgreSQL: canceling statement due to statement timeout"),
+    (psycopg.errors.RaiseException("a trigger refused the mark"), DatabaseError,
+     "PostgreSQL refused: a trigger refused the mark"),
+    (SQLAlchemyOperationalError("ALTER TABLE", {}, psycopg.OperationalError("the server went away")),
+     DatabaseUnavailable, "PostgreSQL: the server went away"),
+    (SQLAlchemyProgrammingError("CREATE TABLE", {}, psycopg.errors.InsufficientPrivilege(
+        "permission denied for schema outbox")), DatabaseError,
+     "PostgreSQL refused: permission denied for schema outbox"),
+])
+def test_postgresql_errors_become_the_relays_own(raised: Exception, expected: type[Exception], message: str) -> None:
+    with pytest.raises(expected) as caught, translated():
+        raise raised
+    assert type(caught.value) is expected and str(caught.value) == message
+    assert caught.value.__cause__ is raised  # the driver's error stays visible as the cause
+
+
+def test_the_error_tree() -> None:
+    # Callers catch DatabaseUnavailable to back off and DatabaseError for anything PostgreSQL said.
+    assert issubclass(DatabaseUnavailable, ConnectionTrouble) and issubclass(DatabaseUnavailable, DatabaseError)
+    assert issubclass(DatabaseError, OutboxError) and not issubclass(DatabaseError, ConnectionTrouble)
+
+
+def test_other_errors_pass_through_untouched() -> None:
+    with pytest.raises(LookupError), translated():
+        raise LookupError("no settings row")
+
+
+def test_named_queries_of_a_class_are_translated() -> None:
+    @translate_errors
+    class Queries:
+        @staticmethod
+        def lost(conn: object) -> None:
+            raise psycopg.OperationalError("connection refused")
+
+        def refused(self, conn: object) -> None:
+            raise psycopg.errors.UniqueViolation("duplicate key")
+
+    with pytest.raises(DatabaseUnavailable):
+        Queries.lost(None)
+    with pytest.raises(DatabaseError, match="duplicate key"):
+        Queries().refused(None)
+
+
+def test_an_unreachable_server_is_named_in_one_line() -> None:
+    # Port 1 on localhost refuses at once: no server needed to see the message.
+    with pytest.raises(DatabaseUnavailable) as caught:
+        connect("postgresql+psycopg://nobody:secret@127.0.0.1:1/shop")
+    text = str(caught.value)
+    assert text.startswith("cannot connect to PostgreSQL at 127.0.0.1:1/shop: ") and "\n" not in text
+    assert "secret" not in text
+
+
+def test_only_the_boundary_imports_psycopg() -> None:
+    outside = []
+    for path in sorted(RELAY.rglob("*.py")):
+        if path.parent.name == "db":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            outside += [f"{path.relative_to(RELAY)}: {name}" for name in names if name.split(".")[0] == "psycopg"]
+    assert outside == []
