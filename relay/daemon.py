@@ -31,7 +31,7 @@ from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 from outbox_relay import monitor, progress
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.config import KafkaNames, Settings
-from outbox_relay.db.connection import Connection, connect
+from outbox_relay.db.connection import HeldConnection, connect
 from outbox_relay.db.lanes import OutboxState, Store
 from outbox_relay.db.retention import delete_expired
 from outbox_relay.errors import DatabaseError, DatabaseUnavailable
@@ -114,8 +114,8 @@ class Relay:
         self.workers: dict[int, LaneWorker] = {}
         self.lane_count: int | None = None
         self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
-        self._control: Connection | None = None
-        self._monitor: Connection | None = None
+        self._control = HeldConnection(settings.database_url, "outbox-relay control")
+        self._monitor = HeldConnection(settings.database_url, "outbox-relay monitor")
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
         self._lanes_taken = False  # a first pass took this instance's share: readiness means something now
         # librdkafka complains per client and per retry; the broker probe and the lanes say it once, in our words.
@@ -175,12 +175,13 @@ class Relay:
                         self.settings.shutdown_timeout / 2, extra={"action": "abandon"})
         if self.http is not None:
             self.http.stop()
-        if self._control is not None and not self._control.closed:
+        if self._control.is_open:
             try:
-                self.store.deregister_instance(self._control, self.settings.instance_name())
+                with self._control.use() as conn:
+                    self.store.deregister_instance(conn, self.settings.instance_name())
             except DatabaseError:
                 pass
-            self._control.close()
+        self._control.close()
         log.info("stopped", extra={"action": "stopped"})
         return not abandoned
 
@@ -281,10 +282,11 @@ class Relay:
         It may be hung rather than dead (stopped, swapping, a frozen VM): its kernel still answers
         keepalives, so its lock would stay. Kafka fences it when the lane's next owner starts.
         """
-        if self._control is None:
+        if not self._control.is_open:
             return
         try:
-            freed = self.store.terminate_stale_owners(self._control, lanes, self.settings.instance_timeout)
+            with self._control.use() as conn:
+                freed = self.store.terminate_stale_owners(conn, lanes, self.settings.instance_timeout)
         except DatabaseUnavailable:
             return
         if freed:
@@ -299,28 +301,24 @@ class Relay:
     def _heartbeat(self) -> None:
         """Show operators which lanes this instance owns and that it is alive (the lock is the truth)."""
         owned = [lane for lane, worker in self.workers.items() if worker.owned]
-        if not owned or self._control is None:
+        if not owned or not self._control.is_open:
             return
         try:
-            self.store.heartbeat(self._control, owned, self.settings.instance_name())
+            with self._control.use() as conn:
+                self.store.heartbeat(conn, owned, self.settings.instance_name())
         except DatabaseUnavailable:
-            self._control.close()
-            self._control = None
+            pass  # forgotten: the next lane-management pass connects again
 
     def _read_membership(self) -> tuple[OutboxState, list[str]] | None:
         """(the outbox's state, live instances), or None while the database is away."""
         try:
-            if self._control is None or self._control.closed:
-                self._control = connect(self.settings.database_url, "outbox-relay control")
-            state = self.store.outbox_state(self._control)
-            live = self.store.register_instance(self._control, self.settings.instance_name(),
-                                                self.settings.instance_timeout)
+            with self._control.use() as conn:
+                state = self.store.outbox_state(conn)
+                live = self.store.register_instance(conn, self.settings.instance_name(),
+                                                    self.settings.instance_timeout)
             self._membership_seen = time.monotonic()
             return state, live
         except DatabaseUnavailable as exc:
-            if self._control is not None:
-                self._control.close()
-            self._control = None
             log.debug("database unavailable for lane management: %s", exc, extra={"action": "lanes"})
             return None
 
@@ -342,14 +340,11 @@ class Relay:
 
     def _measure_backlog(self) -> None:
         try:
-            if self._monitor is None or self._monitor.closed:
-                self._monitor = connect(self.settings.database_url, "outbox-relay monitor")
-            self.metrics.observe_backlog(monitor.snapshot(
-                self._monitor, hold=self.settings.failed_key_policy == "hold"))
+            with self._monitor.use() as conn:
+                snap = monitor.snapshot(conn, hold=self.settings.failed_key_policy == "hold")
         except DatabaseUnavailable:
-            if self._monitor is not None:
-                self._monitor.close()
-            self._monitor = None
+            return
+        self.metrics.observe_backlog(snap)
 
     def _retention(self) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Iterator
 from typing import Any, TypeAlias, TypeVar
 
@@ -127,6 +128,44 @@ def connect(database_url: str, application_name: str = "outbox-relay", *, lane: 
         conn.close()
         raise
     return conn
+
+
+class HeldConnection:
+    """A connection kept across runs of a job: opened when next needed, forgotten when it broke.
+
+    ``with held.use() as conn:`` opens it if it is not open; a ``DatabaseUnavailable`` inside
+    closes and forgets it (and propagates), so the next use connects again.
+    """
+
+    def __init__(self, database_url: str, application_name: str) -> None:
+        self.database_url = database_url
+        self.application_name = application_name
+        self._conn: Connection | None = None
+        self._lock = threading.RLock()  # jobs run on the scheduler's threads
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Connection]:
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(self.database_url, self.application_name)
+                yield self._conn
+            except DatabaseUnavailable:
+                self._forget()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._forget()
+
+    def _forget(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
 
 def listen(conn: Connection) -> None:

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from sqlalchemy.exc import ProgrammingError as SQLAlchemyProgrammingError
 
+from outbox_relay.db import connection
 from outbox_relay.db.connection import connect, translate_errors, translated
 from outbox_relay.errors import ConnectionTrouble, DatabaseError, DatabaseUnavailable, OutboxError
 
@@ -85,3 +86,36 @@ def test_only_the_boundary_imports_psycopg() -> None:
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             outside += [f"{path.relative_to(RELAY)}: {name}" for name in names if name.split(".")[0] == "psycopg"]
     assert outside == []
+
+
+class _FakeConnection:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_held_connection_is_opened_when_needed_and_forgotten_when_it_broke(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[_FakeConnection] = []
+
+    def fake_connect(_url: str, _name: str) -> _FakeConnection:
+        opened.append(_FakeConnection())
+        return opened[-1]
+
+    monkeypatch.setattr(connection, "connect", fake_connect)
+    held = connection.HeldConnection("postgresql+psycopg://u@h/db", "outbox-relay control")
+    assert not held.is_open
+    with held.use() as first, held.use() as again:
+        assert first is again is opened[0]  # kept across uses
+    with pytest.raises(DatabaseUnavailable), held.use():
+        raise DatabaseUnavailable("PostgreSQL: server closed the connection unexpectedly")
+    assert opened[0].closed and not held.is_open
+    with pytest.raises(DatabaseError), held.use():
+        raise DatabaseError("PostgreSQL refused: permission denied")
+    assert held.is_open and len(opened) == 2  # a refused statement leaves the connection as it is
+    with held.use() as conn:
+        assert conn is opened[1]
+    held.close()
+    assert opened[1].closed and not held.is_open
