@@ -13,7 +13,9 @@ from sqlalchemy import Engine, text
 
 from outbox_relay import cli as cli_module
 from outbox_relay import enqueue
-from tests.pgtools import url_for
+from outbox_relay.db.names import NOTIFY_TRIGGER, VERSION_TABLE, lane_index_name
+from outbox_relay.models import SCHEMA
+from tests.pgtools import EVENTS, url_for
 from tests.relaytools import ROOT
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
@@ -56,9 +58,9 @@ def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, databa
 
     # Owned by the application's own Alembic history (no outbox version table), missing v3 and v5.
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE outbox.outbox_relay_version"))
-        conn.execute(text("DROP TRIGGER events_notify ON outbox.events"))
-        conn.execute(text("DROP INDEX outbox.ix_events_lane_1"))
+        conn.execute(text(f"DROP TABLE {SCHEMA}.{VERSION_TABLE}"))
+        conn.execute(text(f"DROP TRIGGER {NOTIFY_TRIGGER} ON {EVENTS}"))
+        conn.execute(text(f"DROP INDEX {SCHEMA}.{lane_index_name(1)}"))
     result = cli(database_url, "failed", "list")
     assert result.returncode == 5
     line = one_line(result)
@@ -68,7 +70,7 @@ def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, databa
 
 def test_a_revision_behind_with_the_same_structure_is_named(engine: Engine, database_url: str) -> None:
     with engine.begin() as conn:
-        conn.execute(text("UPDATE outbox.outbox_relay_version SET version_num = '0006_outbox_identity'"))
+        conn.execute(text(f"UPDATE {SCHEMA}.{VERSION_TABLE} SET version_num = '0006_outbox_identity'"))
     result = cli(database_url, "lanes", "show")
     assert result.returncode == 5
     assert "revision 0006_outbox_identity, this relay needs 0007_instance_sessions" in one_line(result)
@@ -139,7 +141,7 @@ def test_migrate_on_an_existing_outbox_says_it_keeps_the_lane_count(database_url
 def test_downgrade_to_base_needs_confirmation(engine: Engine, database_url: str) -> None:
     def has_outbox() -> bool:
         with engine.connect() as conn:
-            return conn.execute(text("SELECT to_regclass('outbox.events')")).scalar() is not None
+            return conn.execute(text("SELECT to_regclass(:name)"), {"name": EVENTS}).scalar() is not None
 
     for revision in ("base", "-7"):
         result = cli(database_url, "migrate", "--downgrade", "--revision", revision)
@@ -189,7 +191,7 @@ def test_verify_judges_order_per_stream_and_finds_parked_rows_in_kafka(engine: E
 
     # An operator (or a bug) parks a row that Kafka already has: retrying it would publish it twice.
     with engine.begin() as conn:
-        conn.execute(text("UPDATE outbox.events SET state = 'failed', sent_at = NULL, last_error = 'x' WHERE id = 2"))
+        conn.execute(text(f"UPDATE {EVENTS} SET state = 'failed', sent_at = NULL, last_error = 'x' WHERE id = 2"))
     result = cli(database_url, "verify")
     assert result.returncode == 1
     assert "parked as failed or discarded, yet in Kafka: 1" in result.stdout

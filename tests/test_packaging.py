@@ -28,8 +28,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from outbox_relay.db.connection import conninfo
+from outbox_relay.db.names import VERSION_TABLE
+from outbox_relay.models import SCHEMA
 from tests import kafkatools
-from tests.pgtools import create_database, drop_database
+from tests.pgtools import EVENTS, SETTINGS, create_database, drop_database
 from tests.relaytools import FAST, wait_until
 from tests.test_monitoring import free_port
 
@@ -257,19 +259,19 @@ def outbox_schema(url: str) -> dict[str, Any]:
     """What the outbox schema holds, as PostgreSQL describes it (the version tables aside)."""
     queries = {
         "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default, generation_expression"
-                   " FROM information_schema.columns WHERE table_schema = 'outbox'"
-                   " AND table_name <> 'outbox_relay_version'",
-        "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'outbox'"
-                   " AND tablename <> 'outbox_relay_version'",
+                   f" FROM information_schema.columns WHERE table_schema = '{SCHEMA}'"
+                   f" AND table_name <> '{VERSION_TABLE}'",
+        "indexes": f"SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = '{SCHEMA}'"
+                   f" AND tablename <> '{VERSION_TABLE}'",
         "constraints": "SELECT conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"
-                       " JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = 'outbox'"
-                       " AND conname <> 'outbox_relay_version_pkc'",
+                       f" JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = '{SCHEMA}'"
+                       f" AND conname <> '{VERSION_TABLE}_pkc'",
         "triggers": "SELECT tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-                    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'outbox' AND NOT tgisinternal",
+                    f" JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '{SCHEMA}' AND NOT tgisinternal",
         "functions": "SELECT proname, prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                     " WHERE n.nspname = 'outbox'",
+                     f" WHERE n.nspname = '{SCHEMA}'",
         # The outbox id is random by design: each outbox its own. The rest must be identical.
-        "settings": "SELECT id, lane_count, resize_to FROM outbox.events_settings",
+        "settings": f"SELECT id, lane_count, resize_to FROM {SETTINGS}",
     }
     with psycopg.connect(conninfo(url)) as conn:
         conn.execute(b"SET search_path = pg_catalog")  # definitions spelled out in full, whatever the database's
@@ -306,7 +308,7 @@ def test_an_application_with_its_own_models_relay_and_alembic_uses_the_wheel(
     run(["alembic", "upgrade", "head"], app, env)
     run(["alembic", "downgrade", "0001"], app, env)
     with psycopg.connect(conninfo(empty_database_url)) as conn:
-        assert conn.execute(b"SELECT to_regclass('outbox.events'), to_regclass('orders')").fetchone() == (
+        assert conn.execute("SELECT to_regclass(%s), to_regclass('orders')", (EVENTS,)).fetchone() == (
             None, "orders")
     run(["alembic", "upgrade", "head"], app, env)
 
@@ -384,6 +386,6 @@ def _stdout(command: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 def _pending(url: str) -> int:
     with psycopg.connect(conninfo(url)) as conn:
-        row = conn.execute(b"SELECT count(*) FROM outbox.events WHERE state <> 'sent'").fetchone()
+        row = conn.execute(f"SELECT count(*) FROM {EVENTS} WHERE state <> 'sent'").fetchone()
     assert row is not None
     return int(row[0])

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from outbox_relay import Event, Outbox, enqueue, enqueue_many, errors
 from outbox_relay.models import OutboxEvent
-from tests.pgtools import EVENTS
+from tests.pgtools import EVENTS, SETTINGS
 from tests.relaytools import ROOT
 
 
@@ -368,8 +368,8 @@ def test_the_documented_writer_role_can_enqueue_and_nothing_more(engine: Engine,
             enqueue_many(conn, [Event("t", b"two"), Event("t", b"three")])
         with Session(limited) as session, session.begin():
             enqueue(session, "t", b"four", delay=dt.timedelta(seconds=1))
-        for statement in ("SELECT * FROM outbox.events", "UPDATE outbox.events SET state = 'sent'",
-                          "DELETE FROM outbox.events", "SELECT * FROM outbox.events_settings"):
+        for statement in (f"SELECT * FROM {EVENTS}", f"UPDATE {EVENTS} SET state = 'sent'",
+                          f"DELETE FROM {EVENTS}", f"SELECT * FROM {SETTINGS}"):
             with pytest.raises(Exception, match="permission denied"), limited.begin() as conn:
                 conn.exec_driver_sql(statement)
     finally:
