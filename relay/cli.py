@@ -251,21 +251,9 @@ def _print_cause_chain(exc: BaseException) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "migrate":
-        return _migrate(args)
-    if args.command == "run":
-        return _run(args)
-    if args.command == "status":
-        return _status(args)
-    if args.command == "lanes":
-        return _lanes(args)
-    if args.command == "failed":
-        return _failed(args)
-    if args.command == "replay":
-        return _replay(args)
-    if args.command == "verify":
-        return _verify(args)
-    raise AssertionError(args.command)
+    commands = {"migrate": _migrate, "run": _run, "status": _status, "lanes": _lanes, "failed": _failed,
+                "replay": _replay, "verify": _verify}
+    return commands[args.command](args)
 
 
 def _connect(settings: Settings, *, check_schema: bool = True) -> Any:

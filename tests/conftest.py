@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine
 
 from outbox_relay import migrate
 from tests import kafkatools
-from tests.pgtools import admin, create_database, drop_database
+from tests.pgtools import admin, create_database, drop_database, scratch_database
 from tests.relaytools import STARTED, RelayDidNotStop, Relays, service, stop_every
 
 DATABASE_URL = os.environ.get("OUTBOX_DATABASE_URL", "")
@@ -54,17 +54,15 @@ def template_database(services: None) -> Iterator[str]:
 
 @pytest.fixture
 def empty_database_url(services: None) -> Iterator[str]:
-    name = f"outbox_empty_{uuid.uuid4().hex[:12]}"
-    yield create_database(name)
-    drop_database(name)
+    with scratch_database("outbox_empty") as url:
+        yield url
 
 
 @pytest.fixture
 def database_url(template_database: str) -> Iterator[str]:
     """A migrated database of this test's own (lane count 1)."""
-    name = f"outbox_test_{uuid.uuid4().hex[:12]}"
-    yield create_database(name, template_database)
-    drop_database(name)
+    with scratch_database("outbox_test", template_database) as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,10 @@ SQL in tests, bench and scripts says `f"... FROM {EVENTS}"`, never a hard-coded 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import Iterator
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -44,3 +47,13 @@ def drop_database(name: str) -> None:
     with admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+
+@contextlib.contextmanager
+def scratch_database(prefix: str, template: str | None = None) -> Iterator[str]:
+    """The URL of a database of its own (a clone of ``template`` when given), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    url = create_database(name, template)
+    try:
+        yield url
+    finally:
+        drop_database(name)

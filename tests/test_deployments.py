@@ -28,6 +28,7 @@ from outbox_relay.errors import OutboxError
 from outbox_relay.lane import LaneWorker
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher
+from outbox_relay.verify import LedgerReport
 from outbox_relay.write import Event
 from tests import kafkatools
 from tests.pgtools import EVENTS, INSTANCES, SETTINGS
@@ -66,6 +67,22 @@ def drained(relays: Relays, database_url: str, engine: Engine, **settings: objec
 def backlog(engine: Engine, topic: str, events: int, keys: int = 20) -> None:
     with engine.begin() as conn:
         enqueue_many(conn, [Event(topic, {"n": n}, key=f"key-{n % keys}") for n in range(events)])
+
+
+def drain_more(relays: Relays, database_url: str, engine: Engine, topic: str, events: int,
+               **settings: object) -> RelayProcess:
+    """Enqueue ``events`` more, then a relay that drains them and stops."""
+    backlog(engine, topic, events)
+    return drained(relays, database_url, engine, **settings)
+
+
+def ledger_ok(engine: Engine, topic: str, what: str, received: int | None = None) -> LedgerReport:
+    """The ledger of the topic, printed under ``what``; it must be clean (and hold ``received`` events)."""
+    report = ledger(engine, [topic])
+    print(f"\n{what}: {report.summary()}")
+    assert report.ok, report.summary()
+    assert received is None or report.received == received, report.summary()
+    return report
 
 
 @pytest.fixture
@@ -141,38 +158,30 @@ def test_the_progress_topic_and_the_relays_headers_are_reserved(
     for value in (json.dumps(forged).encode(), json.dumps(absurd).encode(), b"\xff junk"):
         producer.produce(names.progress_topic, key=b"lane-0", value=value, partition=0)
     producer.flush(30)
-    backlog(engine, topic, 100)
-    relay = drained(relays, database_url, engine, name="again", OUTBOX_BATCH_SIZE=20)
+    relay = drain_more(relays, database_url, engine, topic, 100, name="again", OUTBOX_BATCH_SIZE=20)
     assert "ignored a record" in relay.log()
-    report = ledger(engine, [topic])
-    print(f"\n{report.summary()}")
-    assert report.ok and report.received == 300, report.summary()
+    ledger_ok(engine, topic, "forged progress records ignored", 300)
 
 
 def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
     engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
-    backlog(engine, topic, 1000)
-    drained(relays, database_url, engine, OUTBOX_BATCH_SIZE=50)
+    drain_more(relays, database_url, engine, topic, 1000, OUTBOX_BATCH_SIZE=50)
     # PostgreSQL loses the marks of the last 8 transactions, as a promoted asynchronous standby or a
     # restore would: those rows are pending again although Kafka committed them.
     with engine.begin() as conn:
         lost = conn.execute(text(f"UPDATE {EVENTS} SET state = 'pending', sent_at = NULL"
                                  f" WHERE id > (SELECT max(id) - 400 FROM {EVENTS})")).rowcount
     assert lost == 400
-    backlog(engine, topic, 100)
-    relay = drained(relays, database_url, engine, name="after-failover", OUTBOX_BATCH_SIZE=50)
+    relay = drain_more(relays, database_url, engine, topic, 100, name="after-failover", OUTBOX_BATCH_SIZE=50)
     assert "recovered 400 events" in relay.log()
-    report = ledger(engine, [topic])
-    print(f"\n8 transactions' marks lost: {report.summary()}")
-    assert report.ok and report.received == 1100, report.summary()
+    ledger_ok(engine, topic, "8 transactions' marks lost", 1100)
 
 
 def test_ids_a_promoted_standby_hands_out_again_are_not_taken_for_published_events(
     engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:
-    backlog(engine, topic, 300)
-    drained(relays, database_url, engine, OUTBOX_BATCH_SIZE=50)
+    drain_more(relays, database_url, engine, topic, 300, OUTBOX_BATCH_SIZE=50)
     # The promoted standby never received the last 100 rows (published already) nor the marks of the
     # 100 before them, and its sequence hands the 100 ids out again to new events.
     with engine.begin() as conn:
@@ -213,9 +222,7 @@ def test_a_relay_that_stalls_across_a_lane_count_change_never_publishes_under_th
     wait_until(lambda: len(lane_owners(engine)) == 4, 30, "the relays to hold the 4 lanes")
     for relay in relays.started:
         relay.stop()
-    report = ledger(engine, [topic])
-    print(f"\nstall across a lane-count change: {report.summary()}")
-    assert report.ok, report.summary()
+    ledger_ok(engine, topic, "stall across a lane-count change")
 
 
 def test_a_lane_is_bound_to_the_count_it_was_locked_under(engine: Engine, database_url: str) -> None:
@@ -266,9 +273,7 @@ def test_an_error_after_the_kafka_commit_leads_to_recovery_not_a_second_publish(
         conn.execute(text("DELETE FROM public.refuse_marks"))
     wait_until(lambda: pending(engine) == 0, 60, "the relay to recover")
     relay.stop()
-    report = ledger(engine, [topic])
-    print(f"\nmarks refused, then allowed: {report.summary()}")
-    assert report.ok and report.received == 10, report.summary()
+    ledger_ok(engine, topic, "marks refused, then allowed", 10)
 
 
 def test_a_hung_owner_loses_its_lane_to_a_live_instance(
@@ -291,9 +296,7 @@ def test_a_hung_owner_loses_its_lane_to_a_live_instance(
     wait_until(lambda: pending(engine) == 0, 60, "the live relay to drain")
     for relay in relays.started:
         relay.stop()
-    report = ledger(engine, [topic])
-    print(f"\nhung owner taken over in {takeover:.1f}s (instance timeout 2s): {report.summary()}")
-    assert report.ok, report.summary()
+    ledger_ok(engine, topic, f"hung owner taken over in {takeover:.1f}s (instance timeout 2s)")
     assert takeover < 10, f"took {takeover:.1f}s"
 
 
@@ -313,9 +316,7 @@ def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
         wait_until(writers.done, 120, "writers to finish")
     wait_until(lambda: pending(engine) == 0, 60, "a to drain")
     a.stop()
-    report = ledger(engine, [topic])
-    print(f"\nall 4 lanes held again {failover:.1f}s after a SIGKILL (lane interval 0.3s): {report.summary()}")
-    assert report.ok, report.summary()
+    ledger_ok(engine, topic, f"all 4 lanes held again {failover:.1f}s after a SIGKILL (lane interval 0.3s)")
     assert failover < 3, f"took {failover:.1f}s"
 
 

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from outbox_relay.db.connection import conninfo
 from outbox_relay.db.names import VERSION_TABLE
 from outbox_relay.models import SCHEMA
 from tests import kafkatools
-from tests.pgtools import EVENTS, SETTINGS, create_database, drop_database
+from tests.pgtools import EVENTS, SETTINGS, scratch_database
 from tests.relaytools import FAST, wait_until
 from tests.test_monitoring import free_port
 
@@ -280,9 +279,8 @@ def outbox_schema(url: str) -> dict[str, Any]:
 
 @pytest.fixture
 def second_database(services: None) -> Iterator[str]:
-    name = f"outbox_app_{uuid.uuid4().hex[:12]}"
-    yield create_database(name)
-    drop_database(name)
+    with scratch_database("outbox_app") as url:
+        yield url
 
 
 @pytest.fixture
