@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 from outbox_relay import monitor, operations, progress
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.config import KafkaNames, Settings
-from outbox_relay.lane import LaneWorker
+from outbox_relay.lane import LaneWorker, SpareConnection
 from outbox_relay.metrics import Metrics
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher, validate_config
@@ -114,6 +114,7 @@ class Relay:
         self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
         self._control: psycopg.Connection[Any] | None = None
         self._monitor: psycopg.Connection[Any] | None = None
+        self._spare = SpareConnection(settings.database_url)  # lane locks are tried on it
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
         self._lanes_taken = False  # a first pass took this instance's share: readiness means something now
         # librdkafka complains per client and per retry; the broker probe and the lanes say it once, in our words.
@@ -173,6 +174,7 @@ class Relay:
                         self.settings.shutdown_timeout / 2, extra={"action": "abandon"})
         if self.http is not None:
             self.http.stop()
+        self._spare.close()
         if self._control is not None and not self._control.closed:
             try:
                 self.store.deregister_instance(self._control, self.settings.instance_name())
@@ -260,7 +262,7 @@ class Relay:
                 break
             worker = self.workers[lane]
             if not worker.owned:
-                if worker.try_acquire():
+                if worker.try_acquire(self._spare):
                     self._schedule(lane, 0)
                 else:
                     refused.append(lane)
