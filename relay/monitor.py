@@ -66,6 +66,7 @@ class Snapshot:
     resizing: bool
     instances: list[str]
     capped: bool  # True when a count reached the cap: the figures are lower bounds
+    troubles: dict[str, str] = dataclasses.field(default_factory=dict)  # live instance -> its Kafka trouble
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ class Snapshot:
             "resizing": self.resizing,
             "instances": self.instances,
             "capped": self.capped,
+            "troubles": self.troubles,
         }
 
 
@@ -105,7 +107,8 @@ def snapshot(conn: psycopg.Connection[Any], cap: int = DEFAULT_CAP, *, hold: boo
     owners = [LaneOwner(lane, owner, float(age) if age is not None else None)
               for lane, owner, age in conn.execute(_OWNERS, (lane_count,))]
     instances = [row[0] for row in conn.execute(_INSTANCES)]
-    return Snapshot(total, dict(topics), dict(lanes), owners, lane_count, resizing, instances, capped)
+    troubles = {name: trouble for name, trouble in conn.execute(_TROUBLES)}
+    return Snapshot(total, dict(topics), dict(lanes), owners, lane_count, resizing, instances, capped, troubles)
 
 
 def _backlog(kind: str, figures: list[Any]) -> Backlog:
@@ -153,6 +156,13 @@ _INSTANCES = sql.SQL(
     "SELECT name FROM {} WHERE heartbeat_at > now() - interval '1 minute' ORDER BY name"
 ).format(sql.Identifier(SCHEMA, INSTANCES_TABLE))
 
+# A relay names its Kafka trouble in its control session's application_name ("outbox-relay control: ...").
+_TROUBLES = sql.SQL(
+    "SELECT i.name, substr(a.application_name, length('outbox-relay control: ') + 1) FROM {} i"
+    " JOIN pg_stat_activity a ON a.pid = i.backend_pid WHERE i.heartbeat_at > now() - interval '1 minute'"
+    " AND a.application_name LIKE 'outbox-relay control: %%' ORDER BY i.name"
+).format(sql.Identifier(SCHEMA, INSTANCES_TABLE))
+
 STATUS_QUERIES = [*_QUERIES.values(), _OLDEST]  # what the EXPLAIN test checks
 
 
@@ -188,6 +198,7 @@ def render_lanes(snap: Snapshot) -> str:
     resize = " (a lane-count change is under way)" if snap.resizing else ""
     plural = "" if snap.lane_count == 1 else "s"
     lines = [f"{snap.lane_count} lane{plural}{resize}; live instances: {', '.join(snap.instances) or '(none)'}"]
+    lines += [f"  instance {name}: {trouble} (its /readyz and log say more)" for name, trouble in snap.troubles.items()]
     owned = {o.lane: o for o in snap.owners}
     for lane in range(snap.lane_count):
         o = owned.get(lane)
