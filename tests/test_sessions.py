@@ -1,6 +1,7 @@
-"""The relay's sessions never hang on the other system (issue 11, item 10), against the real services:
-a lane's statements give up on a lock, and a publisher closed mid-transaction aborts it, so
-read_committed consumers are not held up until the transaction's timeout.
+"""The relay's sessions with the other systems (issue 11, item 10), against the real services: a
+lane's statements give up on a lock; a publisher closed mid-transaction aborts it, so read_committed
+consumers are not held up until the transaction's timeout; a transaction that timed out is not
+taken for fencing.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import psycopg
 import pytest
 from confluent_kafka import IsolationLevel, TopicPartition
 from confluent_kafka.admin import OffsetSpec
+from sqlalchemy import Engine
 
-from outbox_relay import faults, progress
+from outbox_relay import enqueue, faults, progress
 from outbox_relay.config import Settings
 from outbox_relay.publisher import LanePublisher
 from outbox_relay.store import Row, Store, connect, conninfo
 from tests import kafkatools
 from tests.pgtools import EVENTS
-from tests.relaytools import wait_until
+from tests.relaytools import Relays, ledger, pending, wait_until
 
 
 def test_a_lane_statement_gives_up_on_a_lock_instead_of_hanging(database_url: str) -> None:
@@ -75,3 +77,23 @@ def stable_offset(partition: TopicPartition) -> int:
 
 def high_watermark(partition: TopicPartition) -> int:
     return _latest(partition, IsolationLevel.READ_UNCOMMITTED)
+
+
+def test_a_transaction_that_times_out_is_not_taken_for_fencing(engine: Engine, database_url: str, topic: str,
+                                                               relays: Relays) -> None:
+    """A tick stalls between flush and commit for longer than transaction.timeout.ms (3 s) plus the
+    coordinator's sweep for timed-out transactions (every 10 s): the coordinator aborts the transaction
+    and bumps the producer's epoch. The lane's lock is still this relay's, so nobody fenced it: it
+    starts a new producer and keeps the lane, rather than step back as if another relay owned it."""
+    with engine.begin() as conn:
+        for n in range(20):
+            enqueue(conn, topic, {"n": n}, key=f"k{n % 4}")
+    relay = relays.start(database_url, OUTBOX_BATCH_SIZE=5, OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS=3000,
+                         OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS=3000, OUTBOX_FAULT_INJECTION="before_commit:1:stall=20")
+    wait_until(lambda: pending(engine) == 0, 120, "the relay to publish everything after the stall")
+    relay.stop()
+    log = relay.log()
+    assert "lost its epoch" in log, log[-3000:]
+    assert "fenced on lane" not in log and "released lane" in log and log.count("took lane 0") == 1, log[-3000:]
+    report = ledger(engine, [topic])
+    assert report.ok, report.summary()
