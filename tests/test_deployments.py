@@ -277,6 +277,8 @@ def test_a_hung_owner_loses_its_lane_to_a_live_instance(
     hung = relays.start(database_url, name="hung", OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: lane_owners(engine).get(0) == "hung", 30, "the first relay to own the lane")
     relays.start(database_url, name="live", OUTBOX_BATCH_SIZE=20)
+    # Timed from the hang on: a live relay still starting (20 s on a loaded machine) is no takeover delay.
+    wait_until(lambda: "live" in _instances(engine), 60, "the live relay to register")
     with Writers(engine, topic, threads=3, limit=1500) as writers:
         wait_until(lambda: states(engine).get("sent", 0) >= 200, 60, "publishing to start")
         assert hung.process is not None
