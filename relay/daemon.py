@@ -26,7 +26,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
 from outbox_relay import monitor, progress
 from outbox_relay.backoff import CircuitBreaker
@@ -35,7 +35,7 @@ from outbox_relay.db.connection import HeldConnection, connect
 from outbox_relay.db.lanes import OutboxState, Store
 from outbox_relay.db.retention import delete_expired
 from outbox_relay.errors import DatabaseError, DatabaseUnavailable
-from outbox_relay.lane import LaneWorker
+from outbox_relay.lane import LaneWorker, SpareConnection
 from outbox_relay.metrics import Metrics
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher, validate_config
@@ -51,6 +51,23 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 5.0
 PROBE_FAILURES = 2  # failed probes in a row that make Kafka count as unreachable
+TRANSACTION_LOG = "__transaction_state"
+CONTROL_SESSION = "outbox-relay control"  # its application_name; `: <trouble>` follows while there is some
+
+
+def java_string_hash(text: str) -> int:
+    """Java's String.hashCode (UTF-16 code units, 32-bit overflow): Kafka places a transactional.id with it."""
+    h = 0
+    data = text.encode("utf-16-be")
+    for i in range(0, len(data), 2):
+        h = (31 * h + int.from_bytes(data[i:i + 2], "big")) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def transaction_log_partition(transactional_id: str, partitions: int) -> int:
+    """The __transaction_state partition whose leader coordinates this transactional.id (Kafka's partitionFor)."""
+    h = java_string_hash(transactional_id)
+    return (0 if h == -(1 << 31) else abs(h)) % partitions
 
 
 class BrokerProbe:
@@ -66,15 +83,21 @@ class BrokerProbe:
         self._admin: AdminClient | None = None  # made at the first probe, after the configuration check
         self._bootstrap = settings.kafka_properties.get("bootstrap.servers", "")
         self._gauge = metrics.broker_up
+        self._below_min_isr_gauge = metrics.below_min_isr
         self.up = True  # until the probes say otherwise: a fresh start tries at once
         self.problem = ""
         self._failures = 0
+        self.progress_topic = ""  # set once the relay knows its outbox's names
+        self.replicas_problem = ""  # the cause, while partitions the lanes write are below min.insync.replicas
+        self._short: set[tuple[str, int]] = set()  # those partitions
+        self._log_partitions = 0  # how many partitions the transaction log has
+        self._min_isr: dict[str, int] = {}
 
     def probe(self) -> None:
         if self._admin is None:
             self._admin = AdminClient(self._config)
         try:
-            self._admin.list_topics(timeout=PROBE_TIMEOUT)
+            metadata = self._admin.list_topics(timeout=PROBE_TIMEOUT)
         except KafkaException as exc:
             self._admin.poll(0)  # delivers librdkafka's log lines, which name the cause
             cause = self._logger.last_complaint or exc.args[0].str()
@@ -88,8 +111,60 @@ class BrokerProbe:
             if not self.up:
                 log.info("Kafka reachable again at %s", self._bootstrap, extra={"action": "kafka_up"})
             self.up, self.problem, self._failures = True, "", 0
+            self._check_replicas(metadata.topics)
         self._logger.last_complaint = ""
         self._gauge.set(int(self.up))
+
+    def blocks(self, lane: int, transactional_id: str) -> bool:
+        """Whether this lane's transactions cannot commit now: a partition each of them writes is below min ISR."""
+        if not self._short:
+            return False
+        return (self.progress_topic, lane) in self._short or (
+            self._log_partitions > 0
+            and (TRANSACTION_LOG, transaction_log_partition(transactional_id, self._log_partitions)) in self._short)
+
+    def _check_replicas(self, topics: dict[str, Any]) -> None:
+        """Below min.insync.replicas the brokers answer, yet acknowledge nothing: say so once, with the numbers.
+
+        Every transaction writes its lane's progress partition and its coordinator's transaction log
+        partition; either below min ISR stops the lane whatever events it carries.
+        """
+        short: list[tuple[str, int, int, int]] = []
+        if TRANSACTION_LOG in topics:
+            self._log_partitions = len(topics[TRANSACTION_LOG].partitions)
+        for name in (TRANSACTION_LOG, self.progress_topic):
+            topic = topics.get(name) if name else None
+            if topic is None:
+                continue
+            lagging = [p for p in topic.partitions.values() if len(p.isrs) < len(p.replicas)]
+            if lagging and (need := self._required_isr(name)):
+                short += [(name, p.id, len(p.isrs), need) for p in sorted(lagging, key=lambda p: p.id)
+                          if len(p.isrs) < need]
+        self._short = {(name, partition) for name, partition, _, _ in short}
+        self._below_min_isr_gauge.set(len(short))
+        if short and not self.replicas_problem:
+            name, partition, isr, need = short[0]
+            self.replicas_problem = (
+                f"Kafka below min.insync.replicas: {len(short)} partitions every transaction writes have too few"
+                f" in-sync replicas ({name}-{partition}: {isr} of the {need} required); lanes wait for brokers"
+                " to return")
+            log.warning("%s", self.replicas_problem, extra={"action": "kafka_below_min_isr"})
+        elif not short and self.replicas_problem:
+            self.replicas_problem = ""
+            log.info("Kafka in-sync replicas back to min.insync.replicas: lanes publish again",
+                     extra={"action": "kafka_min_isr_restored"})
+
+    def _required_isr(self, topic: str) -> int:
+        """The topic's min.insync.replicas (asked once; 0 when the cluster will not say)."""
+        if topic not in self._min_isr:
+            assert self._admin is not None
+            resource = ConfigResource("topic", topic)
+            try:
+                configs = self._admin.describe_configs([resource], request_timeout=PROBE_TIMEOUT)[resource].result()
+            except KafkaException:
+                return 0  # asked again at the next probe
+            self._min_isr[topic] = int(configs["min.insync.replicas"].value)
+        return self._min_isr[topic]
 
 
 def lane_share(lane_count: int, live: list[str], me: str) -> tuple[int, list[int]]:
@@ -114,10 +189,14 @@ class Relay:
         self.workers: dict[int, LaneWorker] = {}
         self.lane_count: int | None = None
         self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
-        self._control = HeldConnection(settings.database_url, "outbox-relay control")
+        self._control = HeldConnection(settings.database_url, CONTROL_SESSION)
         self._monitor = HeldConnection(settings.database_url, "outbox-relay monitor")
+        self._spare = SpareConnection(settings.database_url)  # lane locks are tried on it
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
         self._lanes_taken = False  # a first pass took this instance's share: readiness means something now
+        # The Kafka trouble the control session's name shows `outbox-relay status`, and on which session:
+        # a new control session starts with the plain name.
+        self._announced: tuple[object, str] = (None, "")
         # librdkafka complains per client and per retry; the broker probe and the lanes say it once, in our words.
         self._kafka_logger = LibrdkafkaLogger(quiet=True)
         self.metrics = Metrics()
@@ -175,6 +254,7 @@ class Relay:
                         self.settings.shutdown_timeout / 2, extra={"action": "abandon"})
         if self.http is not None:
             self.http.stop()
+        self._spare.close()
         if self._control.is_open:
             try:
                 with self._control.use() as conn:
@@ -243,6 +323,7 @@ class Relay:
             self._release(list(self.workers.values()))
             self.workers, self.lane_count = {}, None
             self.names = self.settings.kafka_names(state.outbox_id)
+            self.broker.progress_topic = self.names.progress_topic
             log.info("outbox %s: transactional.id prefix %s, progress topic %s", state.outbox_id,
                      self.names.transactional_prefix, self.names.progress_topic, extra={"action": "identity"})
         if count != self.lane_count:
@@ -263,7 +344,7 @@ class Relay:
                 break
             worker = self.workers[lane]
             if not worker.owned:
-                if worker.try_acquire():
+                if worker.try_acquire(self._spare):
                     self._schedule(lane, 0)
                 else:
                     refused.append(lane)
@@ -274,6 +355,7 @@ class Relay:
             if worker.owned and not worker.ticking and self.scheduler.get_job(f"lane-{lane}") is None:
                 self._schedule(lane, self.settings.poll_interval)
         self._heartbeat()
+        self._announce_kafka_trouble()
         self._lanes_taken = True
 
     def _free_hung_lanes(self, lanes: list[int]) -> None:
@@ -322,6 +404,25 @@ class Relay:
             log.debug("database unavailable for lane management: %s", exc, extra={"action": "lanes"})
             return None
 
+    def _announce_kafka_trouble(self) -> None:
+        """Name the relay's Kafka trouble in its control session: `outbox-relay status` shows it per instance.
+
+        The instances table knows each live instance's control session (backend_pid); its
+        application_name carries the cause without a schema change (63 bytes at most).
+        """
+        trouble = ("Kafka unreachable" if not self.broker.up
+                   else "Kafka below min.insync.replicas" if self.broker.replicas_problem else "")
+        if not self._control.is_open:
+            return  # the next lane-management pass connects; the pass after it names the session
+        try:
+            with self._control.use() as conn:
+                if self._announced == (conn, trouble):
+                    return
+                self.store.name_session(conn, f"{CONTROL_SESSION}: {trouble}" if trouble else CONTROL_SESSION)
+                self._announced = (conn, trouble)
+        except DatabaseUnavailable:
+            pass  # forgotten: the next lane-management pass connects again
+
     def readiness(self) -> tuple[bool, list[str]]:
         """Ready: the database answers, and every owned lane has a producer (or it waits for lanes)."""
         problems = []
@@ -331,8 +432,10 @@ class Relay:
             problems.append("taking lanes")
         if not self.broker.up:
             problems.append(self.broker.problem)
+        elif self.broker.replicas_problem:
+            problems.append(self.broker.replicas_problem)
         stuck = [lane for lane, worker in self.workers.items() if worker.owned and not worker.ready]
-        if stuck and self.broker.up:
+        if stuck and self.broker.up and not self.broker.replicas_problem:
             problems.append(f"no Kafka producer for lanes {stuck}")
         if self.stopping.is_set():
             problems.append("stopping")
@@ -372,7 +475,7 @@ class Relay:
         delay = self.settings.poll_interval
         self._woken.discard(lane)
         try:
-            if not self.broker.up:
+            if not self.broker.up or self.broker.blocks(lane, worker.transactional_id):
                 pass  # the probe reports it, once; the lane waits without timing out on its own
             elif worker.tick(self.stopping) or lane in self._woken:
                 delay = 0

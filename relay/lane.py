@@ -35,6 +35,35 @@ class _Outcome(enum.Enum):
     RETRY = "retry"  # nothing published; the lane backs off
 
 
+class SpareConnection:
+    """The one connection an instance tries lane locks on; a lane that takes its lock keeps it.
+
+    Without it, every lane an instance ever tried kept a connection of its own, owned or not:
+    instances x lanes PostgreSQL backends (117 for 4 instances on 32 lanes).
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self._database_url = database_url
+        self._conn: Connection | None = None
+
+    def take(self) -> Connection:
+        conn, self._conn = self._conn, None
+        if conn is None or conn.closed:
+            conn = connect(self._database_url, "outbox-relay lane (trying locks)", lane=True)
+        return conn
+
+    def put_back(self, conn: Connection) -> None:
+        if self._conn is None and not conn.closed:
+            self._conn = conn
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class LaneWorker:
     """Owns at most one lane. Every method is called from scheduler threads; ``tick`` never runs twice at once."""
 
@@ -88,41 +117,58 @@ class LaneWorker:
 
     # --- ownership --------------------------------------------------------------------
 
-    def try_acquire(self) -> bool:
-        """Take the lane if it is free; True when this worker owns it afterwards."""
+    def try_acquire(self, spare: SpareConnection | None = None) -> bool:
+        """Take the lane if it is free; True when this worker owns it afterwards.
+
+        The lock is tried on ``spare``'s connection (or a new one), which the lane keeps only when it
+        takes the lock: an instance's connections follow the lanes it owns, not the lanes it tried.
+        """
         if self.owned:
             return True
         if not self.database.ready():
             return False
+        conn: Connection | None = None
+        locked = False
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = connect(self.settings.database_url, f"outbox-relay lane {self.lane}", lane=True)
+            conn = spare.take() if spare is not None else SpareConnection(self.settings.database_url).take()
             faults.hit("before_lane_lock")
-            if not self.store.try_lock_lane(self._conn, self.lane):
+            if not self.store.try_lock_lane(conn, self.lane):
                 return False
+            locked = True
             # What was read before the lock may be stale by now (a lane-count change may have
             # finished meanwhile): check again on the connection that holds the lock.
-            state = self.store.outbox_state(self._conn)
+            state = self.store.outbox_state(conn)
             if (state.lane_count, state.resizing, state.outbox_id) != (self.lane_count, False, self.scope.outbox_id):
-                self.store.release_lane_lock(self._conn, self.lane)
+                self.store.release_lane_lock(conn, self.lane)
+                locked = False
                 log.info("not taking lane %d: the lane count changed to %d", self.lane, state.lane_count,
                          extra={**self._extra, "action": "lane_stale"})
                 return False
-            if not self.store.holds_lane_lock(self._conn, self.lane):
+            if not self.store.holds_lane_lock(conn, self.lane):
                 # The lock went to a server session that is not ours any more: a transaction-pooling
                 # proxy hands each statement to whichever session is free, and ownership means nothing
                 # then. (It may hand the same session back by chance: the README warns too.)
-                self._conn.close()
-                self._conn = None
+                conn.close()
                 if not self.database.failures:
                     log.error("lane %d: %s", self.lane, TRANSACTION_POOLING,
                               extra={**self._extra, "action": "transaction_pooling"})
                 self.database.failure(TRANSACTION_POOLING)
                 return False
-            self.store.record_owner(self._conn, self.lane, self.owner)
+            self.store.record_owner(conn, self.lane, self.owner)
+            self.store.name_session(conn, f"outbox-relay lane {self.lane}")
+            self._conn, conn = conn, None  # the lane keeps it: it holds the lock
         except DatabaseUnavailable as exc:
+            if conn is not None:
+                conn.close()
+                conn = None
             self._lost_database(exc)
             return False
+        finally:
+            if conn is not None:  # not this lane's: the next attempt may use it, unless it holds a lock
+                if spare is not None and not locked:
+                    spare.put_back(conn)
+                else:
+                    conn.close()
         self.database.success()
         self.owned = True
         log.info("took lane %d as %s (transactional.id %s)", self.lane, self.owner, self.transactional_id,

@@ -43,6 +43,10 @@ class Metrics:
         self.lane_owned = Gauge("outbox_lane_owned", "1 when this instance owns the lane", ["lane"], registry=r)
         self.broker_up = Gauge("outbox_kafka_up", "1 while the Kafka cluster answers the relay's probe",
                                registry=r)
+        self.below_min_isr = Gauge(
+            "outbox_kafka_partitions_below_min_isr",
+            "Partitions every transaction of a lane writes (its progress partition, its transaction log partition)"
+            " with fewer in-sync replicas than min.insync.replicas: those lanes can publish nothing", registry=r)
         self.breaker_open = Gauge("outbox_circuit_open", "1 while the circuit breaker to a system is open",
                                   ["system", "lane"], registry=r)
         self.retention_deleted = Counter("outbox_retention_deleted_events_total",

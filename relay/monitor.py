@@ -63,6 +63,7 @@ class Snapshot:
     resizing: bool
     instances: list[str]
     capped: bool  # True when a count reached the cap: the figures are lower bounds
+    troubles: dict[str, str] = dataclasses.field(default_factory=dict)  # live instance -> its Kafka trouble
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class Snapshot:
             "resizing": self.resizing,
             "instances": self.instances,
             "capped": self.capped,
+            "troubles": self.troubles,
         }
 
 
@@ -97,7 +99,7 @@ def snapshot(conn: Connection, cap: int = DEFAULT_CAP, *, hold: bool = True) -> 
     total.oldest_claimable_age_s = queries.oldest_claimable_age(conn, hold)
     owners = [LaneOwner(*owner) for owner in queries.lane_owners(conn, lane_count)]
     return Snapshot(total, dict(topics), dict(lanes), owners, lane_count, resizing, queries.live_instances(conn),
-                    capped)
+                    capped, queries.instance_troubles(conn))
 
 
 def _backlog(kind: str, figures: list[Any]) -> Backlog:
@@ -142,6 +144,7 @@ def render_lanes(snap: Snapshot) -> str:
     resize = " (a lane-count change is under way)" if snap.resizing else ""
     plural = "" if snap.lane_count == 1 else "s"
     lines = [f"{snap.lane_count} lane{plural}{resize}; live instances: {', '.join(snap.instances) or '(none)'}"]
+    lines += [f"  instance {name}: {trouble} (its /readyz and log say more)" for name, trouble in snap.troubles.items()]
     owned = {o.lane: o for o in snap.owners}
     for lane in range(snap.lane_count):
         o = owned.get(lane)

@@ -212,7 +212,10 @@ class LanePublisher:
         """Wait for every message's acknowledgement; returns how many are still unacknowledged."""
         deadline = time.monotonic() + self.operation_timeout
         while True:
-            remaining: int = self._producer.flush(min(_CALL_SLICE, max(0.0, deadline - time.monotonic())))
+            try:
+                remaining: int = self._producer.flush(min(_CALL_SLICE, max(0.0, deadline - time.monotonic())))
+            except KafkaException as exc:  # a fatal error (fenced) surfaces here too
+                raise _fatal(exc.args[0], "flush") from exc
             if not remaining or time.monotonic() >= deadline or self._stopping.is_set():
                 return remaining
 

@@ -333,3 +333,31 @@ def drain_through_fault(engine: Engine, database_url: str, topic: str, relays: R
     report = ledger(engine, [topic])
     assert report.committed == len(writers.committed), report.summary()
     return report
+
+
+def postgres_backends(engine: Engine, process: RelayProcess) -> int:
+    """PostgreSQL backends serving this relay process: its TCP sockets to the server, matched by port.
+
+    Linux only (/proc): the process's socket inodes, their local ports in /proc/PID/net/tcp, and
+    pg_stat_activity's client_port. Counts what the server holds for it, whatever the relay names them.
+    """
+    assert process.process is not None
+    pid, server_port = process.process.pid, engine.url.port or 5432
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == server_port:
+                ports.append(int(local.rsplit(":", 1)[1], 16))
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY(:ports)"),
+                                {"ports": ports}).scalar_one())

@@ -8,9 +8,12 @@ at the end if this session started it). Each scenario ends with the ledger: 0 lo
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +28,8 @@ from tests.relaytools import (
     RelayProcess,
     Relays,
     Writers,
+    cli,
+    free_port,
     lane_owners,
     ledger,
     pending,
@@ -270,7 +275,9 @@ def test_two_brokers_down_below_min_insync_replicas(
     engine: Engine, database_url: str, busy_topic: str, relays: Relays, cluster: str
 ) -> None:
     """One broker of three left: nothing can be acknowledged by 2 replicas. The relay publishes
-    nothing, marks nothing, loses nothing, and drains by itself when the brokers return.
+    nothing, marks nothing, loses nothing, says why once (one log line, /readyz, the
+    outbox_kafka_partitions_below_min_isr metric, `outbox-relay status`), and drains by itself
+    when the brokers return, then says so.
 
     The relay's Kafka calls give up after 5 s (OUTBOX_KAFKA_TIMEOUT), well before librdkafka's
     30 s message timeout, so a transaction is abandoned with messages still in flight: the leader
@@ -278,14 +285,28 @@ def test_two_brokers_down_below_min_insync_replicas(
     duplicate without being written (5 events marked sent, found only in an aborted transaction).
     """
     outage = 25.0 if FULL else 15.0
-    with scenario(engine, database_url, busy_topic, relays, cluster, OUTBOX_KAFKA_TIMEOUT="5") as s:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cause = "Kafka below min.insync.replicas"
+    with scenario(engine, database_url, busy_topic, relays, cluster, OUTBOX_KAFKA_TIMEOUT="5",
+                  OUTBOX_HTTP=str(port)) as s:
         s.relay()
         s.wait_publishing()
+        assert http_get(f"{base}/readyz")[0] == 200
         service("kill", "broker-2", "broker-3")
         killed = time.monotonic()
         time.sleep(2)  # a commit acknowledged just before the kill may still be marked
         frozen = s.sampler.sent
-        time.sleep(outage - 2)
+        # The controller shrinks the ISR once the dead brokers' sessions expire (9 s), the probe sees it
+        # within 2 s more; a busy machine may take longer. The outage lasts until all was checked.
+        code, ready = wait_until(lambda: (r := http_get(f"{base}/readyz")) and cause.encode() in r[1] and r,
+                                 60, "/readyz to name the cause")
+        named = time.monotonic() - killed
+        assert code == 503 and not any("no Kafka producer" in p for p in json.loads(ready)["problems"]), ready
+        assert metric(base, "outbox_kafka_partitions_below_min_isr") > 0
+        status = cli(database_url, "status")
+        assert f"instance relay: {cause}" in status.stdout, status.stdout + status.stderr
+        time.sleep(max(0.0, outage - (time.monotonic() - killed)))
         assert s.sampler.sent == frozen, "events were marked sent while only one broker of three was up"
         assert pending(engine) > 0
         during = s.logs()
@@ -295,12 +316,31 @@ def test_two_brokers_down_below_min_insync_replicas(
         s.wait_resumed(returning)
         resumed = s.sampler.first_progress_after(returning)
         assert resumed is not None
+        wait_until(lambda: http_get(f"{base}/readyz")[0] == 200, 60, "readiness once the replicas are back")
+        assert metric(base, "outbox_kafka_partitions_below_min_isr") == 0
+        assert "instance relay:" not in cli(database_url, "status").stdout
         said = [line.split(" ", 3)[-1][:160] for line in during.splitlines()
                 if " WARNING " in line or " ERROR " in line or "action=retry" in line]
+        assert sum(cause in line for line in s.logs().splitlines()) == 1, "the cause is logged once"
+        assert "in-sync replicas back to min.insync.replicas" in s.logs()
         s.finish(f"2 of 3 brokers down for {outage:.0f} s (below min.insync.replicas)", resumed,
-                 f"0 events marked during the outage; publishing resumed {resumed:.1f}s after the brokers were"
-                 f" started (their start took {back:.1f}s) after {returning - killed:.0f}s down;"
-                 f" the relay said during the outage: {said}", since=killed)
+                 f"0 events marked during the outage; the cause named {named:.1f}s after the kill; publishing"
+                 f" resumed {resumed:.1f}s after the brokers were started (their start took {back:.1f}s) after"
+                 f" {returning - killed:.0f}s down; the relay said during the outage: {said}", since=killed)
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def metric(base: str, name: str) -> float:
+    """The value of an unlabelled metric on the relay's /metrics."""
+    text = http_get(f"{base}/metrics")[1].decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f"{name} ")))
 
 
 @full_size_only

@@ -41,6 +41,7 @@ from tests.relaytools import (
     lane_owners,
     ledger,
     pending,
+    postgres_backends,
     service,
     set_lane_count,
     states,
@@ -282,6 +283,8 @@ def test_a_hung_owner_loses_its_lane_to_a_live_instance(
     hung = relays.start(database_url, name="hung", OUTBOX_BATCH_SIZE=20)
     wait_until(lambda: lane_owners(engine).get(0) == "hung", 30, "the first relay to own the lane")
     relays.start(database_url, name="live", OUTBOX_BATCH_SIZE=20)
+    # Timed from the hang on: a live relay still starting (20 s on a loaded machine) is no takeover delay.
+    wait_until(lambda: "live" in _instances(engine), 60, "the live relay to register")
     with Writers(engine, topic, threads=3, limit=1500) as writers:
         wait_until(lambda: states(engine).get("sent", 0) >= 200, 60, "publishing to start")
         assert hung.process is not None
@@ -318,6 +321,45 @@ def test_a_killed_instances_lanes_are_taken_within_a_few_lane_intervals(
     a.stop()
     ledger_ok(engine, topic, f"all 4 lanes held again {failover:.1f}s after a SIGKILL (lane interval 0.3s)")
     assert failover < 3, f"took {failover:.1f}s"
+
+
+# What an instance holds besides its lanes' connections: lane management, the backlog monitor, the
+# LISTEN connection, the spare that lock attempts run on, and a retention run's short-lived one.
+CONNECTIONS_BESIDE_LANES = 5
+
+
+def test_an_instances_connections_follow_the_lanes_it_owns_not_the_lanes_it_tried(
+    engine: Engine, database_url: str, topic: str, relays: Relays
+) -> None:
+    """Issue 14, goal 5: 3 instances join one after another on 12 lanes. Each tries lanes its peers
+    still hold; it keeps a connection only for the 4 it takes, not for every lane it tried."""
+    lanes, names = 12, ["a", "b", "c"]
+    set_lane_count(engine, lanes)
+    started: list[RelayProcess] = []
+    with Writers(engine, topic, threads=2, limit=1500) as writers:
+        for name in names:  # each joins while the others hold every lane
+            started.append(relays.start(database_url, name=name, OUTBOX_BATCH_SIZE=25))
+            wait_until(lambda name=name: len(lane_owners(engine)) == lanes and name in lane_owners(engine).values(),
+                       60,
+                       f"{name} to take lanes")
+        even = sorted(names * (lanes // len(names)))
+        wait_until(lambda: sorted(lane_owners(engine).values()) == even, 60, "an even share (4/4/4)")
+        seen = {name: 0 for name in names}
+        for _ in range(10):  # steady state under load: the most each instance holds
+            for relay in started:
+                seen[relay.name] = max(seen[relay.name], postgres_backends(engine, relay))
+            time.sleep(0.3)
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 60, "the relays to drain")
+    assert sorted(lane_owners(engine).values()) == even, "lanes were dropped"
+    for relay in started:
+        relay.stop()
+    report = ledger(engine, [topic])
+    owned = lanes // len(names)
+    print(f"\n{len(names)} instances on {lanes} lanes, {owned} owned each: PostgreSQL backends per instance"
+          f" {seen} (bound {owned} + {CONNECTIONS_BESIDE_LANES}); {report.summary()}")
+    assert report.ok, report.summary()
+    assert all(count <= owned + CONNECTIONS_BESIDE_LANES for count in seen.values()), seen
 
 
 def test_an_event_the_write_api_accepts_is_one_the_producer_sends(

@@ -270,3 +270,8 @@ class Store:
             ).format(_EVENTS),
             (error[:2000], park, event_id),
         )
+
+    @staticmethod
+    def name_session(conn: psycopg.Connection[Any], application_name: str) -> None:
+        """What operators see in pg_stat_activity for this connection (a lane's, once it holds the lock)."""
+        conn.execute("SELECT set_config('application_name', %s, false)", (application_name,))

@@ -49,6 +49,13 @@ _INSTANCES = sql.SQL(
     "SELECT name FROM {} WHERE heartbeat_at > now() - interval '1 minute' ORDER BY name"
 ).format(INSTANCES)
 
+# A relay names its Kafka trouble in its control session's application_name ("outbox-relay control: ...").
+_TROUBLES = sql.SQL(
+    "SELECT i.name, substr(a.application_name, length('outbox-relay control: ') + 1) FROM {} i"
+    " JOIN pg_stat_activity a ON a.pid = i.backend_pid WHERE i.heartbeat_at > now() - interval '1 minute'"
+    " AND a.application_name LIKE 'outbox-relay control: %%' ORDER BY i.name"
+).format(INSTANCES)
+
 STATUS_QUERIES = [*BACKLOG.values(), _OLDEST]  # what the EXPLAIN test checks
 
 
@@ -76,3 +83,9 @@ def lane_owners(conn: Connection, lane_count: int) -> list[tuple[int, str | None
 @translated()
 def live_instances(conn: Connection) -> list[str]:
     return [row[0] for row in conn.execute(_INSTANCES)]
+
+
+@translated()
+def instance_troubles(conn: Connection) -> dict[str, str]:
+    """Live instance -> the Kafka trouble it names in its control session (see ``Relay._announce_kafka_trouble``)."""
+    return {name: trouble for name, trouble in conn.execute(_TROUBLES)}
