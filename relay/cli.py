@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(replay)
     replay.add_argument("--since", type=_aware_datetime, help="sent at or after (ISO 8601, with zone)")
     replay.add_argument("--until", type=_aware_datetime, help="sent before (ISO 8601, with zone)")
+
+    from outbox_relay import inbox_cli
+
+    inbox_cli.add_commands(commands, _row_or_event_id)
     return parser
 
 
@@ -271,6 +275,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _replay(args)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "inbox":
+        from outbox_relay import inbox_cli
+
+        return inbox_cli.dispatch(args)
     raise AssertionError(args.command)
 
 
