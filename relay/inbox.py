@@ -286,6 +286,8 @@ class Inbox:
 
             self._loop = asyncio.new_event_loop()
             self._async_engine = create_async_engine(s.database_url, pool_pre_ping=True, **self._engine_options)
+        if s.http:
+            self._serve_metrics(s.http)
         config = {**s.consumer_config(), "logger": logging.getLogger("outbox_relay.librdkafka")}
         self._consumer = Consumer(config)
         self._consumer.subscribe(s.topic_list(), on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -320,6 +322,18 @@ class Inbox:
             self._close()
         log.info("inbox %s stopped", s.group, extra={"action": "inbox_stop"})
         return 0
+
+    def _serve_metrics(self, address: str) -> None:
+        from prometheus_client import start_http_server
+
+        from outbox_relay.web import parse_address
+
+        host, port = parse_address(address)
+        try:
+            start_http_server(port, host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot serve HTTP on {host}:{port}: {exc.strerror}") from exc
+        log.info("inbox: serving /metrics at http://%s:%d/metrics", host, port, extra={"action": "http_started"})
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, _frame: Any) -> None:
@@ -422,18 +436,19 @@ class Inbox:
         A handler failure rolls the transaction back; the events before the culprit are applied
         again without it, the culprit alone is retried with backoff and parked after max_attempts.
         """
-        start, end = 0, len(batch)
+        start = 0
+        culprit: tuple[int, BaseException] | None = None  # (index in batch, its first failure)
         while start < len(batch):
+            if culprit is not None and culprit[0] == start:
+                self._retry_or_park(batch[start], culprit[1])
+                start, culprit = start + 1, None
+                continue
+            end = culprit[0] if culprit is not None else len(batch)
             try:
                 self._retrying("applying events", functools.partial(self._transaction, batch[start:end]))
+                start = end
             except HandlerFailed as failure:
-                if failure.index > 0:
-                    end = start + failure.index
-                    continue
-                self._retry_or_park(batch[start], failure.cause)
-                start, end = start + 1, len(batch)
-                continue
-            start, end = end, len(batch)
+                culprit = (start + failure.index, failure.cause)
 
     def _transaction(self, batch: Sequence[Received], *, park: tuple[str, str, int] | None = None,
                      unpark: int | None = None) -> None:

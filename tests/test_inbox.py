@@ -12,6 +12,7 @@ import dataclasses
 import json
 import random
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ from outbox_relay import enqueue
 from outbox_relay.migrate import upgrade_inbox
 from tests import inbox_app, kafkatools
 from tests.pgtools import EVENTS
-from tests.relaytools import Relays, Writers, cli, pending, wait_until
+from tests.relaytools import Relays, Writers, cli, free_port, pending, wait_until
 from tests.scenarios import FULL, SIZE, full_size_only
 
 GROUP = "billing"
@@ -115,8 +116,9 @@ def test_every_event_is_applied_once_and_replays_are_skipped(
 ) -> None:
     relays.start(database_url, "relay")
     write(engine, topic, [(f"k{n % 7}", {"n": n}) for n in range(300)])
+    port = free_port()
     consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "consumer", OUTBOX_INBOX_GROUP=GROUP,
-                                  OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_BATCH_SIZE=40)
+                                  OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_BATCH_SIZE=40, OUTBOX_INBOX_HTTP=port)
     wait_until(lambda: effects(consumer_engine) >= 300, 60, "the consumer to apply 300 events")
     result = cli(database_url, "replay", "--topic", topic)
     assert result.returncode == 0, result.stderr
@@ -132,6 +134,10 @@ def test_every_event_is_applied_once_and_replays_are_skipped(
     print(f"\nreplayed 300: {report.summary()}")
     assert report.ok, report.summary()
     assert report.applied == 300
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert f'outbox_inbox_processed_events_total{{topic="{topic}"}} 300.0' in metrics
+    assert f'outbox_inbox_duplicates_skipped_total{{topic="{topic}"}} 300.0' in metrics
+    assert "outbox_inbox_lag_events{" in metrics
     assert consumer.stop() == 0
     assert "inbox billing stopped" in consumer.log()
     status = cli(consumer_url, "inbox", "status", "--json")
