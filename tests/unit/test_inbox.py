@@ -124,3 +124,20 @@ def test_under_skip_a_parked_key_holds_nothing() -> None:
     assert inbox.transactions == [("park failed after 3", [0]), ("commit", [1, 2]), ("park failed after 3", [3]),
                                   ("commit", [4])]
     assert inbox._held == {}
+
+
+def test_every_inbox_flag_shows_its_environment_variable_in_help() -> None:
+    import contextlib
+    import dataclasses
+    import io
+
+    from outbox_relay.cli import build_parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(["inbox", "run", "--help"])
+    help_text = " ".join(out.getvalue().split())
+    for field in dataclasses.fields(InboxSettings):
+        if "env" in field.metadata:
+            assert f"env {field.metadata['env']}" in help_text
+    assert "OUTBOX_INBOX_SCHEMA (default inbox)" in help_text
