@@ -309,7 +309,7 @@ class Inbox:
                 now = time.monotonic()
                 if now >= next_parked:
                     self._process_parked()
-                    next_parked = now + s.poll_interval
+                    next_parked = now + max(s.poll_interval, 1.0)  # operators' retries need no faster look
                 if now >= next_lag:
                     self._observe_lag()
                     next_lag = now + max(s.poll_interval, 5.0)

@@ -14,7 +14,7 @@ import random
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -96,6 +96,18 @@ def applied(outbox: Engine, consumer: Engine, topic: str) -> Applied:
     )
 
 
+def wait_while_progressing(count: Callable[[], int], target: int, what: str, stall: float = 60) -> None:
+    """Wait until count() reaches target; fail only when it stops growing for `stall` seconds (a loaded
+    machine applies slowly, a stuck consumer not at all)."""
+    last, since = -1, time.monotonic()
+    while (current := count()) < target:
+        if current != last:
+            last, since = current, time.monotonic()
+        elif time.monotonic() - since > stall:
+            raise AssertionError(f"{what}: stuck at {current} of {target} for {stall:.0f}s")
+        time.sleep(0.5)
+
+
 def effects(consumer: Engine) -> int:
     with consumer.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM app.effects")).scalar_one())
@@ -119,10 +131,10 @@ def test_every_event_is_applied_once_and_replays_are_skipped(
     port = free_port()
     consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "consumer", OUTBOX_INBOX_GROUP=GROUP,
                                   OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_BATCH_SIZE=40, OUTBOX_INBOX_HTTP=port)
-    wait_until(lambda: effects(consumer_engine) >= 300, 60, "the consumer to apply 300 events")
+    wait_until(lambda: effects(consumer_engine) >= 300, 180, "the consumer to apply 300 events")
     result = cli(database_url, "replay", "--topic", topic)
     assert result.returncode == 0, result.stderr
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to publish the replays")
+    wait_until(lambda: pending(engine) == 0, 180, "the relay to publish the replays")
     # Offsets count the transactions' commit markers too: wait for the last message of each partition.
     last = {}
     for message in kafkatools.consume([topic], expected=600):
@@ -154,7 +166,7 @@ def test_an_async_handler_applies_every_event_once(
     write(engine, topic, [(f"k{n % 5}", {"n": n}) for n in range(200)])
     relays.start_inbox(consumer_url, "tests.inbox_app:apply_async", "consumer", OUTBOX_INBOX_GROUP=GROUP,
                        OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_BATCH_SIZE=25)
-    wait_until(lambda: effects(consumer_engine) >= 200, 60, "the async consumer to apply 200 events")
+    wait_until(lambda: effects(consumer_engine) >= 200, 180, "the async consumer to apply 200 events")
     relays.stop_all()
     report = applied(engine, consumer_engine, topic)
     assert report.ok, report.summary()
@@ -176,8 +188,8 @@ def test_a_failing_event_is_retried_parked_then_retried_or_discarded_by_an_opera
     write(engine, topic, [("good", {"n": n}) for n in range(20)])
     consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "consumer", OUTBOX_INBOX_GROUP=GROUP,
                                   OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_MAX_ATTEMPTS=3)
-    wait_until(lambda: len(parked(consumer_url)) == 3, 60, "the poison event and the two behind it to be parked")
-    wait_until(lambda: effects(consumer_engine) == 20, 30, "the other key to flow")
+    wait_until(lambda: len(parked(consumer_url)) == 3, 180, "the poison event and the two behind it to be parked")
+    wait_until(lambda: effects(consumer_engine) == 20, 120, "the other key to flow")
     rows = {row["event_id"]: row for row in parked(consumer_url)}
     assert rows[str(poison)]["state"] == "failed"
     assert rows[str(poison)]["attempts"] == 3
@@ -192,19 +204,19 @@ def test_a_failing_event_is_retried_parked_then_retried_or_discarded_by_an_opera
         conn.execute(text("INSERT INTO app.cured VALUES (:id)"), {"id": poison})
     result = cli(consumer_url, "inbox", "failed", "retry", "--id", str(poison))
     assert result.returncode == 0 and "changed 1 failed event" in result.stdout, result.stderr
-    wait_until(lambda: not parked(consumer_url), 30, "the retried event and those it held to be applied")
+    wait_until(lambda: not parked(consumer_url), 120, "the retried event and those it held to be applied")
     with consumer_engine.connect() as conn:
         order = conn.execute(text("SELECT event_id FROM app.effects WHERE key = 'bad' ORDER BY n")).scalars().all()
     assert order == [poison, *held]
 
     # A second poison event is discarded instead: never applied, and the one behind it goes on.
     second, after = write(engine, topic, [("bad", {"poison": True}), ("bad", {"n": 3})])
-    wait_until(lambda: len(parked(consumer_url)) == 2, 60, "the second poison event to be parked")
+    wait_until(lambda: len(parked(consumer_url)) == 2, 180, "the second poison event to be parked")
     assert cli(consumer_url, "inbox", "failed", "discard", "--id", str(second), "--dry-run").stdout.strip() == (
         "inbox failed discard: would change 1 failed event")
     result = cli(consumer_url, "inbox", "failed", "discard", "--id", str(second))
     assert result.returncode == 0, result.stderr
-    wait_until(lambda: not parked(consumer_url), 30, "the held event to go on after the discard")
+    wait_until(lambda: not parked(consumer_url), 120, "the held event to go on after the discard")
     with consumer_engine.connect() as conn:
         applied_ids = set(conn.execute(text("SELECT event_id FROM app.effects")).scalars())
     assert after in applied_ids and second not in applied_ids
@@ -220,7 +232,7 @@ def test_skip_policy_lets_later_events_of_a_failed_key_go_on(
     relays.start_inbox(consumer_url, "tests.inbox_app:apply", "consumer", OUTBOX_INBOX_GROUP=GROUP,
                        OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_MAX_ATTEMPTS=2,
                        OUTBOX_INBOX_FAILED_KEY_POLICY="skip")
-    wait_until(lambda: effects(consumer_engine) == 1, 60, "the later event to be applied")
+    wait_until(lambda: effects(consumer_engine) == 1, 180, "the later event to be applied")
     with consumer_engine.connect() as conn:
         assert conn.execute(text("SELECT event_id FROM app.effects")).scalar_one() == later
     rows = parked(consumer_url)
@@ -234,22 +246,49 @@ def test_a_rebalance_between_two_consumers_loses_and_repeats_nothing(
     settings = {"OUTBOX_INBOX_GROUP": GROUP, "OUTBOX_INBOX_TOPICS": topic, "OUTBOX_INBOX_BATCH_SIZE": 20}
     with Writers(engine, topic, threads=3, keys=12) as writers:
         first = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "first", **settings)
-        wait_until(lambda: effects(consumer_engine) > 100, 60, "the first consumer to apply events")
+        wait_until(lambda: effects(consumer_engine) > 100, 180, "the first consumer to apply events")
         second = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "second", **settings)
-        wait_until(lambda: "inbox: assigned" in second.log(), 60, "the second consumer to take partitions")
+        wait_until(lambda: "inbox: assigned" in second.log(), 180, "the second consumer to take partitions")
         before = effects(consumer_engine)
-        wait_until(lambda: effects(consumer_engine) > before + 100, 60, "both consumers to apply events")
+        wait_until(lambda: effects(consumer_engine) > before + 100, 180, "both consumers to apply events")
         assert first.stop() == 0  # a graceful leave: its partitions move to the second
-        wait_until(lambda: second.log().count("inbox: assigned") >= 2, 60, "the second to take them over")
+        wait_until(lambda: second.log().count("inbox: assigned") >= 2, 180, "the second to take them over")
         time.sleep(1)
         writers.stop()
-    wait_until(lambda: pending(engine) == 0, 60, "the relay to drain")
-    wait_until(lambda: effects(consumer_engine) >= len(writers.committed), 60, "the survivor to catch up")
+    wait_until(lambda: pending(engine) == 0, 180, "the relay to drain")
+    wait_while_progressing(lambda: effects(consumer_engine), len(writers.committed), "the survivor to catch up")
     time.sleep(1)
     report = applied(engine, consumer_engine, topic)
     print(f"\nrebalance: {report.summary()}")
     assert report.ok, report.summary()
     assert "revoked" in first.log()
+
+
+def test_the_consumers_database_connections_killed_under_load_are_survived(
+    engine: Engine, database_url: str, consumer_url: str, consumer_engine: Engine, topic: str, relays: Relays
+) -> None:
+    relays.start(database_url, "relay")
+    consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "consumer", OUTBOX_INBOX_GROUP=GROUP,
+                                  OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_BATCH_SIZE=20)
+    terminated = 0
+    with Writers(engine, topic, threads=3, keys=12, limit=1500) as writers:
+        wait_until(lambda: effects(consumer_engine) > 100, 180, "the consumer to apply events")
+        for _ in range(5):
+            with consumer_engine.begin() as conn:
+                terminated += conn.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar_one()
+            time.sleep(0.7)
+        wait_until(writers.done, 120, "writers to finish")
+    wait_until(lambda: pending(engine) == 0, 180, "the relay to drain")
+    wait_while_progressing(lambda: effects(consumer_engine), len(writers.committed),
+                           "the consumer to catch up by itself")
+    time.sleep(1)
+    assert consumer.alive, consumer.log()[-3000:]
+    report = applied(engine, consumer_engine, topic)
+    print(f"\n{terminated} consumer connections terminated: {report.summary()}")
+    assert report.ok, report.summary()
+    assert terminated >= 1
 
 
 KILLS = 30 if FULL else 6
@@ -263,12 +302,15 @@ def _sigkill_loop(engine: Engine, database_url: str, consumer_url: str, consumer
     consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "c0", **settings)
     with Writers(engine, topic, threads=3, keys=15) as writers:
         for kill in range(1, kills + 1):
-            time.sleep(rng.uniform(0.5, 2.0))
+            # Each kill hits a consumer at work: one that has its partitions (a loaded machine may take
+            # seconds to start one), some random time into applying events.
+            wait_until(lambda c=consumer: "inbox: assigned" in c.log(), 90, f"consumer {kill - 1} to be assigned")
+            time.sleep(rng.uniform(0.3, 1.5))
             consumer.kill()
             consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", f"c{kill}", **settings)
         writers.stop()
     wait_until(lambda: pending(engine) == 0, 90, "the relay to drain")
-    wait_until(lambda: effects(consumer_engine) >= len(writers.committed), 120, "the consumer to catch up")
+    wait_while_progressing(lambda: effects(consumer_engine), len(writers.committed), "the consumer to catch up")
     time.sleep(2)  # anything applied twice would show now
     relays.stop_all()
     report = applied(engine, consumer_engine, topic)
