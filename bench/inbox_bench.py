@@ -153,6 +153,8 @@ def main() -> None:
     print(f"| bare consumer: effects, then Kafka offset commit (at least once) | {bare:,.0f} |")
     print(f"| inbox: effects + processed id + stored offset in one transaction (exactly once) | {inbox:,.0f} |")
     print(f"| inbox / bare | **{inbox / bare:.2f}** |")
+    pairs = ", ".join(f"{i / b:.2f}" for i, b in zip(rates["inbox"], rates["bare"]))
+    print(f"\ninbox / bare per round: {pairs} (rounds that differ widely mean a busy machine: run again)")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,11 @@ FAST = {
     "OUTBOX_LOG_LEVEL": "INFO",
 }
 
-# The same for consumers (`outbox-relay inbox run`).
+# The same for consumers (`outbox-relay inbox run`). A SIGKILLed member holds the group's next rebalance
+# up until its session times out (librdkafka's default 45 s): 6 s, the broker's minimum, for tests.
 INBOX_FAST = {
+    "OUTBOX_KAFKA_SESSION_TIMEOUT_MS": "6000",
+    "OUTBOX_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
     "OUTBOX_INBOX_POLL_INTERVAL": "0.2",
     "OUTBOX_INBOX_BACKOFF_INITIAL": "0.1",
     "OUTBOX_INBOX_BACKOFF_MAX": "1",

@@ -320,6 +320,7 @@ def _sigkill_loop(engine: Engine, database_url: str, consumer_url: str, consumer
     assert report.committed == len(writers.committed) > 300
 
 
+@pytest.mark.timeout(600)  # each restart joins the group anew: a minute or two, longer on a busy machine
 def test_a_consumer_sigkilled_repeatedly_applies_every_event_exactly_once(
     engine: Engine, database_url: str, consumer_url: str, consumer_engine: Engine, topic: str, relays: Relays
 ) -> None:
@@ -327,6 +328,7 @@ def test_a_consumer_sigkilled_repeatedly_applies_every_event_exactly_once(
 
 
 @full_size_only
+@pytest.mark.timeout(1800)
 def test_a_consumer_sigkilled_30_times_applies_every_event_exactly_once(
     engine: Engine, database_url: str, consumer_url: str, consumer_engine: Engine, topic: str, relays: Relays
 ) -> None:
