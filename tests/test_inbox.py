@@ -302,10 +302,11 @@ def _sigkill_loop(engine: Engine, database_url: str, consumer_url: str, consumer
     consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", "c0", **settings)
     with Writers(engine, topic, threads=3, keys=15) as writers:
         for kill in range(1, kills + 1):
-            # Each kill hits a consumer at work: one that has its partitions (a loaded machine may take
-            # seconds to start one), some random time into applying events.
-            wait_until(lambda c=consumer: "inbox: assigned" in c.log(), 90, f"consumer {kill - 1} to be assigned")
-            time.sleep(rng.uniform(0.3, 1.5))
+            # Each kill hits a consumer at work: one that has applied events of its own (a loaded machine
+            # may take many seconds to start one and join the group), some random time later.
+            before = effects(consumer_engine)
+            wait_until(lambda b=before: effects(consumer_engine) > b, 180, f"consumer {kill - 1} to apply events")
+            time.sleep(rng.uniform(0.0, 1.0))
             consumer.kill()
             consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply", f"c{kill}", **settings)
         writers.stop()
