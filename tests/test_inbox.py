@@ -362,3 +362,27 @@ def test_the_inbox_commands_say_what_is_wrong_in_one_line(empty_database_url: st
     assert refused.returncode == 2 and "without --yes" in refused.stderr
     dropped = cli(empty_database_url, "inbox", "migrate", "--downgrade", "--revision", "base", "--yes")
     assert dropped.returncode == 0, dropped.stderr
+
+
+def test_retention_deletes_a_groups_old_processed_ids_in_batches(consumer_engine: Engine) -> None:
+    import datetime as dt
+
+    from outbox_relay import inbox_store
+
+    with consumer_engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO inbox.processed (consumer_group, event_id, topic, partition, \"offset\", processed_at)"
+            " SELECT g, gen_random_uuid(), 't', 0, n, now() - make_interval(hours => h)"
+            " FROM (VALUES ('billing', 200, 2500), ('billing', 1, 10), ('other', 200, 5)) AS v(g, h, c),"
+            " generate_series(1, c) AS n"))
+    deleted = []
+    while True:
+        with consumer_engine.begin() as conn:
+            count = inbox_store.delete_processed(conn, GROUP, dt.timedelta(hours=168), batch=1000)
+        deleted.append(count)
+        if count < 1000:
+            break
+    assert deleted == [1000, 1000, 500]
+    with consumer_engine.connect() as conn:
+        left = dict(conn.execute(text("SELECT consumer_group, count(*) FROM inbox.processed GROUP BY 1")).all())
+    assert left == {"billing": 10, "other": 5}  # recent ids stay; another group's are its own business
