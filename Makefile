@@ -11,7 +11,7 @@ ENV    := eval "$$($(PY) scripts/services env)"
 
 # Strict editable install: a tree of links under build/ that mypy can read too. Links see edits;
 # a file added to a package folder changes the folder, which re-links.
-$(STAMP): pyproject.toml relay relay/static models alembic alembic/versions
+$(STAMP): pyproject.toml relay relay/static models alembic alembic/versions alembic/inbox alembic/inbox/versions
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict

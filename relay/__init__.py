@@ -6,10 +6,13 @@ Application code needs one import::
 """
 
 from outbox_relay.errors import InvalidEvent, OutboxError
+from outbox_relay.inbox import Inbox, InboxEvent
 from outbox_relay.write import Event, Outbox, default_serializer, encode_key, enqueue, enqueue_many
 
 __all__ = [
     "Event",
+    "Inbox",
+    "InboxEvent",
     "InvalidEvent",
     "Outbox",
     "OutboxError",

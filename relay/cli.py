@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(replay)
     replay.add_argument("--since", type=_aware_datetime, help="sent at or after (ISO 8601, with zone)")
     replay.add_argument("--until", type=_aware_datetime, help="sent before (ISO 8601, with zone)")
+
+    from outbox_relay import inbox_cli
+
+    inbox_cli.add_commands(commands, _row_or_event_id)
     return parser
 
 
@@ -251,6 +255,10 @@ def _print_cause_chain(exc: BaseException) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "inbox":
+        from outbox_relay import inbox_cli
+
+        return inbox_cli.dispatch(args)
     commands = {"migrate": _migrate, "run": _run, "status": _status, "lanes": _lanes, "failed": _failed,
                 "replay": _replay, "verify": _verify}
     return commands[args.command](args)

@@ -271,3 +271,114 @@ def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: l
         properties[key.strip()] = value.strip()
         sources[key.strip()] = f"-X {key.strip()}"
     return properties
+
+
+# What an effectively-once consumer needs; users may tune but not weaken these. The offsets that count
+# live in the consumer's database; Kafka's committed offsets only follow them, for lag monitoring.
+REQUIRED_CONSUMER = {"isolation.level": "read_committed", "enable.auto.commit": False,
+                     "enable.auto.offset.store": False}
+DEFAULT_CONSUMER = {"partition.assignment.strategy": "cooperative-sticky", "auto.offset.reset": "earliest",
+                    "socket.keepalive.enable": True}
+
+
+@dataclasses.dataclass
+class InboxSettings:
+    """Settings of a consumer inbox (`outbox-relay inbox ...`); flags over environment over defaults."""
+
+    database_url: str = _field("OUTBOX_INBOX_DATABASE_URL",
+                               "the consumer's PostgreSQL URL, where the inbox and the handler's effects live", "")
+    bootstrap_servers: str = _field("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "Kafka bootstrap servers (host:port,...)", "")
+    kafka_config_file: str = _field(
+        "OUTBOX_KAFKA_CONFIG_FILE", "file of librdkafka properties (key=value lines)", ""
+    )
+    group: str = _field("OUTBOX_INBOX_GROUP", "Kafka consumer group; also the inbox's de-duplication scope", "")
+    topics: str = _field("OUTBOX_INBOX_TOPICS", "topics to consume, comma-separated", "")
+    batch_size: int = _field("OUTBOX_INBOX_BATCH_SIZE", "events applied per database transaction", 100)
+    max_attempts: int = _field(
+        "OUTBOX_INBOX_MAX_ATTEMPTS", "handler attempts before an event that keeps failing is parked", 3
+    )
+    failed_key_policy: str = _field(
+        "OUTBOX_INBOX_FAILED_KEY_POLICY",
+        "hold: later events of a parked event's key wait behind it; skip: they go on",
+        "hold",
+        choices=("hold", "skip"),
+    )
+    backoff_initial: float = _field("OUTBOX_INBOX_BACKOFF_INITIAL", "first retry delay in seconds", 0.5)
+    backoff_max: float = _field("OUTBOX_INBOX_BACKOFF_MAX", "retry delay cap in seconds", 30.0)
+    poll_interval: float = _field(
+        "OUTBOX_INBOX_POLL_INTERVAL", "seconds a poll waits for events; parked events are looked at as often", 1.0
+    )
+    retention_hours: float = _field(
+        "OUTBOX_INBOX_RETENTION_HOURS",
+        "processed event ids are deleted after this many hours (0: keep); keep it longer than any replay window",
+        168.0,
+    )
+    retention_interval: float = _field("OUTBOX_INBOX_RETENTION_INTERVAL", "seconds between retention runs", 60.0)
+    shutdown_timeout: float = _field(
+        "OUTBOX_INBOX_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take before exiting anyway", 30.0
+    )
+    http: str = _field("OUTBOX_INBOX_HTTP", "serve /metrics on PORT (localhost) or HOST:PORT; off when empty", "")
+    log_level: str = _field("OUTBOX_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", "INFO")
+    log_format: str = _field("OUTBOX_LOG_FORMAT", "text or json", "text", choices=("text", "json"))
+    kafka_properties: dict[str, str] = dataclasses.field(default_factory=dict)
+    kafka_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                     *, need_kafka: bool = True) -> InboxSettings:
+        env = os.environ if env is None else env
+        flags = flags or {}
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name in ("kafka_properties", "kafka_sources"):
+                continue
+            raw = flags.get(field.name)
+            source = f"--{field.name.replace('_', '-')}"
+            if raw is None and field.metadata["env"] in env:
+                raw, source = env[field.metadata["env"]], field.metadata["env"]
+            if raw is not None:
+                values[field.name] = _convert(field, raw, source)
+        settings = cls(**values)
+        settings.kafka_properties = kafka_properties_from(env, settings.kafka_config_file, flags.get("kafka_property"),
+                                                          sources=settings.kafka_sources)
+        if settings.bootstrap_servers:
+            settings.kafka_properties["bootstrap.servers"] = settings.bootstrap_servers
+        settings.validate(need_kafka=need_kafka)
+        return settings
+
+    def validate(self, *, need_kafka: bool = True) -> None:
+        if not self.database_url:
+            raise ConfigurationError("no database: set OUTBOX_INBOX_DATABASE_URL or --database-url")
+        for name in ("batch_size", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("backoff_initial", "backoff_max", "poll_interval", "retention_interval", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not need_kafka:
+            return
+        if "bootstrap.servers" not in self.kafka_properties:
+            raise ConfigurationError("no Kafka: set OUTBOX_KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers")
+        if not self.group:
+            raise ConfigurationError("no consumer group: set OUTBOX_INBOX_GROUP or --group")
+        if not self.topic_list():
+            raise ConfigurationError("no topics: set OUTBOX_INBOX_TOPICS or --topics (comma-separated)")
+        for key, value in REQUIRED_CONSUMER.items():
+            given = self.kafka_properties.get(key)
+            if given is not None and str(given).lower() != str(value).lower():
+                raise ConfigurationError(
+                    f"Kafka property {key}={given}{self.kafka_source(key)} would break the inbox's guarantee; "
+                    f"it must be {str(value).lower()}")
+        if "group.id" in self.kafka_properties:
+            raise ConfigurationError(f"group.id{self.kafka_source('group.id')} is the inbox's group: use "
+                                     "OUTBOX_INBOX_GROUP or --group instead")
+
+    def kafka_source(self, prop: str) -> str:
+        source = self.kafka_sources.get(prop)
+        return f" (from {source})" if source else ""
+
+    def topic_list(self) -> list[str]:
+        return [topic.strip() for topic in self.topics.split(",") if topic.strip()]
+
+    def consumer_config(self) -> dict[str, Any]:
+        return {**DEFAULT_CONSUMER, **self.kafka_properties, **REQUIRED_CONSUMER, "group.id": self.group}

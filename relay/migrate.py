@@ -69,3 +69,26 @@ def drops_outbox(conn: Connection, revision: str) -> bool:
         down = current.down_revision
         current = script.get_revision(down) if isinstance(down, str) else None
     return current is None
+
+
+def inbox_script_location() -> str:
+    """The consumer inbox's Alembic folder (alembic/inbox/), a history of its own."""
+    location = Path(script_location()) / "inbox"
+    if not (location / "env.py").exists():
+        raise ConfigurationError("the inbox migrations were not found; reinstall outbox-relay")
+    return str(location)
+
+
+def upgrade_inbox(database_url: str, revision: str = "head") -> None:
+    """Create or upgrade the consumer inbox's tables in the consumer's database."""
+    config = Config()
+    config.set_main_option("script_location", inbox_script_location())
+    config.attributes["url"] = database_url
+    command.upgrade(config, revision)
+
+
+def downgrade_inbox(database_url: str, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", inbox_script_location())
+    config.attributes["url"] = database_url
+    command.downgrade(config, revision)

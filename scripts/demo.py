@@ -1,26 +1,32 @@
 #!/usr/bin/env python3
-"""`make demo`: the relay moving real events from PostgreSQL to Kafka.
+"""`make demo`: the relay moving real events from PostgreSQL to Kafka, and a consumer applying them once.
 
 Migrates the database, starts `outbox-relay run`, writes orders in real transactions (some roll
-back), and shows the committed ones arriving in Kafka through a read_committed consumer.
+back), and shows the committed ones arriving in Kafka through a read_committed consumer. Then the
+consumer side: an inbox in a database of its own applies each order to a per-customer total, exactly
+once, and skips every event of an `outbox-relay replay`.
 Expects OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BOOTSTRAP_SERVERS (`make demo` sets them).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
-from outbox_relay import enqueue
+from outbox_relay import Inbox, InboxEvent, enqueue
 
 TOPIC = "demo.orders"
 ORDERS = 20
@@ -71,6 +77,7 @@ def main() -> int:
         time.sleep(1)  # a configuration the relay rejects stops it within a second
         if relay_died():
             return 1
+        started = dt.datetime.now(dt.UTC)
         engine = create_engine(url)
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE IF NOT EXISTS demo_orders (id bigserial PRIMARY KEY, customer text)"))
@@ -111,11 +118,67 @@ def main() -> int:
         print(f"\n== {len(seen & committed)}/{len(committed)} committed events arrived; "
               f"{len(leaked)} of {len(rolled_back)} rolled-back events leaked; {len(missing)} missing")
         subprocess.run([*cli, "status"], check=False)
-        return 0 if not missing and not leaked else 1
+        if missing or leaked:
+            return 1
+        return consume_exactly_once(url, bootstrap, committed, cli, started)
     finally:
         if relay.poll() is None:
             relay.send_signal(signal.SIGTERM)
             relay.wait(30)
+
+
+def consume_exactly_once(url: str, bootstrap: str, committed: set[str], cli: list[str], since: dt.datetime) -> int:
+    """The consumer side: an inbox in the consumer's own database applies each order once, replays skipped."""
+    base = make_url(url)
+    consumer_url = base.set(database=f"{base.database}_consumer").render_as_string(hide_password=False)
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :d"),
+                            {"d": f"{base.database}_consumer"}).scalar():
+            conn.execute(text(f'CREATE DATABASE "{base.database}_consumer"'))
+    admin.dispose()
+    print(f"\n== the consumer side: an inbox in its own database ({make_url(consumer_url).database})")
+    subprocess.run([*cli, "inbox", "migrate", "--database-url", consumer_url], check=True)
+    engine = create_engine(consumer_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS demo_applied (event_id uuid, customer text, replay boolean)"))
+        conn.execute(text("CREATE TABLE IF NOT EXISTS demo_totals (customer text PRIMARY KEY, orders integer)"))
+
+    applied: list[str] = []
+
+    def apply(event: InboxEvent, session: Session) -> None:
+        """Runs in the inbox's transaction: the order counts once, whatever crashes or replays come."""
+        customer = event.value["customer"]
+        session.execute(text("INSERT INTO demo_totals VALUES (:c, 1) ON CONFLICT (customer) DO UPDATE"
+                             " SET orders = demo_totals.orders + 1"), {"c": customer})
+        session.execute(text("INSERT INTO demo_applied VALUES (:e, :c, :r)"),
+                        {"e": event.event_id, "c": customer, "r": event.replay_of is not None})
+        applied.append(str(event.event_id))
+        print(f"   applied order {event.value['order']:>4} for {customer:<8} (partition {event.partition},"
+              f" offset {event.offset})")
+
+    inbox = Inbox(apply, database_url=consumer_url, bootstrap_servers=bootstrap, group="outbox-demo-inbox",
+                  topics=[TOPIC], poll_interval=0.2)
+    thread = threading.Thread(target=inbox.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not committed <= set(applied) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print(f"== replaying this run's events (outbox-relay replay --topic {TOPIC}): the inbox must skip them all")
+    subprocess.run([*cli, "replay", "--topic", TOPIC, "--since", since.isoformat()], check=True)
+    deadline = time.monotonic() + 30
+    duplicates = 0.0
+    while duplicates < len(committed) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        duplicates = inbox.metrics.duplicates.labels(topic=TOPIC)._value.get()
+    inbox.stop()
+    thread.join(30)
+    mine = [event_id for event_id in applied if event_id in committed]
+    print(f"\n== inbox: {len(set(mine))}/{len(committed)} committed orders applied, {len(mine) - len(set(mine))}"
+          f" applied twice, {duplicates:.0f} replayed events skipped as duplicates")
+    subprocess.run([*cli, "inbox", "status", "--database-url", consumer_url], check=False)
+    engine.dispose()
+    return 0 if set(mine) == committed and len(mine) == len(committed) and duplicates >= len(committed) else 1
 
 
 if __name__ == "__main__":

@@ -35,6 +35,16 @@ FAST = {
     "OUTBOX_LOG_LEVEL": "INFO",
 }
 
+# The same for consumers (`outbox-relay inbox run`). A SIGKILLed member holds the group's next rebalance
+# up until its session times out (librdkafka's default 45 s): 6 s, the broker's minimum, for tests.
+INBOX_FAST = {
+    "OUTBOX_KAFKA_SESSION_TIMEOUT_MS": "6000",
+    "OUTBOX_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+    "OUTBOX_INBOX_POLL_INTERVAL": "0.2",
+    "OUTBOX_INBOX_BACKOFF_INITIAL": "0.1",
+    "OUTBOX_INBOX_BACKOFF_MAX": "1",
+}
+
 # What a relay may take beyond its own shutdown bound (OUTBOX_SHUTDOWN_TIMEOUT, after which it exits
 # anyway) to leave the interpreter once it has stopped.
 EXIT_GRACE = 10.0
@@ -159,6 +169,15 @@ class Relays:
         relay = RelayProcess(database_url, self.log_dir, name, tuning=self.tuning, **settings).start()
         self.started.append(relay)
         return relay
+
+    def start_inbox(self, consumer_url: str, handler: str, name: str = "inbox", **settings: Any) -> RelayProcess:
+        """`outbox-relay inbox run HANDLER` as a child process, stopped like a relay (its own log, same bounds)."""
+        consumer = RelayProcess(consumer_url, self.log_dir, name, tuning={**INBOX_FAST, "OUTBOX_LOG_LEVEL": "INFO"},
+                                OUTBOX_INBOX_DATABASE_URL=consumer_url, **settings)
+        consumer.command = [sys.executable, "-m", "outbox_relay.cli", "inbox", "run", handler]
+        consumer.start()
+        self.started.append(consumer)
+        return consumer
 
     def stop_all(self) -> None:
         """Stop every relay started here (all at once); fail if one had to be killed."""

@@ -140,3 +140,28 @@ def test_migrations_that_index_the_events_table_never_block_its_writers(empty_da
         migration.join(60)
     assert not migration.is_alive()
     assert _diff(empty_database_url) == []
+
+
+def test_the_inbox_has_its_own_history_in_a_database_without_an_outbox(empty_database_url: str) -> None:
+    """The consumer inbox migrates a database that has no outbox, leaves no drift from its models, and its
+    version table is its own: the outbox's history (and its head check) never sees it."""
+    from outbox_relay.models.inbox import INBOX_SCHEMA, inbox_metadata
+
+    migrate.upgrade_inbox(empty_database_url)
+    engine = create_engine(empty_database_url)
+    assert set(inspect(engine).get_table_names(schema=INBOX_SCHEMA)) == {
+        "processed", "offsets", "parked", "outbox_inbox_version"}
+    assert inspect(engine).get_table_names(schema=SCHEMA) == []
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={
+            "compare_type": True, "compare_server_default": True, "include_schemas": True,
+            "include_name": lambda name, type_, parent: type_ != "schema" or name == INBOX_SCHEMA,
+            "include_object": lambda obj, name, type_, reflected, compare_to: name != "outbox_inbox_version",
+        })
+        assert compare_metadata(context, inbox_metadata) == []
+    # Both histories side by side in one database, each at its head.
+    migrate.upgrade(empty_database_url)
+    assert _diff(empty_database_url) == []
+    migrate.downgrade_inbox(empty_database_url, "base")
+    assert inspect(engine).get_table_names(schema=INBOX_SCHEMA) == ["outbox_inbox_version"]
+    engine.dispose()

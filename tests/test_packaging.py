@@ -100,7 +100,9 @@ def test_the_wheel_installs_one_package_named_outbox_relay(wheel: Path) -> None:
     assert top == {"outbox_relay", "outbox_relay-0.1.0.dist-info"}, top
     for shipped in ("outbox_relay/py.typed", "outbox_relay/static/status.html", "outbox_relay/models/migration.py",
                     "outbox_relay/migrations/env.py", "outbox_relay/migrations/script.py.mako",
-                    "outbox_relay/migrations/versions/0001_outbox.py"):
+                    "outbox_relay/migrations/versions/0001_outbox.py", "outbox_relay/migrations/inbox/env.py",
+                    "outbox_relay/migrations/inbox/script.py.mako",
+                    "outbox_relay/migrations/inbox/versions/i0001_inbox.py", "outbox_relay/models/inbox_migration.py"):
         assert shipped in names
 
 
@@ -137,7 +139,9 @@ def test_changelog_announces_the_unreleased_changes_and_every_migration_function
     for needle in ["`outbox_relay`", *(name for name, _ in ports), *(port for _, port in ports)]:
         assert needle in unreleased, f"CHANGELOG's Unreleased section does not mention {needle}"
     # An application that owns its migrations learns from the changelog which functions to call.
-    for name in vars(migration):
+    from outbox_relay.models import inbox_migration
+
+    for name in [*vars(migration), *vars(inbox_migration)]:
         if re.fullmatch(r"(create|add)_\w+_v\d+", name):
             assert f"`{name}" in changelog, f"{name} is not in CHANGELOG.md"
     # Not on PyPI yet: the README must not tell anyone to pip install it by name.
