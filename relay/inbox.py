@@ -37,13 +37,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from sqlalchemy import create_engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from outbox_relay import inbox_store as store
 from outbox_relay.config import InboxSettings
+from outbox_relay.db import inbox as store
+from outbox_relay.db.connection import is_unavailable
+from outbox_relay.db.inbox import Claim, ParkedRow, Position
 from outbox_relay.errors import ConfigurationError
-from outbox_relay.inbox_store import Claim, ParkedRow, Position
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +196,7 @@ class _Stopping(Exception):
 
 def _transient(exc: BaseException) -> bool:
     """A lost or refused database connection: the batch is retried as it is, no attempt is counted."""
-    import psycopg
-
-    if isinstance(exc, DBAPIError):
-        return bool(exc.connection_invalidated) or isinstance(exc.orig, psycopg.OperationalError)
-    return isinstance(exc, psycopg.OperationalError)
+    return is_unavailable(exc)
 
 
 class InboxMetrics:

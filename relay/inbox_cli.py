@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from outbox_relay.config import InboxSettings
-from outbox_relay.errors import ConfigurationError, DatabaseUnavailable, SchemaError
+from outbox_relay.errors import ConfigurationError, DatabaseUnavailable
 
 INBOX_NAMES_HELP = ("the inbox's tables live in the consumer's database, in the schema OUTBOX_INBOX_SCHEMA "
                     "(default inbox), read from the environment")
@@ -84,33 +84,12 @@ def _settings(args: argparse.Namespace, *, kafka: bool = False) -> InboxSettings
 
 def _engine(settings: InboxSettings, *, check_schema: bool = True) -> Any:
     """An engine whose first connection worked and whose inbox tables exist."""
-    import psycopg
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import DBAPIError
+    from outbox_relay.db import inbox as store
 
-    from outbox_relay.models.inbox import INBOX_SCHEMA, OFFSETS_TABLE, PARKED_TABLE, PROCESSED_TABLE
-
-    engine = create_engine(settings.database_url, connect_args={"connect_timeout": 5})
-    url = make_url(settings.database_url)
-    where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
     try:
-        with engine.connect() as conn:
-            if check_schema:
-                missing = [table for table in (PROCESSED_TABLE, OFFSETS_TABLE, PARKED_TABLE)
-                           if conn.execute(text("SELECT to_regclass(:name)"),
-                                           {"name": f'"{INBOX_SCHEMA}"."{table}"'}).scalar() is None]
-                if missing:
-                    raise SchemaError(f"the inbox tables are missing at {where} ({', '.join(missing)}): run "
-                                      "`outbox-relay inbox migrate` (or call outbox_relay.models.inbox_migration."
-                                      "create_inbox_v1 from your own Alembic history)")
-    except DBAPIError as exc:
-        if isinstance(exc.orig, psycopg.OperationalError):
-            line = (str(exc.orig).strip().splitlines() or ["?"])[0].rsplit(" failed: ", 1)[-1]
-            raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {line.replace('FATAL:  ', '')}"
-                                      " (check --database-url or OUTBOX_INBOX_DATABASE_URL)") from None
-        raise
-    return engine
+        return store.open_engine(settings.database_url, check_schema=check_schema)
+    except DatabaseUnavailable as exc:
+        raise DatabaseUnavailable(f"{exc} (check --database-url or OUTBOX_INBOX_DATABASE_URL)") from None
 
 
 def load_handler(path: str) -> Any:
@@ -139,7 +118,7 @@ def load_handler(path: str) -> Any:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from outbox_relay import inbox_store
+    from outbox_relay.db import inbox as inbox_store
     from outbox_relay.migrate import downgrade_inbox, upgrade_inbox
 
     if args.inbox_command == "migrate":

@@ -367,7 +367,7 @@ def test_the_inbox_commands_say_what_is_wrong_in_one_line(empty_database_url: st
 def test_retention_deletes_a_groups_old_processed_ids_in_batches(consumer_engine: Engine) -> None:
     import datetime as dt
 
-    from outbox_relay import inbox_store
+    from outbox_relay.db import inbox as inbox_store
 
     with consumer_engine.begin() as conn:
         conn.execute(text(

@@ -50,6 +50,13 @@ def translated(doing: str = "") -> Iterator[None]:
         raise
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """A lost or refused connection (psycopg's own, or one SQLAlchemy wraps): worth retrying as it is."""
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated) or isinstance(exc.orig, psycopg.OperationalError)
+    return isinstance(exc, psycopg.OperationalError)
+
+
 def translate_errors(cls: _Class) -> _Class:
     """Class decorator: every public method (the named queries) runs under :func:`translated`."""
     for name, member in list(vars(cls).items()):

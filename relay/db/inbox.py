@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.orm import Session
 
+from outbox_relay.db.connection import translated, where
+from outbox_relay.errors import SchemaError
 from outbox_relay.models.inbox import INBOX_SCHEMA, OFFSETS_TABLE, PARKED_TABLE, PROCESSED_TABLE
 
 PROCESSED = f'"{INBOX_SCHEMA}"."{PROCESSED_TABLE}"'
@@ -243,3 +245,20 @@ def status(target: Target, group: str | None) -> list[dict[str, Any]]:
     ), {"group": group})
     return [{"group": r[0], "topic": r[1], "partition": r[2], "next_offset": r[3],
              "updated_at": r[4].isoformat() if r[4] else None, "failed": r[5], "waiting": r[6]} for r in rows]
+
+
+def open_engine(database_url: str, *, check_schema: bool = True) -> Engine:
+    """An engine whose first connection worked and (with ``check_schema``) whose inbox tables exist."""
+    engine = create_engine(database_url, connect_args={"connect_timeout": 5})
+    doing = f"cannot connect to PostgreSQL at {where(database_url)}"
+    with translated(doing), engine.connect() as conn:
+        if not check_schema:
+            return engine
+        missing = [table for table in (PROCESSED_TABLE, OFFSETS_TABLE, PARKED_TABLE)
+                   if conn.execute(text("SELECT to_regclass(:name)"),
+                                   {"name": f'"{INBOX_SCHEMA}"."{table}"'}).scalar() is None]
+    if missing:
+        raise SchemaError(f"the inbox tables are missing at {where(database_url)} ({', '.join(missing)}): run "
+                          "`outbox-relay inbox migrate` (or call outbox_relay.models.inbox_migration."
+                          "create_inbox_v1 from your own Alembic history)")
+    return engine
