@@ -4,7 +4,7 @@ Every command runs it before it works, whoever owns the migrations:
 
 - **Structure**, compared with the models (so a table, column or index a new release declares is
   required as soon as it is declared), plus what the models cannot declare: the commit trigger and
-  the lane index of the current lane count. A handful of catalog reads, whatever the table's size.
+  the ready lane index of the current lane count. A handful of catalog reads, whatever the table's size.
 - **Revision**: when ``outbox-relay migrate`` manages the schema, its version table must be at this
   release's head (a migration may change data, not only structure). An application that runs the
   migration functions from its own Alembic history has no such table; the structure speaks for it.
@@ -18,7 +18,7 @@ from typing import Any
 from psycopg import sql
 
 from outbox_relay.errors import SchemaError
-from outbox_relay.models import EVENTS_TABLE, LANE_INDEX_PREFIX, SCHEMA, SETTINGS_TABLE, metadata
+from outbox_relay.models import EVENTS_TABLE, LANE_INDEX_PREFIX, READY_INDEX_PREFIX, SCHEMA, SETTINGS_TABLE, metadata
 
 VERSION_TABLE = "outbox_relay_version"  # the outbox's own Alembic version table (alembic/env.py)
 NOTIFY_TRIGGER = f"{EVENTS_TABLE}_notify"
@@ -32,6 +32,8 @@ _ADDED_BY = {
     "lane index": "add_lane_index_v5",
     f"column {SETTINGS_TABLE}.outbox_id": "add_outbox_identity_v6",
     f"column {EVENTS_TABLE}_instances.backend_pid": "add_instance_sessions_v7",
+    f"index ix_{EVENTS_TABLE}_delayed": "add_claim_indexes_v8",
+    "ready lane index": "add_claim_indexes_v8",
 }
 
 _COLUMNS = (
@@ -81,8 +83,11 @@ def problems(conn: Any) -> list[str]:
             sql.Identifier(SCHEMA, SETTINGS_TABLE))).fetchone()
         if row is None:
             missing.append(f"the row of {SCHEMA}.{SETTINGS_TABLE}")
-        elif not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
-            missing.append("lane index")
+        elif not any(name.startswith(READY_INDEX_PREFIX) for name in indexes):
+            # v8 replaced v5's lane index: without either, the history lacks both functions.
+            if not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
+                missing.append("lane index")
+            missing.append("ready lane index")
     if missing:
         return missing
     version_table = f'"{SCHEMA}"."{VERSION_TABLE}"'

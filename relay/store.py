@@ -19,7 +19,16 @@ from psycopg.rows import tuple_row
 from sqlalchemy.engine import make_url
 
 from outbox_relay import faults
-from outbox_relay.models import EVENTS_TABLE, INSTANCES_TABLE, LANE_INDEX_PREFIX, LANES_TABLE, SCHEMA, SETTINGS_TABLE
+from outbox_relay.models import (
+    EVENTS_TABLE,
+    INSTANCES_TABLE,
+    LANE_INDEX_PREFIX,
+    LANES_TABLE,
+    READY_INDEX_PREFIX,
+    READY_PREDICATE,
+    SCHEMA,
+    SETTINGS_TABLE,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,8 +83,10 @@ _SESSION = ("SET synchronous_commit = on; SET tcp_keepalives_idle = 5; SET tcp_k
 # The claim must walk the pending index in id order and stop after one batch, whatever the planner
 # thinks of `lane_key % n = lane` (it cannot estimate it, and on a fresh table it has no statistics
 # at all): a bitmap scan + sort would read the whole backlog on every claim. No statement or lock
-# wait of a lane may hang it (a claim or mark takes milliseconds).
-_LANE_SESSION = ("SET enable_bitmapscan = off; SET enable_sort = off; SET statement_timeout = 30000;"
+# wait of a lane may hang it (a claim or mark takes milliseconds). The claim's final sort of at
+# most two batches carries enable_sort's penalty, which would make its cost look worth JIT
+# compiling (close to a second per claim): a query of milliseconds never is.
+_LANE_SESSION = ("SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off; SET statement_timeout = 30000;"
                  " SET lock_timeout = 10000")
 
 
@@ -119,17 +130,26 @@ RESIZE_LOCK = 1_000_000
 _COLUMNS = sql.SQL(
     "e.id, e.event_id, e.topic, e.key, e.value, e.header_names, e.header_values, e.partition, e.attempts, e.created_at"
 )
-# The lane count is written into the claim as a literal so that the planner matches the lane index
-# ((lane_key % N), id): each lane then walks only its own pending rows, in id order, however far
-# the other lanes are behind.
+# The lane count is written into the claim as a literal so that the planner matches the lane's
+# ready index ((lane_key % N), id): each lane then walks only its own pending rows, in id order,
+# however far the other lanes are behind. Delayed events (available_at later than their insert)
+# are not in that index: they are found through the delayed index, by due time, so a claim reads
+# only the delayed events that are due, never the ones still waiting.
+# Ids of the lane's last batch, published but whose mark is still on its way, are left out.
 # The lane count the claim was built for must still be the count: a relay that missed a change
 # (`outbox-relay lanes set`) claims nothing rather than publish a key next to its new owner.
 _CLAIM = sql.SQL(
-    "SELECT {columns} FROM {events} e"
-    " WHERE e.state = 'pending' AND e.available_at <= now() AND (e.lane_key %% {lanes}) = %(lane)s {hold}"
-    " AND EXISTS (SELECT 1 FROM {settings} WHERE id = 1 AND lane_count = {lanes})"
-    " ORDER BY e.id LIMIT %(limit)s"
+    "SELECT * FROM ("
+    "(SELECT {columns} FROM {events} e"
+    " WHERE e.state = 'pending' AND {ready} AND (e.lane_key %% {lanes}) = %(lane)s {hold}"
+    " AND e.id <> ALL(%(unmarked)s::bigint[]) AND {current} ORDER BY e.id LIMIT %(limit)s)"
+    " UNION ALL "
+    "(SELECT {columns} FROM {events} e"
+    " WHERE e.state = 'pending' AND NOT {ready} AND e.available_at <= now() AND (e.lane_key %% {lanes}) = %(lane)s"
+    " {hold} AND e.id <> ALL(%(unmarked)s::bigint[]) AND {current} ORDER BY e.available_at, e.id LIMIT %(limit)s)"
+    ") c ORDER BY 1 LIMIT %(limit)s"
 )
+_CURRENT_COUNT = sql.SQL("EXISTS (SELECT 1 FROM {settings} WHERE id = 1 AND lane_count = {lanes})")
 # A failed event holds back the later events of its key (per-key order over progress).
 _HOLD = sql.SQL(
     "AND (e.key IS NULL OR NOT EXISTS ("
@@ -138,7 +158,8 @@ _HOLD = sql.SQL(
 
 
 def lane_index_name(lanes: int) -> str:
-    return f"{LANE_INDEX_PREFIX}{lanes}"
+    """The index each lane's claim walks under this lane count (its ready, pending rows)."""
+    return f"{READY_INDEX_PREFIX}{lanes}"
 
 
 class Store:
@@ -150,8 +171,10 @@ class Store:
 
     def claim_query(self, lanes: int) -> sql.Composed:
         if lanes not in self._claims:
-            self._claims[lanes] = _CLAIM.format(columns=_COLUMNS, events=_EVENTS, lanes=sql.Literal(int(lanes)),
-                                                hold=self._hold, settings=_SETTINGS)
+            count = sql.Literal(int(lanes))
+            self._claims[lanes] = _CLAIM.format(
+                columns=_COLUMNS, events=_EVENTS, lanes=count, hold=self._hold, ready=sql.SQL(f"({READY_PREDICATE})"),
+                current=_CURRENT_COUNT.format(settings=_SETTINGS, lanes=count))
         return self._claims[lanes]
 
     @staticmethod
@@ -159,13 +182,15 @@ class Store:
         """The index each lane's claim walks, for this lane count (built without blocking writers)."""
         conn.execute(sql.SQL(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {events} ((lane_key % {lanes}), id)"
-            " WHERE state = 'pending'"
-        ).format(name=sql.Identifier(lane_index_name(lanes)), events=_EVENTS, lanes=sql.Literal(int(lanes))))
+            " WHERE state = 'pending' AND {ready}"
+        ).format(name=sql.Identifier(lane_index_name(lanes)), events=_EVENTS, lanes=sql.Literal(int(lanes)),
+                 ready=sql.SQL(READY_PREDICATE)))
 
     @staticmethod
     def drop_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-            sql.Identifier(SCHEMA, lane_index_name(lanes))))
+        # Also the index of the same count that releases before 0008 made (LANE_INDEX_PREFIX).
+        for name in (lane_index_name(lanes), f"{LANE_INDEX_PREFIX}{lanes}"):
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
 
     @staticmethod
     def outbox_state(conn: psycopg.Connection[Any]) -> OutboxState:
@@ -293,10 +318,13 @@ class Store:
         )
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, lane))
 
-    def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int) -> list[Row]:
-        """The lane's next available pending events in id order. Reads only: the lock is the claim."""
+    def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int,
+              unmarked: list[int] | None = None) -> list[Row]:
+        """The lane's next available pending events in id order, leaving out ``unmarked`` (published,
+        mark under way). Reads only: the lock is the claim."""
         # Binary results: bytea arrives as is instead of hex text twice its size.
-        cursor = conn.execute(self.claim_query(lanes), {"lane": lane, "limit": limit}, binary=True)
+        cursor = conn.execute(self.claim_query(lanes), {"lane": lane, "limit": limit, "unmarked": unmarked or []},
+                              binary=True)
         return [Row(*record) for record in cursor.fetchall()]
 
     @staticmethod
@@ -339,3 +367,4 @@ class Store:
             ).format(_EVENTS),
             (error[:2000], park, event_id),
         )
+
