@@ -14,7 +14,7 @@ import zlib
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import generators, pq, sql
 from psycopg.rows import tuple_row
 from sqlalchemy.engine import make_url
 
@@ -338,6 +338,14 @@ class Store:
         return conn.execute(query.format(_EVENTS), (ids,)).rowcount
 
     @staticmethod
+    def send_mark(conn: psycopg.Connection[Any], ids: list[int]) -> MarkInFlight:
+        """Send the mark of published rows and return at once: the lane publishes its next batch to
+        Kafka while PostgreSQL writes this one. Nothing else may run on ``conn`` until
+        ``MarkInFlight.wait`` returned, which is also when the mark is known to be committed.
+        """
+        return MarkInFlight(conn, ids)
+
+    @staticmethod
     def mark_recovered(conn: psycopg.Connection[Any], events: list[tuple[int, str]]) -> tuple[int, int]:
         """Mark sent the rows that are these events (id and fingerprint match) and still pending.
 
@@ -368,3 +376,34 @@ class Store:
             (error[:2000], park, event_id),
         )
 
+
+_MARK_SENT = (f'UPDATE "{SCHEMA}"."{EVENTS_TABLE}" SET state = \'sent\', sent_at = now()'
+              " WHERE id = ANY($1::bigint[]) AND state = 'pending'")
+
+
+class MarkInFlight:
+    """One mark_sent statement sent on a lane connection, its result not read yet (see Store.send_mark).
+
+    Sent as one autocommit statement (the protocol's Sync ends its implicit transaction), so the
+    server commits it whether or not the relay reads the result. Marks of one lane commit in the
+    order they were sent: a lane sends a mark only after the previous one's result came back.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
+        self._conn = conn
+        self.ids = ids
+        conn.pgconn.send_query_params(_MARK_SENT.encode(), [("{" + ",".join(map(str, ids)) + "}").encode()])
+        conn.wait(generators.send(conn.pgconn))
+        self._done: int | None = None
+
+    def wait(self) -> int:
+        """Read the mark's result: how many rows were still pending. Raises what the statement raised."""
+        if self._done is not None:
+            return self._done
+        results = self._conn.wait(generators.fetch_many(self._conn.pgconn))
+        self._done = 0
+        for result in results:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                raise psycopg.errors.error_from_result(result, encoding=self._conn.info.encoding)
+            self._done = result.command_tuples or 0
+        return self._done

@@ -59,3 +59,8 @@ def test_due_delayed_events_are_claimed_in_id_order_with_the_others(lane_conn: p
     _add(lane_conn, 1)  # id 6
     claimed = [row.id for row in store.claim(lane_conn, 0, 1, BATCH)]
     assert claimed == [2, 4, 5, 6]
+    # A batch published and not marked yet is not claimed again while its mark is on its way.
+    assert [row.id for row in store.claim(lane_conn, 0, 1, BATCH, unmarked=[2, 4])] == [5, 6]
+    marking = store.send_mark(lane_conn, [2, 4])
+    assert marking.wait() == 2
+    assert [row.id for row in store.claim(lane_conn, 0, 1, BATCH)] == [5, 6]
