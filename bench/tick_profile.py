@@ -45,6 +45,7 @@ OLD_CLAIM = (
 
 
 def load(conn: psycopg.Connection[Any], events: int, delay: str = "0 seconds") -> None:
+    conn.execute("SET statement_timeout = 0")  # a large backlog takes longer than a lane's bound
     conn.execute("TRUNCATE outbox.events")
     conn.execute(
         "INSERT INTO outbox.events (topic, key, value, available_at)"
@@ -52,6 +53,7 @@ def load(conn: psycopg.Connection[Any], events: int, delay: str = "0 seconds") -
         " now() + %s::interval FROM generate_series(1, %s) g", (TOPIC, delay, events))
     conn.execute("VACUUM ANALYZE outbox.events")
     conn.execute("CHECKPOINT")
+    conn.execute("SET statement_timeout = 30000")  # back to the lane session's
 
 
 def drain(store: Store, conn: psycopg.Connection[Any], publisher: LanePublisher, batch: int,
@@ -155,6 +157,7 @@ def main() -> None:
 
         if args.delayed:
             load(conn, args.delayed, "1 hour")
+            conn.execute("SET statement_timeout = 0")
             conn.execute("INSERT INTO outbox.events (topic, value) SELECT %s, convert_to(repeat('x', 512), 'UTF8')"
                          " FROM generate_series(1, %s)", (TOPIC, args.batch))
             conn.execute(f"CREATE INDEX {LANE_INDEX_PREFIX}1 ON outbox.events ((lane_key % 1), id)"
