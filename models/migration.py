@@ -13,8 +13,10 @@ already has an Alembic history adds one revision of its own instead::
         add_lane_index_v5()
         add_outbox_identity_v6()
         add_instance_sessions_v7()
+        add_claim_indexes_v8()
 
     def downgrade() -> None:
+        drop_claim_indexes_v8()
         drop_instance_sessions_v7()
         drop_outbox_identity_v6()
         drop_lane_index_v5()
@@ -234,3 +236,54 @@ def add_instance_sessions_v7() -> None:
 
 def drop_instance_sessions_v7() -> None:
     op.drop_column(INSTANCES_TABLE, "backend_pid", schema=SCHEMA)
+
+
+def add_claim_indexes_v8() -> None:
+    """Claims stop walking delayed events that are not due yet.
+
+    The lane index of v5 holds every pending row, so a claim read past each delayed event waiting
+    in its lane. It is replaced by a ready index (the same, without delayed events: those whose
+    available_at is later than their created_at) and one index of delayed events by due time, from
+    which a claim reads only the due ones. Built CONCURRENTLY (writers go on); the v5 index of the
+    current lane count is dropped CONCURRENTLY once its successor exists.
+    """
+    ready = "available_at <= created_at"  # frozen here: READY_PREDICATE in the models must stay equal
+    delayed = (f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_{EVENTS_TABLE}_delayed" ON "{SCHEMA}"."{EVENTS_TABLE}"'
+               f" (available_at, id) WHERE state = 'pending' AND NOT ({ready})")
+    if op.get_context().as_sql:  # offline (--sql): the count is only known to the database
+        op.execute(sa.text(delayed.replace(" CONCURRENTLY", "")))
+        op.execute(sa.text(
+            f"""DO $$ DECLARE n integer; BEGIN
+            SELECT lane_count INTO n FROM "{SCHEMA}"."{SETTINGS_TABLE}";
+            EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON "{SCHEMA}"."{EVENTS_TABLE}" ((lane_key %% %s), id)'
+                           || ' WHERE state = ''pending'' AND ({ready})', 'ix_{EVENTS_TABLE}_ready_lane_' || n, n);
+            EXECUTE format('DROP INDEX IF EXISTS "{SCHEMA}".%I', '{LANE_INDEX_PREFIX}' || n);
+        END $$"""
+        ))
+        return
+    lanes = int(op.get_bind().execute(sa.text(f'SELECT lane_count FROM "{SCHEMA}"."{SETTINGS_TABLE}"')).scalar_one())
+    with op.get_context().autocommit_block():
+        op.execute(sa.text(delayed))
+        op.execute(sa.text(
+            f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_{EVENTS_TABLE}_ready_lane_{lanes}"'
+            f' ON "{SCHEMA}"."{EVENTS_TABLE}" ((lane_key % {lanes}), id) WHERE state = \'pending\' AND ({ready})'
+        ))
+        op.execute(sa.text(f'DROP INDEX CONCURRENTLY IF EXISTS "{SCHEMA}"."{LANE_INDEX_PREFIX}{lanes}"'))
+
+
+def drop_claim_indexes_v8() -> None:
+    """Back to v5's lane index of the current lane count; drop the ready and delayed indexes."""
+    lanes = int(op.get_bind().execute(sa.text(f'SELECT lane_count FROM "{SCHEMA}"."{SETTINGS_TABLE}"')).scalar_one())
+    op.execute(sa.text(
+        f'CREATE INDEX IF NOT EXISTS "{LANE_INDEX_PREFIX}{lanes}" ON "{SCHEMA}"."{EVENTS_TABLE}"'
+        f" ((lane_key % {lanes}), id) WHERE state = 'pending'"
+    ))
+    op.execute(sa.text(
+        f"""DO $$ DECLARE name text; BEGIN
+            FOR name IN SELECT indexname FROM pg_indexes WHERE schemaname = '{SCHEMA}'
+                        AND indexname LIKE 'ix\\_{EVENTS_TABLE}\\_ready\\_lane\\_%' LOOP
+                EXECUTE format('DROP INDEX "{SCHEMA}".%I', name);
+            END LOOP;
+        END $$"""
+    ))
+    op.drop_index(f"ix_{EVENTS_TABLE}_delayed", EVENTS_TABLE, schema=SCHEMA)

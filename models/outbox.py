@@ -48,6 +48,10 @@ INSTANCES_TABLE = f"{EVENTS_TABLE}_instances"
 # Prefix of the lane index ((lane_key % N), id) WHERE pending: one per lane count, made by
 # migrations and `outbox-relay lanes set`, not declared here because N lives in the database.
 LANE_INDEX_PREFIX = f"ix_{EVENTS_TABLE}_lane_"
+# Since 0008 the claim walks ((lane_key % N), id) WHERE pending AND ready instead: delayed events
+# (due later than they were written) are not in it, so they cost a claim nothing until they are due.
+READY_INDEX_PREFIX = f"ix_{EVENTS_TABLE}_ready_lane_"
+READY_PREDICATE = "available_at <= created_at"
 # LISTEN/NOTIFY channel that wakes relays when events commit (one notification per transaction).
 NOTIFY_CHANNEL = f"{SCHEMA}.{EVENTS_TABLE}"
 
@@ -122,6 +126,9 @@ class OutboxEvent(Base):
         Index(f"ix_{EVENTS_TABLE}_failed_key", "key", "id", postgresql_where=text("state = 'failed'")),
         # Retention deletes sent rows oldest first; status counts the last minute's.
         Index(f"ix_{EVENTS_TABLE}_sent_at", "sent_at", postgresql_where=text("state = 'sent'")),
+        # Delayed events by due time: a claim reads the ones due now, never those still waiting.
+        Index(f"ix_{EVENTS_TABLE}_delayed", "available_at", "id",
+              postgresql_where=text(f"state = 'pending' AND NOT ({READY_PREDICATE})")),
         # Retention of discarded rows, without walking the whole table.
         Index(f"ix_{EVENTS_TABLE}_discarded", "created_at", postgresql_where=text("state = 'discarded'")),
     )

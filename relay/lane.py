@@ -12,7 +12,7 @@ from outbox_relay import faults, progress
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.config import Settings
 from outbox_relay.db.connection import Connection, connect
-from outbox_relay.db.lanes import Row, Store
+from outbox_relay.db.lanes import MarkInFlight, Row, Store
 from outbox_relay.errors import BrokerUnavailable, DatabaseError, DatabaseUnavailable
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
@@ -86,6 +86,9 @@ class LaneWorker:
         self._new_publisher = publisher_factory
         self._conn: Connection | None = None
         self._publisher: LanePublisher | None = None
+        # The last batch: committed in Kafka, its mark not sent yet. It is sent when the next batch
+        # goes to Kafka (PostgreSQL writes one while Kafka commits the other) or when the tick ends.
+        self._unmarked: list[int] = []
         self.metrics = metrics
         self._owned = False
         self._ticking = threading.Lock()
@@ -215,6 +218,8 @@ class LaneWorker:
         self.database.failure(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
     def _drop_publisher(self) -> None:
+        # Whatever was published and not marked yet, recovery marks from the progress records.
+        self._unmarked = []
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
@@ -232,10 +237,13 @@ class LaneWorker:
         try:
             deadline = time.monotonic() + DRAIN_SLICE_SECONDS
             more = True
-            while more and time.monotonic() < deadline and not stopping.is_set():
-                if not self.owned or self._conn is None or not self.kafka.ready():
-                    return False
-                more = self._tick_owned(self._conn, stopping)
+            try:
+                while more and time.monotonic() < deadline and not stopping.is_set():
+                    if not self.owned or self._conn is None or not self.kafka.ready():
+                        return False
+                    more = self._tick_owned(self._conn, stopping)
+            finally:
+                self._settle_marks()
             return more
         finally:
             self._ticking.release()
@@ -247,10 +255,10 @@ class LaneWorker:
             publisher = self._ensure_publisher()
             if publisher is None:
                 return False
-            rows = self.store.claim(conn, self.lane, self.lane_count, self.settings.batch_size)
+            rows = self.store.claim(conn, self.lane, self.lane_count, self.settings.batch_size, self._unmarked)
             if not rows or stopping.is_set():
                 return False
-            outcome = self._publish(conn, publisher, rows)
+            outcome = self._publish(conn, publisher, rows, overlap=True)
             if outcome is _Outcome.POISONED:
                 return True  # the rest of the batch goes again at once, in a new transaction
             return outcome is _Outcome.PUBLISHED and len(rows) == self.settings.batch_size
@@ -258,39 +266,88 @@ class LaneWorker:
             self._lost_database(exc)
             return False
 
-    def _publish(self, conn: Connection, publisher: LanePublisher, rows: list[Row]) -> _Outcome:
-        """One Kafka transaction for the rows; on success (only then) mark them sent."""
+    def _publish(self, conn: Connection, publisher: LanePublisher, rows: list[Row], *,
+                 overlap: bool = False) -> _Outcome:
+        """One Kafka transaction for the rows; on success (only then) they are sent.
+
+        With ``overlap`` the previous batch's mark runs in PostgreSQL while this transaction goes
+        to Kafka, and this batch's mark waits for the next one (or the end of the tick). Marks of
+        a lane still commit in the order of its transactions, one after the other, which is what
+        recovery relies on (it reads progress back until a transaction whose rows are all marked).
+        """
         started = time.time()
+        marking = self._send_marks(conn) if overlap else None
+        failure: PoisonEvent | TransactionAborted | ProducerFailed | None = None
         try:
             publisher.publish(rows)
-        except PoisonEvent as exc:
+        except (PoisonEvent, TransactionAborted, ProducerFailed) as exc:
+            failure = exc
+        finally:
+            if marking is not None:
+                self._finish_mark(marking)  # before anything else runs on the connection
+        if isinstance(failure, PoisonEvent):
             self.metrics.failures.labels(reason="poison").inc()
-            if exc.ambiguous and len(rows) > 1:
+            if failure.ambiguous and len(rows) > 1:
                 return self._isolate(conn, publisher, rows)
-            self._poison(conn, exc)
+            self._poison(conn, failure)
             return _Outcome.POISONED
-        except TransactionAborted as exc:
-            self.metrics.failures.labels(reason="aborted").inc()
-            self.kafka.failure(str(exc))
+        if isinstance(failure, ProducerFailed):
+            self.metrics.failures.labels(reason="fenced" if failure.fenced else "producer").inc()
+            self._producer_failed(failure)
             return _Outcome.RETRY
-        except ProducerFailed as exc:
-            self.metrics.failures.labels(reason="fenced" if exc.fenced else "producer").inc()
-            self._producer_failed(exc)
+        if failure is not None:
+            self.metrics.failures.labels(reason="aborted").inc()
+            self.kafka.failure(str(failure))
             return _Outcome.RETRY
         committed = time.time()
         self.kafka.success()
         faults.hit("after_commit")
         # Only now, after Kafka acknowledged the commit, are the rows sent.
-        try:
-            self.store.mark_sent(conn, [row.id for row in rows])
-        except Exception:
-            # Published but not marked: only recovery, from the progress records, can tell what
-            # is sent now. Dropping the producer makes the next tick recover before it publishes.
-            self._drop_publisher()
-            raise
+        ids = [row.id for row in rows]
+        if overlap and not faults.armed("during_mark"):
+            self._unmarked = ids
+        else:
+            try:
+                self.store.mark_sent(conn, ids)
+            except Exception:
+                # Published but not marked: only recovery, from the progress records, can tell what
+                # is sent now. Dropping the producer makes the next tick recover before it publishes.
+                self._drop_publisher()
+                raise
         self.metrics.observe_published(self.lane, (row.created_at.timestamp() for row in rows), started, committed)
         log.debug("published %d events", len(rows), extra={**self._extra, "action": "published"})
         return _Outcome.PUBLISHED
+
+    def _send_marks(self, conn: Connection) -> MarkInFlight | None:
+        ids, self._unmarked = self._unmarked, []
+        if not ids:
+            return None
+        try:
+            return self.store.send_mark(conn, ids)
+        except Exception:
+            self._drop_publisher()  # recovery settles what is marked
+            raise
+
+    def _finish_mark(self, marking: MarkInFlight) -> None:
+        try:
+            marking.wait()
+        except Exception:
+            self._drop_publisher()
+            raise
+
+    def _settle_marks(self) -> None:
+        """Mark the last published batch before the tick ends: nothing is left in flight between ticks."""
+        if not self._unmarked:
+            return
+        if self._conn is None or self._conn.closed:
+            self._drop_publisher()  # the next owner's recovery marks them
+            return
+        try:
+            self._finish_mark(self.store.send_mark(self._conn, self._unmarked))
+        except DatabaseUnavailable as exc:
+            self._lost_database(exc)
+        finally:
+            self._unmarked = []
 
     def _ensure_publisher(self) -> LanePublisher | None:
         """A producer that owns the lane in Kafka, after recovering what the last owner left unmarked."""

@@ -1,11 +1,13 @@
 """Recovery on taking a lane: mark sent what Kafka committed but PostgreSQL does not show as sent.
 
-Marks are lost in two ways: a crash between "Kafka committed" and "rows marked" (the last
-transaction only), and PostgreSQL losing committed writes (an asynchronous standby promoted, a
-crash with ``synchronous_commit=off``, a restore: the last several transactions). Either way the
-lost marks are the newest ones of the lane, in the order its transactions committed, because a
-lane marks one transaction before it publishes the next. So reading the lane's progress records
-back from the newest, the first record whose rows are all marked already ends the search.
+Marks are lost in two ways: a crash between "Kafka committed" and "rows marked" (the last two
+transactions: a lane's mark of one transaction runs while the next one goes to Kafka), and
+PostgreSQL losing committed writes (an asynchronous standby promoted, a crash with
+``synchronous_commit=off``, a restore: the last several transactions). Either way the lost marks
+are the newest ones of the lane, in the order its transactions committed, because a lane's marks
+commit one after the other in that order (it sends a mark only once the previous one is known
+to be committed). So reading the lane's progress records back from the newest, the first record
+whose rows are all marked already ends the search.
 
 A row counts as a record's only when its event matches the record's fingerprint: PostgreSQL may
 also have lost the rows themselves and handed their ids to new events, which are not sent. A

@@ -4,7 +4,7 @@ Every command runs it before it works, whoever owns the migrations:
 
 - **Structure**, compared with the models (so a table, column or index a new release declares is
   required as soon as it is declared), plus what the models cannot declare: the commit trigger and
-  the lane index of the current lane count. A handful of catalog reads, whatever the table's size.
+  the ready lane index of the current lane count. A handful of catalog reads, whatever the table's size.
 - **Revision**: when ``outbox-relay migrate`` manages the schema, its version table must be at this
   release's head (a migration may change data, not only structure). An application that runs the
   migration functions from its own Alembic history has no such table; the structure speaks for it.
@@ -18,7 +18,7 @@ from outbox_relay.db import catalog
 from outbox_relay.db.connection import Connection
 from outbox_relay.db.names import NOTIFY_TRIGGER
 from outbox_relay.errors import SchemaError
-from outbox_relay.models import EVENTS_TABLE, LANE_INDEX_PREFIX, SCHEMA, SETTINGS_TABLE, metadata
+from outbox_relay.models import EVENTS_TABLE, LANE_INDEX_PREFIX, READY_INDEX_PREFIX, SCHEMA, SETTINGS_TABLE, metadata
 
 # Which migration function adds what, for applications that own their Alembic history.
 _ADDED_BY = {
@@ -29,6 +29,8 @@ _ADDED_BY = {
     "lane index": "add_lane_index_v5",
     f"column {SETTINGS_TABLE}.outbox_id": "add_outbox_identity_v6",
     f"column {EVENTS_TABLE}_instances.backend_pid": "add_instance_sessions_v7",
+    f"index ix_{EVENTS_TABLE}_delayed": "add_claim_indexes_v8",
+    "ready lane index": "add_claim_indexes_v8",
 }
 
 @functools.cache
@@ -60,8 +62,11 @@ def problems(conn: Connection) -> list[str]:
     if SETTINGS_TABLE in columns:
         if catalog.lane_count(conn) is None:
             missing.append(f"the row of {SCHEMA}.{SETTINGS_TABLE}")
-        elif not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
-            missing.append("lane index")
+        elif not any(name.startswith(READY_INDEX_PREFIX) for name in indexes):
+            # v8 replaced v5's lane index: without either, the history lacks both functions.
+            if not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
+                missing.append("lane index")
+            missing.append("ready lane index")
     if missing:
         return missing
     managed, current = catalog.managed_revision(conn)

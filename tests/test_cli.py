@@ -47,12 +47,14 @@ def test_every_command_on_an_unmigrated_database_says_run_migrate(empty_database
 
 
 def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, database_url: str) -> None:
-    # Managed by `outbox-relay migrate`, one revision behind.
+    # Managed by `outbox-relay migrate`, behind.
     downgraded = cli(database_url, "migrate", "--downgrade", "--revision", "0006_outbox_identity")
     assert downgraded.returncode == 0, downgraded.stderr
     line = one_line(cli(database_url, "status"))
-    assert "behind this relay (column events_instances.backend_pid)" in line and "run `outbox-relay migrate`" in line
-    assert "outbox_relay.models.migration.add_instance_sessions_v7()" in line
+    # Two revisions behind since 0008 (the claim indexes) came after it.
+    assert ("behind this relay (column events_instances.backend_pid, index ix_events_delayed, ready lane index)"
+            in line and "run `outbox-relay migrate`" in line)
+    assert "outbox_relay.models.migration.add_claim_indexes_v8(), add_instance_sessions_v7()" in line
     assert cli(database_url, "migrate").returncode == 0
     assert cli(database_url, "status").returncode == 0
 
@@ -60,7 +62,7 @@ def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, databa
     with engine.begin() as conn:
         conn.execute(text(f"DROP TABLE {SCHEMA}.{VERSION_TABLE}"))
         conn.execute(text(f"DROP TRIGGER {NOTIFY_TRIGGER} ON {EVENTS}"))
-        conn.execute(text(f"DROP INDEX {SCHEMA}.{lane_index_name(1)}"))
+        conn.execute(text(f"DROP INDEX {SCHEMA}.{lane_index_name(1)}"))  # the ready lane index (v8)
     result = cli(database_url, "failed", "list")
     assert result.returncode == 5
     line = one_line(result)
@@ -73,7 +75,7 @@ def test_a_revision_behind_with_the_same_structure_is_named(engine: Engine, data
         conn.execute(text(f"UPDATE {SCHEMA}.{VERSION_TABLE} SET version_num = '0006_outbox_identity'"))
     result = cli(database_url, "lanes", "show")
     assert result.returncode == 5
-    assert "revision 0006_outbox_identity, this relay needs 0007_instance_sessions" in one_line(result)
+    assert "revision 0006_outbox_identity, this relay needs 0008_claim_indexes" in one_line(result)
 
 
 def test_run_on_an_unmigrated_database_stops_with_one_line(empty_database_url: str) -> None:
@@ -143,11 +145,11 @@ def test_downgrade_to_base_needs_confirmation(engine: Engine, database_url: str)
         with engine.connect() as conn:
             return conn.execute(text("SELECT to_regclass(:name)"), {"name": EVENTS}).scalar() is not None
 
-    for revision in ("base", "-7"):
+    for revision in ("base", "-8"):
         result = cli(database_url, "migrate", "--downgrade", "--revision", revision)
         assert result.returncode == 2 and "without --yes" in one_line(result)
         assert has_outbox()
-    assert cli(database_url, "migrate", "--downgrade", "--revision", "-1").returncode == 0  # drops a column only
+    assert cli(database_url, "migrate", "--downgrade", "--revision", "-1").returncode == 0  # drops indexes only
     result = cli(database_url, "migrate", "--downgrade", "--revision", "base", "--yes")
     assert result.returncode == 0, result.stderr
     assert not has_outbox()

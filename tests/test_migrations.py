@@ -11,12 +11,14 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from outbox_relay import migrate
-from outbox_relay.db.connection import conninfo
+from outbox_relay.db.connection import connect, conninfo
+from outbox_relay.db.lanes import Store
 from outbox_relay.models import (
     EVENTS_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,
     LANES_TABLE,
+    READY_INDEX_PREFIX,
     SCHEMA,
     SETTINGS_TABLE,
     metadata,
@@ -35,7 +37,8 @@ def _diff(url: str) -> list[object]:
             "include_name": lambda name, type_, parent: type_ != "schema" or name in (None, SCHEMA),
             # The lane index depends on the lane count in the database, so models cannot declare it.
             "include_object": lambda obj, name, type_, reflected, compare_to: (
-                name != "outbox_relay_version" and not (name or "").startswith(LANE_INDEX_PREFIX)),
+                name != "outbox_relay_version"
+                and not (name or "").startswith((LANE_INDEX_PREFIX, READY_INDEX_PREFIX))),
         })
         diff = compare_metadata(context, metadata)
     engine.dispose()
@@ -84,8 +87,9 @@ def _catalog(url: str) -> dict[str, list[tuple[object, ...]]]:
                 {"schema": SCHEMA, "version": "%outbox_relay_version"}).all()),
             "indexes": sorted(conn.exec_driver_sql(
                 "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %(schema)s"
-                " AND tablename <> 'outbox_relay_version' AND indexname NOT LIKE %(lane)s",
-                {"schema": SCHEMA, "lane": LANE_INDEX_PREFIX + "%"}).all()),
+                " AND tablename <> 'outbox_relay_version' AND indexname NOT LIKE %(lane)s"
+                " AND indexname NOT LIKE %(ready)s",
+                {"schema": SCHEMA, "lane": LANE_INDEX_PREFIX + "%", "ready": READY_INDEX_PREFIX + "%"}).all()),
             "columns": sorted(conn.exec_driver_sql(
                 "SELECT table_name, column_name, data_type, is_nullable, column_default, generation_expression"
                 " FROM information_schema.columns WHERE table_schema = %(schema)s"
@@ -115,10 +119,36 @@ def test_the_lane_index_follows_the_lane_count(empty_database_url: str) -> None:
     engine = create_engine(empty_database_url)
     with engine.connect() as conn:
         indexes = conn.exec_driver_sql(
-            f"SELECT indexdef FROM pg_indexes WHERE indexname LIKE '{LANE_INDEX_PREFIX}%%'").scalars().all()
+            f"SELECT indexdef FROM pg_indexes WHERE indexname LIKE '{LANE_INDEX_PREFIX}%%'"
+            f" OR indexname LIKE '{READY_INDEX_PREFIX}%%'").scalars().all()
     engine.dispose()
-    assert indexes == [f"CREATE INDEX {LANE_INDEX_PREFIX}4 ON {SCHEMA}.{EVENTS_TABLE} USING btree"
-                       " (((lane_key % 4)), id) WHERE (state = 'pending'::text)"]
+    # Since 0008 the ready index (without delayed events) took the place of v5's lane index.
+    assert indexes == [f"CREATE INDEX {READY_INDEX_PREFIX}4 ON {SCHEMA}.{EVENTS_TABLE} USING btree"
+                       " (((lane_key % 4)), id) WHERE ((state = 'pending'::text) AND (available_at <= created_at))"]
+
+
+def test_an_outbox_with_pending_sent_and_delayed_events_migrates_to_the_claim_indexes(
+        empty_database_url: str) -> None:
+    migrate.upgrade(empty_database_url, "0007_instance_sessions", lanes=2)
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {EVENTS} (topic, key) SELECT 't', convert_to('k' || g, 'UTF8')"
+                     " FROM generate_series(1, 40) g")
+        conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id <= 10")
+        conn.execute(f"UPDATE {EVENTS} SET available_at = now() + interval '1 hour' WHERE id > 30")
+        migrate.upgrade(empty_database_url, "head")
+        store = Store()
+        with connect(empty_database_url, lane=True) as lane_conn:
+            claimed = sorted(row.id for lane in (0, 1) for row in store.claim(lane_conn, lane, 2, 100))
+        assert claimed == list(range(11, 31))  # pending and due; not the sent, not the delayed
+        indexes = {row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s",
+                                                  (SCHEMA,))}
+        assert {f"{READY_INDEX_PREFIX}2", f"ix_{EVENTS_TABLE}_delayed"} <= indexes
+        assert f"{LANE_INDEX_PREFIX}2" not in indexes
+        migrate.downgrade(empty_database_url, "0007_instance_sessions")
+        indexes = {row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s",
+                                                  (SCHEMA,))}
+        assert f"{LANE_INDEX_PREFIX}2" in indexes and f"{READY_INDEX_PREFIX}2" not in indexes
+        assert f"ix_{EVENTS_TABLE}_delayed" not in indexes
 
 
 def test_migrations_that_index_the_events_table_never_block_its_writers(empty_database_url: str) -> None:

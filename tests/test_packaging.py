@@ -366,7 +366,9 @@ def test_an_application_that_adopted_0_1_0_upgrades_with_the_readme_revision(
         venv: Venv, tmp_path: Path, empty_database_url: str, second_database: str) -> None:
     """0.1.0's recipe stopped at v4; the README's upgrade revision brings it to what `migrate` makes."""
     recipe = readme_python("### Using your own Alembic history")
-    old = recipe.replace("    add_lane_index_v5()\n", "").replace("    drop_lane_index_v5()\n", "")
+    old = recipe
+    for step in ("add_lane_index_v5", "drop_lane_index_v5", "add_claim_indexes_v8", "drop_claim_indexes_v8"):
+        old = old.replace(f"    {step}()\n", "")
     assert old != recipe
     upgrade = readme_python("### Using your own Alembic history", 2)
     app = make_app(venv, tmp_path / "app", empty_database_url, [old, upgrade])

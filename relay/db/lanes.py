@@ -13,16 +13,16 @@ import uuid
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import generators, pq, sql
 
 from outbox_relay import faults
-from outbox_relay.db.connection import translate_errors
+from outbox_relay.db.connection import translate_errors, translated
 from outbox_relay.db.names import EVENTS as _EVENTS
 from outbox_relay.db.names import INSTANCES as _INSTANCES
 from outbox_relay.db.names import LANES as _LANES
 from outbox_relay.db.names import LOCK_CLASS, RESIZE_LOCK, lane_index_name
 from outbox_relay.db.names import SETTINGS as _SETTINGS
-from outbox_relay.models import SCHEMA, SETTINGS_TABLE
+from outbox_relay.models import LANE_INDEX_PREFIX, READY_PREDICATE, SCHEMA, SETTINGS_TABLE
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,17 +53,26 @@ class OutboxState:
 _COLUMNS = sql.SQL(
     "e.id, e.event_id, e.topic, e.key, e.value, e.header_names, e.header_values, e.partition, e.attempts, e.created_at"
 )
-# The lane count is written into the claim as a literal so that the planner matches the lane index
-# ((lane_key % N), id): each lane then walks only its own pending rows, in id order, however far
-# the other lanes are behind.
+# The lane count is written into the claim as a literal so that the planner matches the lane's
+# ready index ((lane_key % N), id): each lane then walks only its own pending rows, in id order,
+# however far the other lanes are behind. Delayed events (available_at later than their insert)
+# are not in that index: they are found through the delayed index, by due time, so a claim reads
+# only the delayed events that are due, never the ones still waiting.
+# Ids of the lane's last batch, published but whose mark is still on its way, are left out.
 # The lane count the claim was built for must still be the count: a relay that missed a change
 # (`outbox-relay lanes set`) claims nothing rather than publish a key next to its new owner.
 _CLAIM = sql.SQL(
-    "SELECT {columns} FROM {events} e"
-    " WHERE e.state = 'pending' AND e.available_at <= now() AND (e.lane_key %% {lanes}) = %(lane)s {hold}"
-    " AND EXISTS (SELECT 1 FROM {settings} WHERE id = 1 AND lane_count = {lanes})"
-    " ORDER BY e.id LIMIT %(limit)s"
+    "SELECT * FROM ("
+    "(SELECT {columns} FROM {events} e"
+    " WHERE e.state = 'pending' AND {ready} AND (e.lane_key %% {lanes}) = %(lane)s {hold}"
+    " AND e.id <> ALL(%(unmarked)s::bigint[]) AND {current} ORDER BY e.id LIMIT %(limit)s)"
+    " UNION ALL "
+    "(SELECT {columns} FROM {events} e"
+    " WHERE e.state = 'pending' AND NOT {ready} AND e.available_at <= now() AND (e.lane_key %% {lanes}) = %(lane)s"
+    " {hold} AND e.id <> ALL(%(unmarked)s::bigint[]) AND {current} ORDER BY e.available_at, e.id LIMIT %(limit)s)"
+    ") c ORDER BY 1 LIMIT %(limit)s"
 )
+_CURRENT_COUNT = sql.SQL("EXISTS (SELECT 1 FROM {settings} WHERE id = 1 AND lane_count = {lanes})")
 # A failed event holds back the later events of its key (per-key order over progress).
 _HOLD = sql.SQL(
     "AND (e.key IS NULL OR NOT EXISTS ("
@@ -81,8 +90,10 @@ class Store:
 
     def claim_query(self, lanes: int) -> sql.Composed:
         if lanes not in self._claims:
-            self._claims[lanes] = _CLAIM.format(columns=_COLUMNS, events=_EVENTS, lanes=sql.Literal(int(lanes)),
-                                                hold=self._hold, settings=_SETTINGS)
+            count = sql.Literal(int(lanes))
+            self._claims[lanes] = _CLAIM.format(
+                columns=_COLUMNS, events=_EVENTS, lanes=count, hold=self._hold, ready=sql.SQL(f"({READY_PREDICATE})"),
+                current=_CURRENT_COUNT.format(settings=_SETTINGS, lanes=count))
         return self._claims[lanes]
 
     @staticmethod
@@ -90,13 +101,15 @@ class Store:
         """The index each lane's claim walks, for this lane count (built without blocking writers)."""
         conn.execute(sql.SQL(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {events} ((lane_key % {lanes}), id)"
-            " WHERE state = 'pending'"
-        ).format(name=sql.Identifier(lane_index_name(lanes)), events=_EVENTS, lanes=sql.Literal(int(lanes))))
+            " WHERE state = 'pending' AND {ready}"
+        ).format(name=sql.Identifier(lane_index_name(lanes)), events=_EVENTS, lanes=sql.Literal(int(lanes)),
+                 ready=sql.SQL(READY_PREDICATE)))
 
     @staticmethod
     def drop_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-            sql.Identifier(SCHEMA, lane_index_name(lanes))))
+        # Also the index of the same count that releases before 0008 made (LANE_INDEX_PREFIX).
+        for name in (lane_index_name(lanes), f"{LANE_INDEX_PREFIX}{lanes}"):
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
 
     @staticmethod
     def outbox_state(conn: psycopg.Connection[Any]) -> OutboxState:
@@ -224,10 +237,13 @@ class Store:
         )
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, lane))
 
-    def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int) -> list[Row]:
-        """The lane's next available pending events in id order. Reads only: the lock is the claim."""
+    def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int,
+              unmarked: list[int] | None = None) -> list[Row]:
+        """The lane's next available pending events in id order, leaving out ``unmarked`` (published,
+        mark under way). Reads only: the lock is the claim."""
         # Binary results: bytea arrives as is instead of hex text twice its size.
-        cursor = conn.execute(self.claim_query(lanes), {"lane": lane, "limit": limit}, binary=True)
+        cursor = conn.execute(self.claim_query(lanes), {"lane": lane, "limit": limit, "unmarked": unmarked or []},
+                              binary=True)
         return [Row(*record) for record in cursor.fetchall()]
 
     @staticmethod
@@ -239,6 +255,14 @@ class Store:
                 conn.execute(query.format(_EVENTS), (ids,))
                 faults.hit("during_mark")  # dies with the UPDATE done but never committed
         return conn.execute(query.format(_EVENTS), (ids,)).rowcount
+
+    @staticmethod
+    def send_mark(conn: psycopg.Connection[Any], ids: list[int]) -> MarkInFlight:
+        """Send the mark of published rows and return at once: the lane publishes its next batch to
+        Kafka while PostgreSQL writes this one. Nothing else may run on ``conn`` until
+        ``MarkInFlight.wait`` returned, which is also when the mark is known to be committed.
+        """
+        return MarkInFlight(conn, ids)
 
     @staticmethod
     def mark_recovered(conn: psycopg.Connection[Any], events: list[tuple[int, str]]) -> tuple[int, int]:
@@ -275,3 +299,37 @@ class Store:
     def name_session(conn: psycopg.Connection[Any], application_name: str) -> None:
         """What operators see in pg_stat_activity for this connection (a lane's, once it holds the lock)."""
         conn.execute("SELECT set_config('application_name', %s, false)", (application_name,))
+
+_MARK_SENT = sql.SQL(
+    "UPDATE {} SET state = 'sent', sent_at = now() WHERE id = ANY($1::bigint[]) AND state = 'pending'"
+).format(_EVENTS)
+
+
+@translate_errors
+class MarkInFlight:
+    """One mark_sent statement sent on a lane connection, its result not read yet (see Store.send_mark).
+
+    Sent as one autocommit statement (the protocol's Sync ends its implicit transaction), so the
+    server commits it whether or not the relay reads the result. Marks of one lane commit in the
+    order they were sent: a lane sends a mark only after the previous one's result came back.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
+        self._conn = conn
+        self.ids = ids
+        with translated():
+            conn.pgconn.send_query_params(_MARK_SENT.as_bytes(conn), [("{" + ",".join(map(str, ids)) + "}").encode()])
+            conn.wait(generators.send(conn.pgconn))
+        self._done: int | None = None
+
+    def wait(self) -> int:
+        """Read the mark's result: how many rows were still pending. Raises what the statement raised."""
+        if self._done is not None:
+            return self._done
+        results = self._conn.wait(generators.fetch_many(self._conn.pgconn))
+        self._done = 0
+        for result in results:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                raise psycopg.errors.error_from_result(result, encoding=self._conn.info.encoding)
+            self._done = result.command_tuples or 0
+        return self._done

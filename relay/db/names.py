@@ -32,4 +32,5 @@ RESIZE_LOCK = 1_000_000
 
 
 def lane_index_name(lanes: int) -> str:
-    return f"{models.LANE_INDEX_PREFIX}{lanes}"
+    """The index each lane's claim walks under this lane count (its ready, pending rows; v8)."""
+    return f"{models.READY_INDEX_PREFIX}{lanes}"

@@ -47,10 +47,13 @@ class FakeStore:
         self.mark_error: Exception | None = None
         self.claim_error: Exception | None = None
 
-    def claim(self, _conn: object, _lane: int, _lanes: int, limit: int) -> list[Row]:
+    def claim(self, _conn: object, _lane: int, _lanes: int, limit: int, unmarked: list[int] | None = None) -> list[Row]:
         if self.claim_error is not None:
             raise self.claim_error
-        return [row(i, self.attempts.get(i, 0)) for i in self.pending[:limit]]
+        return [row(i, self.attempts.get(i, 0)) for i in self.pending if i not in (unmarked or [])][:limit]
+
+    def send_mark(self, conn: object, ids: list[int]) -> FakeMark:
+        return FakeMark(self, conn, ids)
 
     def mark_sent(self, _conn: object, ids: list[int]) -> int:
         if self.mark_error is not None:
@@ -72,6 +75,22 @@ class FakeStore:
 
     def holds_lane_lock(self, _conn: object, _lane: int) -> bool:
         return True
+
+
+class FakeMark:
+    """A mark sent ahead: PostgreSQL runs it at once; its result (or error) is read later."""
+
+    def __init__(self, store: FakeStore, conn: object, ids: list[int]) -> None:
+        self.error: Exception | None = None
+        try:
+            self.marked = store.mark_sent(conn, ids)
+        except Exception as exc:
+            self.error = exc
+
+    def wait(self) -> int:
+        if self.error is not None:
+            raise self.error
+        return self.marked
 
 
 class FakePublisher:
@@ -184,3 +203,41 @@ def test_a_lost_database_connection_gives_the_lane_up() -> None:
     h.store.claim_error = DatabaseUnavailable("PostgreSQL: server closed the connection unexpectedly")
     assert h.tick() is False
     assert not h.worker.owned and h.publishers[0].closed and h.kafka == []
+
+
+def test_a_batch_is_marked_while_the_next_one_goes_to_kafka_and_never_claimed_twice() -> None:
+    h = Harness(pending=[1, 2, 3, 4, 5, 6, 7])
+    marked_when_published: list[list[int]] = []
+    publish = FakePublisher.publish
+
+    def watching(publisher: FakePublisher, rows: list[Row]) -> None:
+        marked_when_published.append(list(h.store.sent))
+        publish(publisher, rows)
+
+    FakePublisher.publish = watching  # type: ignore[method-assign]
+    try:
+        assert h.tick() is False
+    finally:
+        FakePublisher.publish = publish  # type: ignore[method-assign]
+    # Each batch went to Kafka once, with the one before it marked by then; the last is marked at the tick's end.
+    assert h.kafka == [[1, 2, 3], [4, 5, 6], [7]]
+    assert marked_when_published == [[], [1, 2, 3], [1, 2, 3, 4, 5, 6]] and h.store.sent == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_mark_that_fails_while_the_next_batch_is_published_is_settled_by_recovery() -> None:
+    h = Harness(pending=[1, 2, 3, 4, 5, 6])
+    mark_sent = h.store.mark_sent
+
+    def failing_after_kafka_has_two(conn: object, ids: list[int]) -> int:
+        if ids == [1, 2, 3]:  # the first batch's mark, sent while the second goes to Kafka
+            raise DatabaseError("PostgreSQL refused: a trigger refused the mark")
+        return mark_sent(conn, ids)
+
+    h.store.mark_sent = failing_after_kafka_has_two  # type: ignore[method-assign]
+    with pytest.raises(DatabaseError):
+        h.tick()
+    assert h.kafka == [[1, 2, 3], [4, 5, 6]] and h.store.sent == [] and h.publishers[0].closed
+    h.store.mark_sent = mark_sent  # type: ignore[method-assign]
+    h.tick()
+    # Recovery read both transactions back and marked them: nothing went to Kafka twice.
+    assert h.kafka == [[1, 2, 3], [4, 5, 6]] and sorted(h.store.sent) == [1, 2, 3, 4, 5, 6]
