@@ -50,7 +50,7 @@ demo: services
 
 # PostgreSQL with production durability (its own cluster: `scripts/services up bench`), Debezium beside
 # the relay (jars from Maven Central, first run only). Takes over an hour at full size; for a quicker look:
-# BENCH_ARGS="--events 200000 --repeats 2 --scale-rows 1000000 --retention-per-day 100000 --retention-day-seconds 20"
+# BENCH_ARGS="--events 100000 --repeats 2 --scale-rows 1000000 --retention-per-day 30000 --retention-days 8 --retention-day-seconds 20"
 BENCH_ENV := eval "$$($(PY) scripts/services env bench)"
 
 bench: services
