@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ENV    := eval "$$($(PY) scripts/services env)"
 
-.PHONY: venv services services-down check unit test verify demo bench clean
+.PHONY: venv services services-down check unit test verify demo bench bench-peers clean
 
 # Strict editable install: a tree of links under build/ that mypy can read too. Links see edits;
 # a file added to a package folder changes the folder, which re-links.
@@ -48,9 +48,19 @@ verify: check services
 demo: services
 	$(ENV) && $(PY) scripts/demo.py
 
-# Takes ~20 minutes; BENCH_ARGS="--events 200000 --scale-rows 1000000" for a quicker look.
+# PostgreSQL with production durability (its own cluster: `scripts/services up bench`), Debezium beside
+# the relay (jars from Maven Central, first run only). Takes over an hour at full size; for a quicker look:
+# BENCH_ARGS="--events 100000 --repeats 2 --scale-rows 1000000 --retention-per-day 30000 --retention-days 8 --retention-day-seconds 20"
+BENCH_ENV := eval "$$($(PY) scripts/services env bench)"
+
 bench: services
-	$(ENV) && $(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) scripts/services up bench
+	$(BENCH_ENV) && $(PY) bench/bench.py $(BENCH_ARGS)
+
+# Only the side-by-side with Debezium: the drain (with the ceilings) and the latency runs.
+bench-peers: services
+	$(PY) scripts/services up bench
+	$(BENCH_ENV) && $(PY) bench/bench.py --only drain latency peers $(BENCH_ARGS)
 
 clean: services-down
 	rm -rf $(VENV) .services

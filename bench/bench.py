@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""`make bench`: the relay measured side by side with the limits Postgres and Kafka impose, in one run.
+"""`make bench`: the relay measured against the ceilings of Postgres and Kafka and beside Debezium, in one run.
 
-- drain:   a backlog of --events events of --size bytes drained by 1, 2 and 4 relay processes
-           (4 lanes), against (a) a bare transactional producer publishing the same messages in the
-           same batch size (Kafka's ceiling) and (b) a bare psycopg loop selecting and marking the
-           same rows (Postgres's ceiling). Peak RSS of each relay process is reported too.
-- latency: steady insert rates, writer commit -> event visible to a read_committed consumer,
-           with LISTEN/NOTIFY wake-ups on and off.
-- scale:   the claim query with --scale-rows sent rows in the table versus an empty table.
-- write:   the enqueue-in-transaction overhead (bench/write_overhead.py).
-Prints tables, writes bench-results/bench.json and bench-results/bench.png.
-Needs the services (`make bench` starts them).
+PostgreSQL runs with production durability (fsync, synchronous_commit, full_page_writes on; wal_level=logical
+for Debezium): `make bench` starts its own cluster for that (`scripts/services up bench`); tests keep the fast
+dev cluster. Whatever relay code is installed is what is measured.
+
+- drain:     a backlog of --events events of --size bytes drained by 1, 2 and 4 relay processes (4 lanes),
+             against (a) a bare transactional producer publishing the same messages in the same batch size
+             (Kafka's ceiling) and (b) a bare psycopg loop selecting and marking the same rows (the
+             select-and-mark "ceiling"); both warmed up, repeated (--repeats), median and spread.
+- peers:     the same backlog through Debezium's PostgreSQL connector + outbox EventRouter on Kafka Connect
+             standalone (bench/debezium.py), and the latency runs through it (poll.interval.ms default and 10).
+- latency:   steady insert rates (--rates), writer commit -> event visible to a read_committed consumer.
+- scale:     the claim query with --scale-rows sent rows in the table versus an empty table.
+- retention: a simulated week of --retention-per-day events a day, scaled down in time (a day lasts
+             --retention-day-seconds), not in rows: claim cost and table size per day.
+- write:     the enqueue-in-transaction overhead (bench/write_overhead.py).
+- scaling:   (--only scaling) 1, 2, 4 lanes and processes: events/s and PostgreSQL backends (docs/scaling.md).
+CPU seconds (each relay process, Connect's JVM, PostgreSQL with all its backends) and peak RSS are reported
+beside each drain. A process the bench started that dies stops the run at once with its last log lines.
+Prints tables and the goals of issue 14 as ratios (met/missed); writes bench-results/bench.json and .png.
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +48,13 @@ from outbox_relay.db.connection import conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' helpers (databases, topics, relay processes) serve the bench too
+sys.path.insert(0, str(ROOT / "bench"))
+import debezium  # noqa: E402
+from watchdog import ProcessDied, Watched, cpu_seconds, peak_rss_mib, tree_cpu_seconds, wait_until  # noqa: E402
+
 from tests import kafkatools  # noqa: E402
-from tests.pgtools import EVENTS, create_database, drop_database  # noqa: E402
-from tests.relaytools import Relays  # noqa: E402
+from tests.pgtools import EVENTS, admin, drop_database, url_for  # noqa: E402
+from tests.relaytools import Relays, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench-results"
 BASE_URL = os.environ.get("OUTBOX_DATABASE_URL", "")
@@ -49,6 +64,7 @@ BATCH = 1000
 # Whatever happens, main() stops every one before it returns.
 RELAYS = Relays(RESULTS, tuning={"OUTBOX_LOG_LEVEL": "WARNING", "OUTBOX_BATCH_SIZE": str(BATCH),
                                  "OUTBOX_LANE_INTERVAL": "0.5"})
+CONNECTS: list[debezium.Connect] = []  # likewise for Kafka Connect workers (and their replication slots)
 
 
 # --- scaffolding ------------------------------------------------------------------------
@@ -64,24 +80,34 @@ def sql(url: str, statement: str, params: Any = None) -> Any:
         return cursor.fetchall() if cursor.description else None
 
 
+def create_database(name: str, template: str | None = None) -> str:
+    """A database, or a copy of one; FILE_COPY copies the files instead of writing a 1M-row template into the WAL."""
+    with admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""))
+    return url_for(name)
+
+
 def pending(url: str) -> int:
     """Cheap on millions of rows (the pending partial index), unlike the tests' count per state."""
     return int(sql(url, f"SELECT count(*) FROM {EVENTS} WHERE state = 'pending'")[0][0])
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def postmaster_pid(url: str) -> int:
+    """The server's postmaster: the parent of any backend (so PostgreSQL's CPU can be read from /proc)."""
+    backend = int(sql(url, "SELECT pg_backend_pid()")[0][0])
+    return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-# --- drain ------------------------------------------------------------------------------
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median and the range over repeats: the ratios mean something only if the range is narrow."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def fill_template(name: str, events: int, size: int, topic: str) -> None:
-    url = create_database(name)
-    migrate.upgrade(url, lanes=4)
+def fmt_spread(s: dict[str, Any], unit: str = "", digits: int = 0) -> str:
+    return f"{s['median']:,.{digits}f}{unit} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
+
+
+def fill(url: str, events: int, size: int, topic: str) -> None:
     sql(url, "CREATE EXTENSION IF NOT EXISTS pgcrypto")
     sql(url, f"INSERT INTO {EVENTS} (topic, key, value, header_names, header_values)"
              " SELECT %s, convert_to('key-' || (i %% 1000), 'UTF8'), gen_random_bytes(%s),"
@@ -90,107 +116,226 @@ def fill_template(name: str, events: int, size: int, topic: str) -> None:
     sql(url, f"VACUUM ANALYZE {EVENTS}")
 
 
-def kafka_ceiling(events: int, size: int) -> float:
+class Cost:
+    """CPU seconds of PostgreSQL (all its processes, reaped backends included) over a measurement."""
+
+    def __init__(self, url: str) -> None:
+        self.postmaster = postmaster_pid(url)
+        self.started = tree_cpu_seconds(self.postmaster)
+
+    def postgres_cpu(self) -> float:
+        return tree_cpu_seconds(self.postmaster) - self.started
+
+
+# --- ceilings ---------------------------------------------------------------------------
+
+
+def kafka_ceiling(events: int, size: int, repeats: int) -> dict[str, Any]:
+    """A bare transactional producer, the relay's batch size: one warm-up run, then `repeats` measured runs."""
     topic = create_topic()
     producer = Producer({"bootstrap.servers": BOOTSTRAP, "transactional.id": f"bench-{uuid.uuid4()}",
                          "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"})
     producer.init_transactions(30)
     values = [os.urandom(size) for _ in range(BATCH)]
     headers = [("content-type", b"application/octet-stream"), ("outbox-event-id", str(uuid.uuid4()).encode())]
-    started = time.perf_counter()
-    for start in range(0, events, BATCH):
-        producer.begin_transaction()
-        for i in range(start, min(events, start + BATCH)):
-            while True:
-                try:
-                    producer.produce(topic, key=f"key-{i % 1000}".encode(), value=values[i % BATCH], headers=headers)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        producer.commit_transaction(60)
-    return events / (time.perf_counter() - started)
 
-
-def postgres_ceiling(url: str) -> float:
-    """Select and mark the same rows, batch by batch, with no Kafka in between."""
-    with psycopg.connect(conninfo(url), autocommit=True) as conn:
-        total = 0
+    def run(count: int) -> float:
         started = time.perf_counter()
-        while True:
-            rows = conn.execute(f"SELECT id, event_id, topic, key, value, header_names, header_values FROM"
-                                f" {EVENTS} WHERE state = 'pending' ORDER BY id LIMIT %s", (BATCH,),
-                                binary=True).fetchall()
-            if not rows:
-                break
-            conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id = ANY(%s)",
-                         ([row[0] for row in rows],))
-            total += len(rows)
-        return total / (time.perf_counter() - started)
+        for start in range(0, count, BATCH):
+            producer.begin_transaction()
+            for i in range(start, min(count, start + BATCH)):
+                while True:
+                    try:
+                        producer.produce(topic, key=f"key-{i % 1000}".encode(), value=values[i % BATCH],
+                                         headers=headers)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.commit_transaction(60)
+        return count / (time.perf_counter() - started)
+
+    run(min(events, 100_000))  # warm-up: connections, the JIT of the broker's hot paths, the page cache
+    return spread([run(events) for _ in range(repeats)])
 
 
-def relay_drain(url: str, processes: int, events: int) -> tuple[float, float]:
+def postgres_ceiling(template: str, events: int, repeats: int) -> dict[str, Any]:
+    """Select and mark the template's rows batch by batch, with no Kafka in between, on a fresh copy each time."""
+    rates = []
+    for n in range(repeats):
+        name = f"{template}_pg{n}"
+        url = create_database(name, template)
+        try:
+            with psycopg.connect(conninfo(url), autocommit=True) as conn:
+                def batch() -> int:
+                    rows = conn.execute(f"SELECT id, event_id, topic, key, value, header_names, header_values FROM"
+                                        f" {EVENTS} WHERE state = 'pending' ORDER BY id LIMIT %s", (BATCH,),
+                                        binary=True).fetchall()
+                    if rows:
+                        conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id = ANY(%s)",
+                                     ([row[0] for row in rows],))
+                    return len(rows)
+
+                for _ in range(max(1, events // BATCH // 50)):  # warm-up (2%): plans cached, pages in buffers
+                    batch()
+                total, started = 0, time.perf_counter()
+                while count := batch():
+                    total += count
+                rates.append(total / (time.perf_counter() - started))
+        finally:
+            drop_database(name)
+    return spread(rates)
+
+
+# --- drain ------------------------------------------------------------------------------
+
+
+def relay_drain(url: str, processes: int, events: int) -> dict[str, Any]:
+    cost = Cost(url)
+    started = time.monotonic()
     relays = [RELAYS.start(url, f"relay-drain-{processes}-{n}", OUTBOX_LISTEN="off") for n in range(processes)]
-    started = time.perf_counter()
-    while pending(url) > 0:
-        time.sleep(0.2)
-    elapsed = time.perf_counter() - started
+    first = FirstEvent(started)
+    elapsed = wait_until(lambda: first.seen(events - pending(url)) >= events, relays, what="the drain")
+    cpu = sum(cpu_seconds(relay.pid) for relay in relays)
     rss = max(peak_rss_mib(relay.pid) for relay in relays)
     RELAYS.stop_all()
-    return events / elapsed, rss
+    pg_cpu = cost.postgres_cpu()
+    return {"events_per_s": events / elapsed, "seconds": elapsed, "first_event_s": first.at, "cpu_s": cpu,
+            "postgres_cpu_s": pg_cpu, "peak_rss_mib": rss, "us_per_event": (cpu + pg_cpu) / events * 1e6}
+
+
+class FirstEvent:
+    """When the first event got through, seconds after the start: a JVM's start-up shows here."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.at: float | None = None
+
+    def seen(self, count: int) -> int:
+        if count > 0 and self.at is None:
+            self.at = time.monotonic() - self.started
+        return count
+
+
+def topic_count(consumer: Consumer, topic: str, partitions: int) -> int:
+    return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions))
+
+
+def start_connect(url: str, name: str, poll_interval_ms: int | None = None) -> debezium.Connect:
+    port = int(os.environ.get("OUTBOX_BENCH_CONNECT_PORT") or free_port())
+    connect = debezium.Connect(url, RESULTS, name, BOOTSTRAP, port, poll_interval_ms).start()
+    CONNECTS.append(connect)
+    wait_until(connect.streaming, [connect], poll=0.5, timeout=180, what=f"{connect.name} streaming")
+    return connect
+
+
+def stop_connect(connect: debezium.Connect) -> None:
+    connect.stop()
+    connect.drop_slot()
+    CONNECTS.remove(connect)
+
+
+def debezium_drain(events: int, size: int) -> dict[str, Any]:
+    """The same backlog through Debezium: its slot is created on an empty outbox (snapshot.mode=no_data), Connect
+    stops, the backlog is written, and Connect starts again: timed from its start, like the relay's drain."""
+    name = f"bench_dbz_{uuid.uuid4().hex[:6]}"
+    url = create_database(name)
+    topic = create_topic()
+    try:
+        migrate.upgrade(url, lanes=4)
+        connect = start_connect(url, name)
+        connect.stop()  # the slot stays: it keeps every change from here on for the connector
+        print(f"  debezium: writing the backlog of {events:,} events behind its slot ...", flush=True)
+        fill(url, events, size, topic)
+        consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"bench-{uuid.uuid4()}"})
+        cost = Cost(url)
+        first = FirstEvent(time.monotonic())
+        connect.start()  # still in CONNECTS: stopped (and its slot dropped) whatever happens
+        elapsed = wait_until(lambda: first.seen(topic_count(consumer, topic, 6)) >= events, [connect], poll=0.2,
+                             what="Debezium's drain")
+        cpu, rss = cpu_seconds(connect.pid), peak_rss_mib(connect.pid)
+        consumer.close()
+        stop_connect(connect)
+        pg_cpu = cost.postgres_cpu()
+        return {"events_per_s": events / elapsed, "seconds": elapsed, "first_event_s": first.at, "cpu_s": cpu,
+                "postgres_cpu_s": pg_cpu, "peak_rss_mib": rss, "us_per_event": (cpu + pg_cpu) / events * 1e6}
+    finally:
+        for connect in list(CONNECTS):
+            stop_connect(connect)
+        drop_database(name)
+
+
+def print_drain_row(label: str, r: dict[str, Any]) -> None:
+    print(f"  {label:<22}{r['events_per_s']:>10,.0f} ev/s  {r['seconds']:>6.1f} s (first event at"
+          f" {r['first_event_s'] or 0:.1f} s)  CPU {r['cpu_s']:>6.1f} s"
+          f" + PostgreSQL {r['postgres_cpu_s']:>6.1f} s ({r['postgres_cpu_s'] / r['events'] * 1e6:.1f} us/ev)"
+          f"  peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)
 
 
 def drain(args: argparse.Namespace) -> dict[str, Any]:
     template = f"bench_drain_{uuid.uuid4().hex[:6]}"
     topic = create_topic()
     print(f"drain: filling {args.events:,} events of {args.size} bytes ...", flush=True)
-    fill_template(template, args.events, args.size, topic)
-    results: dict[str, Any] = {"events": args.events, "size": args.size, "batch": BATCH}
+    url = create_database(template)
+    migrate.upgrade(url, lanes=4)
+    fill(url, args.events, args.size, topic)
+    results: dict[str, Any] = {"events": args.events, "size": args.size, "batch": BATCH, "repeats": args.repeats}
     try:
-        results["kafka_ceiling"] = kafka_ceiling(args.events, args.size)
-        print(f"  kafka ceiling      {results['kafka_ceiling']:>10,.0f} events/s", flush=True)
-        name = f"{template}_pg"
-        results["postgres_ceiling"] = postgres_ceiling(create_database(name, template))
-        drop_database(name)
-        print(f"  postgres ceiling   {results['postgres_ceiling']:>10,.0f} events/s", flush=True)
+        results["kafka_ceiling"] = kafka_ceiling(args.events, args.size, args.repeats)
+        print(f"  kafka ceiling          {fmt_spread(results['kafka_ceiling'])} ev/s, median (range) of"
+              f" {args.repeats}", flush=True)
+        results["postgres_ceiling"] = postgres_ceiling(template, args.events, args.repeats)
+        print(f"  select-and-mark loop   {fmt_spread(results['postgres_ceiling'])} ev/s", flush=True)
         results["relay"] = {}
         for processes in args.processes:
             name = f"{template}_r{processes}"
-            rate, rss = relay_drain(create_database(name, template), processes, args.events)
-            drop_database(name)
-            results["relay"][processes] = {"events_per_s": rate, "peak_rss_mib": rss}
-            print(f"  relay x{processes}           {rate:>10,.0f} events/s  (peak RSS {rss:.0f} MiB per process)",
-                  flush=True)
+            try:
+                r = relay_drain(create_database(name, template), processes, args.events)
+            finally:
+                drop_database(name)
+            results["relay"][processes] = {**r, "events": args.events}
+            print_drain_row(f"relay x{processes}", results["relay"][processes])
     finally:
         drop_database(template)
-    ceiling = min(results["kafka_ceiling"], results["postgres_ceiling"])
-    results["ratio"] = {p: r["events_per_s"] / ceiling for p, r in results["relay"].items()}
+    if "peers" in args.only:
+        results["debezium"] = {**debezium_drain(args.events, args.size), "events": args.events}
+        print_drain_row("Debezium (Connect JVM)", results["debezium"])
     return results
 
 
 # --- latency ----------------------------------------------------------------------------
 
 
-def _writer(url: str, topic: str, rate: float, seconds: float, out: Any) -> None:
-    engine = create_engine(url, pool_size=1)
+def _writer(url: str, topic: str, rate: float, seconds: float, threads: int, out: Any) -> None:
+    """`threads` writers at rate/threads each, until the wall-clock end: a writer that falls behind (a durable
+    commit takes milliseconds) does not catch up after the end, so the achieved rate is the real one."""
+    engine = create_engine(url, pool_size=threads)
     committed: dict[str, float] = {}
-    interval = 1.0 / rate
-    next_at = time.monotonic()
-    deadline = next_at + seconds
-    while next_at < deadline:
-        with engine.begin() as conn:
-            event_id = enqueue(conn, topic, b"x" * 512, key=f"k{len(committed) % 100}")
-        committed[str(event_id)] = time.time()
-        next_at += interval
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+    interval = threads / rate
+    started = time.monotonic()
+    deadline = started + seconds
+
+    def write(offset: float) -> None:
+        next_at = started + offset
+        while next_at < deadline and time.monotonic() < deadline:
+            with engine.begin() as conn:
+                event_id = enqueue(conn, topic, b"x" * 512, key=f"k{len(committed) % 100}")
+            committed[str(event_id)] = time.time()
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    workers = [threading.Thread(target=write, args=(interval * n / threads,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     out.put(committed)
     engine.dispose()
 
 
-def latency_run(url: str, rate: int, listen: str, seconds: float) -> dict[str, float]:
-    topic = create_topic(3)
-    relay = RELAYS.start(url, f"relay-latency-{rate}-{listen}", OUTBOX_LISTEN=listen, OUTBOX_POLL_INTERVAL="0.5")
+def measure_latency(url: str, topic: str, rate: int, seconds: float, watched: Iterable[Watched]) -> dict[str, float]:
+    """Writers commit at `rate` for `seconds`; a read_committed consumer notes when each event shows up."""
     received: dict[str, float] = {}
     stop = threading.Event()
 
@@ -205,60 +350,97 @@ def latency_run(url: str, rate: int, listen: str, seconds: float) -> dict[str, f
                 received[dict(message.headers())["outbox-event-id"].decode()] = time.time()
         consumer.close()
 
+    watched = list(watched)
     reader = threading.Thread(target=consume)
     reader.start()
-    time.sleep(3)  # the relay takes its lanes, the consumer its partitions
-    writers = max(1, min(8, rate // 500))
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    procs = [context.Process(target=_writer, args=(url, topic, rate / writers, seconds, queue))
-             for _ in range(writers)]
-    for proc in procs:
-        proc.start()
-    committed: dict[str, float] = {}
-    for _ in procs:
-        committed.update(queue.get())
-    for proc in procs:
-        proc.join()
-    deadline = time.time() + 30
-    while len(set(committed) - set(received)) and time.time() < deadline:
-        time.sleep(0.1)
-    stop.set()
-    reader.join()
-    relay.stop()
+    try:
+        time.sleep(3)  # the relay takes its lanes, the consumer its partitions
+        writers = max(1, min(4, -(-rate // 500)))
+        threads = max(1, -(-rate // writers // 100))  # at most 100 commits/s each: durable commits take ms
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        procs = [context.Process(target=_writer, args=(url, topic, rate / writers, seconds, threads, queue))
+                 for _ in range(writers)]
+        for proc in procs:
+            proc.start()
+        committed: dict[str, float] = {}
+        for _ in procs:
+            committed.update(queue.get())
+        for proc in procs:
+            proc.join()
+        try:
+            wait_until(lambda: not set(committed) - set(received), watched, poll=0.1, timeout=30)
+        except TimeoutError:
+            pass  # reported as missing
+    finally:
+        stop.set()
+        reader.join()
     latencies = sorted((received[e] - t) * 1000 for e, t in committed.items() if e in received)
     return {"rate_asked": rate, "rate_achieved": len(committed) / seconds, "missing": len(committed) - len(latencies),
             "p50_ms": statistics.median(latencies), "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
             "max_ms": latencies[-1]}
 
 
+def summarize(system: str, rate: int, runs: list[dict[str, float]]) -> dict[str, Any]:
+    row = {"system": system, "rate_asked": rate, "runs": runs,
+           "p50_ms": spread([r["p50_ms"] for r in runs]), "p99_ms": spread([r["p99_ms"] for r in runs]),
+           "missing": sum(int(r["missing"]) for r in runs),
+           "rate_achieved": statistics.median(r["rate_achieved"] for r in runs)}
+    print(f"  {system:<28}{rate:>6}/s ({row['rate_achieved']:>6.0f} achieved)"
+          f"  p50 {fmt_spread(row['p50_ms'], ' ms', 1)}  p99 {fmt_spread(row['p99_ms'], ' ms', 1)}"
+          f"  missing {row['missing']}", flush=True)
+    return row
+
+
 def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
     name = f"bench_latency_{uuid.uuid4().hex[:6]}"
     url = create_database(name)
     migrate.upgrade(url, lanes=args.latency_lanes)
-    rows = []
     try:
         for rate in args.rates:
-            for listen in ("on", "off"):
-                result = {"listen": listen, **latency_run(url, rate, listen, args.seconds)}
-                rows.append(result)
-                print(f"  {rate:>5}/s asked ({result['rate_achieved']:>6.0f} achieved) wake-ups {listen:<3}"
-                      f" p50 {result['p50_ms']:>7.1f} ms  p99 {result['p99_ms']:>7.1f} ms"
-                      f"  max {result['max_ms']:>7.1f} ms  missing {result['missing']}", flush=True)
+            for listen in args.listen:
+                runs = []
+                for n in range(args.repeats):
+                    topic = create_topic(3)
+                    relay = RELAYS.start(url, f"relay-latency-{rate}-{listen}-{n}", OUTBOX_LISTEN=listen,
+                                         OUTBOX_POLL_INTERVAL="0.5")
+                    runs.append(measure_latency(url, topic, rate, args.seconds, [relay]))
+                    relay.stop()
+                rows.append({**summarize(f"relay, wake-ups {listen}", rate, runs), "listen": listen})
     finally:
         drop_database(name)
+    if "peers" in args.only:
+        for label, poll_ms in (("default", None), ("tuned", 10)):
+            name = f"bench_dbzlat_{uuid.uuid4().hex[:6]}"
+            url = create_database(name)
+            try:
+                migrate.upgrade(url, lanes=args.latency_lanes)
+                connect = start_connect(url, name, poll_ms)
+                # Discarded: the JVM's JIT warms up on the first thousands of events (the relay has no JIT).
+                measure_latency(url, create_topic(3), args.rates[0], min(args.seconds, 5.0), [connect])
+                for rate in args.rates:
+                    runs = [measure_latency(url, create_topic(3), rate, args.seconds, [connect])
+                            for _ in range(args.repeats)]
+                    system = f"Debezium {label}" + (f" (poll {poll_ms} ms)" if poll_ms else "")
+                    rows.append({**summarize(system, rate, runs), "debezium": label})
+                stop_connect(connect)
+            finally:
+                for connect in list(CONNECTS):
+                    stop_connect(connect)
+                drop_database(name)
     return rows
 
 
-# --- scale ------------------------------------------------------------------------------
+# --- scale and retention ----------------------------------------------------------------
 
 
-def claim_ms(url: str, runs: int = 30) -> float:
-    """Median execution time of the relay's claim (lane 0 of 4, batch 1000), from EXPLAIN ANALYZE."""
+def claim_ms(url: str, lanes: int = 4, runs: int = 30) -> float:
+    """Median execution time of the relay's claim (lane 0, batch 1000), from EXPLAIN ANALYZE."""
     from outbox_relay.db.connection import connect
     from outbox_relay.db.lanes import Store
 
-    query = Store().claim_query(4).as_string()
+    query = Store().claim_query(lanes).as_string()
     times = []
     with connect(url, lane=True) as conn:
         for _ in range(runs):
@@ -291,10 +473,174 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             drop_database(name)
     results["claim_ratio"] = results["big_claim_ms"] / results["empty_claim_ms"]
+    s = results
+    print(f"  claim with {s['sent_rows']:,} sent rows: {s['big_claim_ms']:.2f} ms; empty table:"
+          f" {s['empty_claim_ms']:.2f} ms; ratio {s['claim_ratio']:.2f}")
+    print(f"  `outbox-relay status`: {s['big_status_s']:.2f} s with {s['sent_rows']:,} sent rows,"
+          f" {s['empty_status_s']:.2f} s empty", flush=True)
     return results
 
 
+def retention(args: argparse.Namespace) -> dict[str, Any]:
+    """A relay with 7 days' retention where a day lasts --retention-day-seconds: each day --retention-per-day
+    events are written (in 10 bursts), drained and later deleted by the relay's own retention job."""
+    day, per_day = args.retention_day_seconds, args.retention_per_day
+    name = f"bench_retention_{uuid.uuid4().hex[:6]}"
+    url = create_database(name)
+    days: list[dict[str, Any]] = []
+    print(f"retention: {args.retention_days} days of {per_day:,} events, a day lasting {day:.0f} s, 7 days kept",
+          flush=True)
+    try:
+        migrate.upgrade(url, lanes=4)
+        sql(url, "CREATE EXTENSION IF NOT EXISTS pgcrypto")
+        topic = create_topic()
+        relay = RELAYS.start(url, "relay-retention", OUTBOX_LISTEN="off",
+                             OUTBOX_RETENTION_HOURS=str(7 * day / 3600), OUTBOX_RETENTION_INTERVAL=str(day / 10))
+        for n in range(1, args.retention_days + 1):
+            day_started = time.monotonic()
+            write_s = 0.0
+            for _ in range(10):
+                started = time.monotonic()
+                sql(url, f"INSERT INTO {EVENTS} (topic, key, value) SELECT %s, convert_to('key-' || (i %% 1000),"
+                         " 'UTF8'), gen_random_bytes(%s) FROM generate_series(1, %s) i",
+                    (topic, args.size, per_day // 10))
+                write_s += time.monotonic() - started
+            drained = wait_until(lambda: pending(url) == 0, [relay], what="the day's drain")
+            row = {"day": n, "write_rows_per_s": per_day / write_s, "drain_s": drained, "claim_ms": claim_ms(url),
+                   **dict(zip(("rows", "table_mib", "indexes_mib"), sql(
+                       url, f"SELECT (SELECT count(*) FROM {EVENTS}), pg_table_size('{EVENTS}') / 1048576.0,"
+                            f" pg_indexes_size('{EVENTS}') / 1048576.0")[0]))}
+            days.append(row)
+            print(f"  day {n:>2}: {int(row['rows']):>11,} rows, table {float(row['table_mib']):>7,.0f} MiB, indexes"
+                  f" {float(row['indexes_mib']):>6,.0f} MiB, claim {row['claim_ms']:.2f} ms,"
+                  f" writes {row['write_rows_per_s']:,.0f} rows/s", flush=True)
+            day_ends = day_started + day
+            wait_until(lambda end=day_ends: time.monotonic() >= end, [relay], poll=0.5)
+        relay.stop()
+    finally:
+        drop_database(name)
+    first, last = days[0], days[-1]
+    steady = days[min(7, len(days)) - 1]
+    return {"per_day": per_day, "day_seconds": day, "days": days,
+            "claim_ratio": last["claim_ms"] / first["claim_ms"],
+            "size_ratio": float(last["table_mib"]) / float(steady["table_mib"])}
+
+
+def scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Events/s and PostgreSQL backends for 1, 2, 4 lanes x 1, 2, 4 processes (never more processes than lanes)."""
+    points = []
+    for lanes in (1, 2, 4):
+        template = f"bench_scaling_{uuid.uuid4().hex[:6]}"
+        url = create_database(template)
+        migrate.upgrade(url, lanes=lanes)
+        fill(url, args.events, args.size, create_topic())
+        try:
+            for processes in (p for p in (1, 2, 4) if p <= lanes):
+                name = f"{template}_{processes}"
+                copy = create_database(name, template)
+                backends = [0]
+
+                def done(db: str = name, copy: str = copy, backends: list[int] = backends) -> bool:
+                    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    backends.append(int(sql(BASE_URL, query, (db,))[0][0]))
+                    return pending(copy) == 0
+
+                relays = [RELAYS.start(copy, f"relay-scaling-{lanes}-{processes}-{n}", OUTBOX_LISTEN="off")
+                          for n in range(processes)]
+                try:
+                    elapsed = wait_until(done, relays, what="the drain")
+                    RELAYS.stop_all()
+                finally:
+                    drop_database(name)
+                point = {"lanes": lanes, "processes": processes, "events_per_s": args.events / elapsed,
+                         "postgres_backends": max(backends)}  # the count query itself is in another database
+                points.append(point)
+                print(f"  {lanes} lanes, {processes} process(es): {point['events_per_s']:>9,.0f} ev/s,"
+                      f" {point['postgres_backends']} PostgreSQL backends", flush=True)
+        finally:
+            drop_database(template)
+    return points
+
+
 # --- report -----------------------------------------------------------------------------
+
+
+def write_overhead() -> dict[str, Any]:
+    output = subprocess.run([sys.executable, str(ROOT / "bench" / "write_overhead.py")], check=True,
+                            capture_output=True, text=True).stdout
+    print(output, end="", flush=True)
+    found = re.search(r"write overhead ratio \(outbox / plain\): ([0-9.]+)", output)
+    return {"ratio": float(found.group(1)) if found else float("nan")}
+
+
+def goals(results: dict[str, Any]) -> list[tuple[str, float | None, str, bool | None]]:
+    """Issue 14's goals: (what, measured ratio or value, target, met). None: not measured in this run."""
+    out: list[tuple[str, float | None, str, bool | None]] = []
+
+    def goal(what: str, value: float | None, target: str, ok: Callable[[float], bool]) -> None:
+        out.append((what, value, target, None if value is None else ok(value)))
+
+    d = results.get("drain", {})
+    relay1 = d.get("relay", {}).get(1)
+    dbz = d.get("debezium")
+    kafka = d.get("kafka_ceiling", {}).get("median")
+    goal("drain / Kafka ceiling (1 process)", relay1 and kafka and relay1["events_per_s"] / kafka, ">= 0.6",
+         lambda v: v >= 0.6)
+    goal("drain / Debezium drain (ev/s)", relay1 and dbz and relay1["events_per_s"] / dbz["events_per_s"], ">= 2",
+         lambda v: v >= 2)
+    goal("PostgreSQL CPU per event / Debezium's", relay1 and dbz and relay1["postgres_cpu_s"] / dbz["postgres_cpu_s"],
+         "<= 2", lambda v: v <= 2)
+    lat = results.get("latency", [])
+
+    def p99(rate: int, pick: Callable[[dict[str, Any]], bool]) -> float | None:
+        values = [r["p99_ms"]["median"] for r in lat if r["rate_asked"] == rate and pick(r)]
+        return min(values) if values else None
+
+    for rate, bound in ((1000, 25), (5000, 50)):
+        relay = p99(rate, lambda r: r.get("listen") is not None)
+        goal(f"latency p99 at {rate}/s (ms, best relay mode)", relay, f"<= {bound}", lambda v, b=bound: v <= b)
+        tuned = p99(rate, lambda r: r.get("debezium") == "tuned")
+        goal(f"latency p99 at {rate}/s / Debezium tuned", relay and tuned and relay / tuned, "<= 1", lambda v: v <= 1)
+    goal("enqueue / plain insert (write overhead)", results.get("write", {}).get("ratio"), "<= 1.25",
+         lambda v: v <= 1.25)
+    rss = [r["peak_rss_mib"] for r in d.get("relay", {}).values()]
+    goal("relay peak RSS per process (MiB)", max(rss) if rss else None, "<= 100", lambda v: v <= 100)
+    sc = results.get("scale", {})
+    claim = f"claim cost, {sc['sent_rows']:,} sent rows / empty" if sc else "claim cost, sent rows / empty"
+    goal(claim, sc.get("claim_ratio"), "<= 2", lambda v: v <= 2)
+    r = results.get("retention", {})
+    goal("retention: claim cost last day / first day", r.get("claim_ratio"), "<= 2", lambda v: v <= 2)
+    goal("retention: table size last day / day 7", r.get("size_ratio"), "<= 1.25", lambda v: v <= 1.25)
+    return out
+
+
+def report(results: dict[str, Any]) -> None:
+    d = results.get("drain")
+    if d:
+        print(f"\nDrain of {d['events']:,} events of {d['size']} B, PostgreSQL with fsync, synchronous_commit and"
+              " full_page_writes on (medians and ranges over repeats where repeated):")
+        print(f"  {'':<28}{'events/s':>12}{'CPU s':>8}{'PG CPU s':>10}{'PG us/ev':>10}{'peak RSS MiB':>14}"
+              f"{'1st event s':>13}")
+        print(f"  {'Kafka ceiling (bare producer)':<28}{d['kafka_ceiling']['median']:>12,.0f}"
+              f"   range {d['kafka_ceiling']['min']:,.0f}-{d['kafka_ceiling']['max']:,.0f}")
+        print(f"  {'select-and-mark loop':<28}{d['postgres_ceiling']['median']:>12,.0f}"
+              f"   range {d['postgres_ceiling']['min']:,.0f}-{d['postgres_ceiling']['max']:,.0f}")
+        rows = [(f"relay x{p}", r) for p, r in d["relay"].items()]
+        if "debezium" in d:
+            rows.append(("Debezium 3.6.1 (Connect)", d["debezium"]))
+        for label, r in rows:
+            print(f"  {label:<28}{r['events_per_s']:>12,.0f}{r['cpu_s']:>8.1f}{r['postgres_cpu_s']:>10.1f}"
+                  f"{r['postgres_cpu_s'] / d['events'] * 1e6:>10.1f}{r['peak_rss_mib']:>14,.0f}"
+                  f"{r['first_event_s'] or 0:>13.1f}")
+        if "debezium" in d:
+            print("  Debezium also needs wal_level=logical, a replication slot (WAL is retained until it confirms,"
+                  " forever if it is gone), a publication and a JVM; it delivers at least once (re-sends after a"
+                  " crash). The relay: none of these, exactly once.")
+    print(f"\nGoals of issue 14 (from this run{'' if d and d['events'] >= 1_000_000 else ', reduced size'}):")
+    for what, value, target, met in goals(results):
+        shown = "not measured" if value is None else f"{value:,.2f}"
+        verdict = "" if met is None else ("met" if met else "MISSED")
+        print(f"  {what:<46}{shown:>14}  target {target:<8} {verdict}")
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
@@ -303,25 +649,57 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    left, middle, right = axes
     if "drain" in results:
         d = results["drain"]
-        labels = ["Kafka\nceiling", "Postgres\nceiling", *[f"relay x{p}" for p in d["relay"]]]
-        values = [d["kafka_ceiling"], d["postgres_ceiling"], *[r["events_per_s"] for r in d["relay"].values()]]
-        left.bar(labels, values, color=["#888", "#888", *["#2a7"] * len(d["relay"])])
-        left.set_title(f"Drain of {d['events']:,} events of {d['size']} B (events/s)")
+        labels = ["Kafka\nceiling", "select+mark\nloop", *[f"relay x{p}" for p in d["relay"]]]
+        values = [d["kafka_ceiling"]["median"], d["postgres_ceiling"]["median"],
+                  *[r["events_per_s"] for r in d["relay"].values()]]
+        errors = [[d["kafka_ceiling"]["median"] - d["kafka_ceiling"]["min"],
+                   d["postgres_ceiling"]["median"] - d["postgres_ceiling"]["min"], *[0] * len(d["relay"])],
+                  [d["kafka_ceiling"]["max"] - d["kafka_ceiling"]["median"],
+                   d["postgres_ceiling"]["max"] - d["postgres_ceiling"]["median"], *[0] * len(d["relay"])]]
+        colors = ["#888", "#888", *["#2a7"] * len(d["relay"])]
+        if "debezium" in d:
+            labels.append("Debezium")
+            values.append(d["debezium"]["events_per_s"])
+            errors[0].append(0)
+            errors[1].append(0)
+            colors.append("#c63")
+        left.bar(labels, values, yerr=errors, color=colors, capsize=3)
+        left.set_title(f"Drain of {d['events']:,} events of {d['size']} B (events/s)", fontsize=10)
         for i, v in enumerate(values):
             left.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        cost = [("relay x1", d["relay"][min(d["relay"])])] + ([("Debezium", d["debezium"])] if "debezium" in d else [])
+        xs = range(len(cost))
+        own = [r["cpu_s"] / d["events"] * 1e6 for _, r in cost]
+        pg = [r["postgres_cpu_s"] / d["events"] * 1e6 for _, r in cost]
+        middle.bar(xs, own, color="#2a7", label="relay / Connect JVM")
+        middle.bar(xs, pg, bottom=own, color="#57b", label="PostgreSQL")
+        middle.set_xticks(list(xs), [f"{label}\nRSS {r['peak_rss_mib']:,.0f} MiB" for label, r in cost])
+        middle.set_title("CPU per event drained (us)", fontsize=10)
+        middle.legend(fontsize=8)
     if "latency" in results:
         rows = results["latency"]
         rates = sorted({r["rate_asked"] for r in rows})
-        for offset, listen in ((-0.2, "on"), (0.2, "off")):
-            p99 = [next(r["p99_ms"] for r in rows if r["rate_asked"] == rate and r["listen"] == listen)
-                   for rate in rates]
-            right.bar([i + offset for i in range(len(rates))], p99, width=0.4, label=f"wake-ups {listen}")
+        systems = list(dict.fromkeys(r["system"] for r in rows))
+        width = 0.8 / len(systems)
+        for k, system in enumerate(systems):
+            xs_, p99, lo, hi = [], [], [], []
+            for i, rate in enumerate(rates):
+                row = next((r for r in rows if r["rate_asked"] == rate and r["system"] == system), None)
+                if row:
+                    xs_.append(i - 0.4 + width * (k + 0.5))
+                    p99.append(row["p99_ms"]["median"])
+                    lo.append(row["p99_ms"]["median"] - row["p99_ms"]["min"])
+                    hi.append(row["p99_ms"]["max"] - row["p99_ms"]["median"])
+            right.bar(xs_, p99, width=width, yerr=[lo, hi], capsize=2, label=system)
+        right.set_yscale("log")
         right.set_xticks(range(len(rates)), [f"{rate}/s" for rate in rates])
-        right.set_title("Commit to consumer, p99 (ms)")
-        right.legend()
+        right.set_title("Commit to consumer, p99 (ms, log scale; bars: range over repeats)", fontsize=10)
+        right.legend(fontsize=7)
+    fig.suptitle("outbox-relay vs Debezium, PostgreSQL with production durability (make bench)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -330,10 +708,19 @@ def measure(args: argparse.Namespace, results: dict[str, Any]) -> None:
     if "drain" in args.only:
         results["drain"] = drain(args)
     if "latency" in args.only:
-        print("latency: writer commit -> visible to a read_committed consumer", flush=True)
+        print("latency: writer commit -> visible to a read_committed consumer (median and range over"
+              f" {args.repeats} runs)", flush=True)
         results["latency"] = latency(args)
     if "scale" in args.only:
         results["scale"] = scale(args)
+    if "retention" in args.only:
+        results["retention"] = retention(args)
+    if "write" in args.only:
+        print("write overhead:", flush=True)
+        results["write"] = write_overhead()
+    if "scaling" in args.only:
+        print(f"scaling: {args.events:,} events drained by n processes over m lanes", flush=True)
+        results["scaling"] = scaling(args)
 
 
 def main() -> int:
@@ -341,40 +728,54 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--rates", type=int, nargs="+", default=[100, 1000, 5000])
+    parser.add_argument("--rates", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--listen", nargs="+", choices=["on", "off"], default=["on", "off"],
+                        help="the relay's wake-up modes in the latency runs")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each latency run")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs of each ceiling and latency point")
     parser.add_argument("--latency-lanes", type=int, default=1, help="lanes in the latency runs")
     parser.add_argument("--scale-rows", type=int, default=10_000_000)
-    parser.add_argument("--only", nargs="+", choices=["drain", "latency", "scale", "write"],
-                        default=["drain", "latency", "scale", "write"])
+    parser.add_argument("--retention-per-day", type=int, default=1_000_000,
+                        help="events a simulated day (the issue's volume is 10000000: ~1 hour per day here)")
+    parser.add_argument("--retention-days", type=int, default=9, help="simulated days (7 are retained)")
+    parser.add_argument("--retention-day-seconds", type=float, default=120.0, help="how long a simulated day lasts")
+    parser.add_argument("--only", nargs="+", choices=["drain", "peers", "latency", "scale", "retention", "write",
+                                                      "scaling"],
+                        default=["drain", "peers", "latency", "scale", "retention", "write"],
+                        help="parts to run; peers adds Debezium to drain and latency; scaling runs only when named")
+    parser.add_argument("--scaling", action="store_true", help="same as --only scaling")
     args = parser.parse_args()
+    if args.scaling:
+        args.only = ["scaling"]
     if not BASE_URL or not BOOTSTRAP:
         print("set OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BOOTSTRAP_SERVERS (make bench does)", file=sys.stderr)
         return 2
+    if args.repeats < 1 or args.events < BATCH:
+        print(f"--repeats must be at least 1 and --events at least {BATCH}", file=sys.stderr)
+        return 2
     RESULTS.mkdir(exist_ok=True)
-    results: dict[str, Any] = {}
+    settings = {name: sql(BASE_URL, f"SHOW {name}")[0][0]
+                for name in ("fsync", "synchronous_commit", "full_page_writes", "wal_level")}
+    print("PostgreSQL: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+    if "peers" in args.only and settings["wal_level"] != "logical":
+        print("the Debezium runs need wal_level=logical: run `make bench` (its own PostgreSQL has it)"
+              " or leave out peers (--only ...)", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {"postgres": settings}
     try:
         measure(args, results)
+    except (ProcessDied, debezium.DebeziumError) as exc:  # a dead relay or Connect: which, its log, stop
+        print(f"\nbench stopped: {exc}", file=sys.stderr)
+        return 1
     finally:
+        for connect in list(CONNECTS):
+            stop_connect(connect)
         RELAYS.stop_all()
-    if "scale" in results:
-        s = results["scale"]
-        print(f"  claim with {s['sent_rows']:,} sent rows: {s['big_claim_ms']:.2f} ms; empty table:"
-              f" {s['empty_claim_ms']:.2f} ms; ratio {s['claim_ratio']:.2f} (target <= 2)")
-        print(f"  `outbox-relay status`: {s['big_status_s']:.2f} s with {s['sent_rows']:,} sent rows,"
-              f" {s['empty_status_s']:.2f} s empty")
-    if "write" in args.only:
-        print("write overhead:", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "bench" / "write_overhead.py")], check=True)
-    if "drain" in results:
-        d = results["drain"]
-        ceiling = min(d["kafka_ceiling"], d["postgres_ceiling"])
-        print(f"\n{'':<22}{'events/s':>12}{'ratio to min(ceilings)':>26}")
-        print(f"{'Kafka ceiling':<22}{d['kafka_ceiling']:>12,.0f}")
-        print(f"{'Postgres ceiling':<22}{d['postgres_ceiling']:>12,.0f}")
-        for processes, r in d["relay"].items():
-            print(f"{f'relay, {processes} process(es)':<22}{r['events_per_s']:>12,.0f}"
-                  f"{r['events_per_s'] / ceiling:>26.2f}")
+    if args.only == ["scaling"]:  # its own file: a scaling run leaves the last full run's results alone
+        (RESULTS / "scaling.json").write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {RESULTS / 'scaling.json'}")
+        return 0
+    report(results)
     (RESULTS / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     chart(results, RESULTS / "bench.png")
     print(f"\nwrote {RESULTS / 'bench.json'} and {RESULTS / 'bench.png'}")

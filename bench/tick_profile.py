@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -36,23 +38,26 @@ from outbox_relay.db.lanes import Store
 from outbox_relay.models import LANE_INDEX_PREFIX
 from outbox_relay.publisher import LanePublisher
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers name the table
+from tests.pgtools import EVENTS
+
 DURABILITY = ("fsync", "synchronous_commit", "full_page_writes")
 TOPIC = "bench-tick-profile"
 # The claim of releases before 0008: every pending row of the lane, due or not, in the v5 lane index.
 OLD_CLAIM = (
-    "SELECT e.id FROM outbox.events e WHERE e.state = 'pending' AND e.available_at <= now()"
+    f"SELECT e.id FROM {EVENTS} e WHERE e.state = 'pending' AND e.available_at <= now()"
     " AND (e.lane_key %% 1) = 0 ORDER BY e.id LIMIT %(limit)s"
 )
 
 
 def load(conn: psycopg.Connection[Any], events: int, delay: str = "0 seconds") -> None:
     conn.execute("SET statement_timeout = 0")  # a large backlog takes longer than a lane's bound
-    conn.execute("TRUNCATE outbox.events")
+    conn.execute(f"TRUNCATE {EVENTS}")
     conn.execute(
-        "INSERT INTO outbox.events (topic, key, value, available_at)"
+        f"INSERT INTO {EVENTS} (topic, key, value, available_at)"
         " SELECT %s, convert_to('key-' || (g %% 1000), 'UTF8'), convert_to(repeat('x', 512), 'UTF8'),"
         " now() + %s::interval FROM generate_series(1, %s) g", (TOPIC, delay, events))
-    conn.execute("VACUUM ANALYZE outbox.events")
+    conn.execute(f"VACUUM ANALYZE {EVENTS}")
     conn.execute("CHECKPOINT")
     conn.execute("SET statement_timeout = 30000")  # back to the lane session's
 

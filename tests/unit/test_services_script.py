@@ -36,3 +36,15 @@ def test_development_ports_lie_outside_the_ephemeral_range() -> None:
     cluster = [node.port for node in services.NODES.values()]
     for port in (services.PG_PORT, services.KAFKA_PORT, services.CONTROLLER_PORT, services.STANDBY_PORT, *cluster):
         assert not 32768 <= port <= 60999, port
+
+
+def test_the_bench_postgres_has_production_durability_and_the_dev_one_stays_fast() -> None:
+    services = _services()
+
+    bench = dict(line.split(" = ") for line in services.BENCH_PG.settings.splitlines())
+    dev = dict(line.split(" = ") for line in services.DEV_PG.settings.splitlines())
+
+    assert bench["fsync"] == bench["synchronous_commit"] == bench["full_page_writes"] == "on"
+    assert bench["wal_level"] == "logical"  # Debezium's replication slot
+    assert dev == {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+    assert services.BENCH_PG.dir != services.DEV_PG.dir and services.BENCH_PG.port != services.DEV_PG.port
