@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ENV    := eval "$$($(PY) scripts/services env)"
 
-.PHONY: venv services services-down check unit test verify demo bench bench-peers clean
+.PHONY: venv services services-down check unit test verify demo bench bench-peers bench-tick bench-inbox clean
 
 # Strict editable install: a tree of links under build/ that mypy can read too. Links see edits;
 # a file added to a package folder changes the folder, which re-links.
@@ -56,6 +56,18 @@ BENCH_ENV := eval "$$($(PY) scripts/services env bench)"
 bench: services
 	$(PY) scripts/services up bench
 	$(BENCH_ENV) && $(PY) bench/bench.py $(BENCH_ARGS)
+	$(MAKE) --no-print-directory bench-tick bench-inbox
+
+# One lane's tick, stage by stage (claim / Kafka / mark), serial beside overlapped; and the claim behind
+# delayed events before and after the ready lane indexes (0008).
+bench-tick: services
+	$(PY) scripts/services up bench
+	$(BENCH_ENV) && $(PY) bench/tick_profile.py --keep-durability $(TICK_ARGS)
+
+# The consumer inbox beside a bare consumer that commits offsets, on the same topic.
+bench-inbox: services
+	$(PY) scripts/services up bench
+	$(BENCH_ENV) && $(PY) bench/inbox_bench.py $(INBOX_BENCH_ARGS)
 
 # Only the side-by-side with Debezium: the drain (with the ceilings) and the latency runs.
 bench-peers: services
