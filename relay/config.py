@@ -129,17 +129,7 @@ class Settings:
         """Flags (None = not given) over environment over defaults; validates the result."""
         env = os.environ if env is None else env
         flags = flags or {}
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            if field.name in ("kafka_properties", "kafka_sources"):
-                continue
-            raw = flags.get(field.name)
-            source = f"--{field.name.replace('_', '-')}"
-            if raw is None and field.metadata["env"] in env:
-                raw, source = env[field.metadata["env"]], field.metadata["env"]
-            if raw is None:
-                continue
-            values[field.name] = _convert(field, raw, source)
+        values = _given_values(cls, flags, env)
         settings = cls(**values)
         settings.kafka_properties = kafka_properties_from(env, settings.kafka_config_file, flags.get("kafka_property"),
                                                           sources=settings.kafka_sources)
@@ -238,6 +228,21 @@ def _convert(field: dataclasses.Field[Any], raw: Any, source: str) -> Any:
     return value
 
 
+def _given_values(cls: type, flags: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as flags or in the environment (flags win), converted; defaults stay out."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in ("kafka_properties", "kafka_sources"):
+            continue
+        raw = flags.get(field.name)
+        source = f"--{field.name.replace('_', '-')}"
+        if raw is None and field.metadata["env"] in env:
+            raw, source = env[field.metadata["env"]], field.metadata["env"]
+        if raw is not None:
+            values[field.name] = _convert(field, raw, source)
+    return values
+
+
 def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: list[str] | None,
                           sources: dict[str, str] | None = None) -> dict[str, str]:
     """librdkafka properties from OUTBOX_KAFKA_* variables, the file, then -X flags; ``sources`` (if given)
@@ -328,16 +333,7 @@ class InboxSettings:
                      *, need_kafka: bool = True) -> InboxSettings:
         env = os.environ if env is None else env
         flags = flags or {}
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            if field.name in ("kafka_properties", "kafka_sources"):
-                continue
-            raw = flags.get(field.name)
-            source = f"--{field.name.replace('_', '-')}"
-            if raw is None and field.metadata["env"] in env:
-                raw, source = env[field.metadata["env"]], field.metadata["env"]
-            if raw is not None:
-                values[field.name] = _convert(field, raw, source)
+        values = _given_values(cls, flags, env)
         settings = cls(**values)
         settings.kafka_properties = kafka_properties_from(env, settings.kafka_config_file, flags.get("kafka_property"),
                                                           sources=settings.kafka_sources)
