@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from outbox_relay.broker import TRANSACTION_LOG, BrokerProbe, java_string_hash, transaction_log_partition
 from outbox_relay.config import Settings
-from outbox_relay.daemon import TRANSACTION_LOG, BrokerProbe, java_string_hash, transaction_log_partition
 from outbox_relay.metrics import Metrics
 
 SETTINGS = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u@h/db",
@@ -43,7 +43,7 @@ def test_partitions_below_min_isr_are_said_once_block_their_lanes_and_clear(capl
     short_log = [[1, 2, 3]] * 3
     short_log[log_partition] = [1]
     outage = {TRANSACTION_LOG: topic(short_log), PROGRESS: topic([[1, 2, 3], [1]])}
-    caplog.set_level(logging.INFO, "outbox_relay.daemon")
+    caplog.set_level(logging.INFO, "outbox_relay.broker")
 
     broker._check_replicas(healthy)  # one replica behind is not below min ISR
     assert not broker.replicas_problem and not broker.blocks(1, "tx.lane-1")
