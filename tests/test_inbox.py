@@ -146,10 +146,14 @@ def test_every_event_is_applied_once_and_replays_are_skipped(
     print(f"\nreplayed 300: {report.summary()}")
     assert report.ok, report.summary()
     assert report.applied == 300
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert f'outbox_inbox_processed_events_total{{topic="{topic}"}} 300.0' in metrics
-    assert f'outbox_inbox_duplicates_skipped_total{{topic="{topic}"}} 300.0' in metrics
-    assert "outbox_inbox_lag_events{" in metrics
+    def metrics() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    exposition = metrics()
+    assert f'outbox_inbox_processed_events_total{{topic="{topic}"}} 300.0' in exposition
+    assert f'outbox_inbox_duplicates_skipped_total{{topic="{topic}"}} 300.0' in exposition
+    # Lag is observed every few seconds, once the consumer has seen each partition's high watermark.
+    wait_until(lambda: "outbox_inbox_lag_events{" in metrics(), 60, "the consumer to report its lag")
     assert consumer.stop() == 0
     assert "inbox billing stopped" in consumer.log()
     status = cli(consumer_url, "inbox", "status", "--json")
