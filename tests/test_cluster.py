@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import Engine
 
+from outbox_relay.broker import TRANSACTION_LOG, transaction_log_partition
 from outbox_relay.verify import LedgerReport
 from tests.relaytools import (
     ROOT,
@@ -93,20 +94,10 @@ def leader_of(bootstrap: str, topic: str, partition: int) -> int:
     return int(partitions(bootstrap, topic)[partition].leader)
 
 
-def java_hash(text: str) -> int:
-    """Java's String.hashCode (UTF-16 code units, 32-bit overflow)."""
-    h = 0
-    data = text.encode("utf-16-be")
-    for i in range(0, len(data), 2):
-        h = (31 * h + int.from_bytes(data[i:i + 2], "big")) & 0xFFFFFFFF
-    return h - (1 << 32) if h >= 1 << 31 else h
-
-
 def coordinator_of(bootstrap: str, transactional_id: str) -> int:
     """The broker leading the transaction log partition of this transactional.id (Kafka's partitionFor)."""
-    log = partitions(bootstrap, "__transaction_state")
-    h = java_hash(transactional_id)
-    return leader_of(bootstrap, "__transaction_state", (0 if h == -(1 << 31) else abs(h)) % len(log))
+    log = partitions(bootstrap, TRANSACTION_LOG)
+    return leader_of(bootstrap, TRANSACTION_LOG, transaction_log_partition(transactional_id, len(log)))
 
 
 def wait_fully_replicated(bootstrap: str, topics: list[str], timeout: float = 120) -> None:
@@ -373,10 +364,3 @@ def test_progress_topic_leader_killed_while_lanes_are_taken_over(
                  f"broker-{victim} led the progress of lanes {lanes_of_a}; b held 4/4 lanes after {took:.1f}s",
                  since=killed)
         assert "took lane" in s.relays["b"].log()
-
-
-def test_java_hash_matches_kafka() -> None:
-    # Java: "".hashCode() == 0, "a".hashCode() == 97, "hello".hashCode() == 99162322,
-    # "polygenelubricants".hashCode() == Integer.MIN_VALUE (Kafka's Utils.abs maps it to 0).
-    assert java_hash("") == 0 and java_hash("a") == 97 and java_hash("hello") == 99162322
-    assert java_hash("polygenelubricants") == -(1 << 31)

@@ -62,3 +62,10 @@ def test_partitions_below_min_isr_are_said_once_block_their_lanes_and_clear(capl
     assert not broker.replicas_problem and not broker.blocks(1, "tx.lane-1")
     assert metrics.below_min_isr._value.get() == 0
     assert "in-sync replicas back" in caplog.records[-1].getMessage()
+
+
+def test_java_string_hash_matches_java() -> None:
+    # Java: "".hashCode() == 0, "a".hashCode() == 97, "hello".hashCode() == 99162322,
+    # "polygenelubricants".hashCode() == Integer.MIN_VALUE (Kafka's Utils.abs maps it to 0).
+    assert java_string_hash("") == 0 and java_string_hash("a") == 97 and java_string_hash("hello") == 99162322
+    assert java_string_hash("polygenelubricants") == -(1 << 31)
