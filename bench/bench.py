@@ -44,7 +44,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import create_engine
 
 from outbox_relay import enqueue, migrate
-from outbox_relay.db.connection import conninfo
+from outbox_relay.db.connection import connect, conninfo
+from outbox_relay.db.lanes import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' helpers (databases, topics, relay processes) serve the bench too
@@ -53,7 +54,7 @@ import debezium  # noqa: E402
 from watchdog import ProcessDied, Watched, cpu_seconds, peak_rss_mib, tree_cpu_seconds, wait_until  # noqa: E402
 
 from tests import kafkatools  # noqa: E402
-from tests.pgtools import EVENTS, admin, drop_database, url_for  # noqa: E402
+from tests.pgtools import EVENTS, SENT, SETTINGS, UNSENT, admin, drop_database, url_for  # noqa: E402
 from tests.relaytools import Relays, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench-results"
@@ -88,8 +89,8 @@ def create_database(name: str, template: str | None = None) -> str:
 
 
 def pending(url: str) -> int:
-    """Cheap on millions of rows (the pending partial index), unlike the tests' count per state."""
-    return int(sql(url, f"SELECT count(*) FROM {EVENTS} WHERE state = 'pending'")[0][0])
+    """Cheap on millions of rows (the unsent table is the backlog), unlike the tests' count per state."""
+    return int(sql(url, f"SELECT count(*) FROM {UNSENT} WHERE state = 'pending'")[0][0])
 
 
 def postmaster_pid(url: str) -> int:
@@ -114,6 +115,7 @@ def fill(url: str, events: int, size: int, topic: str) -> None:
              " ARRAY['content-type'], ARRAY[convert_to('application/octet-stream', 'UTF8')]"
              " FROM generate_series(1, %s) i", (topic, size, events))
     sql(url, f"VACUUM ANALYZE {EVENTS}")
+    sql(url, f"VACUUM ANALYZE {UNSENT}")
 
 
 class Cost:
@@ -159,31 +161,33 @@ def kafka_ceiling(events: int, size: int, repeats: int) -> dict[str, Any]:
 
 
 def postgres_ceiling(template: str, events: int, repeats: int) -> dict[str, Any]:
-    """Select and mark the template's rows batch by batch, with no Kafka in between, on a fresh copy each time."""
+    """Select and mark the template's rows batch by batch, with no Kafka in between, on a fresh copy each time:
+    the relay's own claim and mark statements, one batch of each lane in turn."""
     rates = []
+    store = Store()
     for n in range(repeats):
         name = f"{template}_pg{n}"
         url = create_database(name, template)
         try:
-            with psycopg.connect(conninfo(url), autocommit=True) as conn:
-                def batch() -> int:
-                    rows = conn.execute(f"SELECT id, event_id, topic, key, value, header_names, header_values FROM"
-                                        f" {EVENTS} WHERE state = 'pending' ORDER BY id LIMIT %s", (BATCH,),
-                                        binary=True).fetchall()
-                    if rows:
-                        conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id = ANY(%s)",
-                                     ([row[0] for row in rows],))
-                    return len(rows)
-
-                for _ in range(max(1, events // BATCH // 50)):  # warm-up (2%): plans cached, pages in buffers
-                    batch()
+            lanes = int(sql(url, f"SELECT lane_count FROM {SETTINGS}")[0][0])
+            with connect(url, lane=True) as conn:
+                for _ in range(max(1, events // BATCH // 50 // lanes)):  # warm-up (2%): plans cached, pages in
+                    _claim_and_mark(store, conn, lanes)
                 total, started = 0, time.perf_counter()
-                while count := batch():
+                while count := _claim_and_mark(store, conn, lanes):
                     total += count
                 rates.append(total / (time.perf_counter() - started))
         finally:
             drop_database(name)
     return spread(rates)
+
+
+def _claim_and_mark(store: Store, conn: psycopg.Connection[Any], lanes: int) -> int:
+    done = 0
+    for lane in range(lanes):
+        if rows := store.claim(conn, lane, lanes, BATCH):
+            done += store.mark_sent(conn, [row.id for row in rows])
+    return done
 
 
 # --- drain ------------------------------------------------------------------------------
@@ -459,12 +463,14 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             migrate.upgrade(url, lanes=4)
             if sent:
                 print(f"scale: writing {sent:,} sent rows ...", flush=True)
-                sql(url, f"INSERT INTO {EVENTS} (topic, key, value, state, sent_at) SELECT 'history',"
-                         " convert_to('key-' || (i %% 1000), 'UTF8'), '\\x00', 'sent', now()"
-                         " FROM generate_series(1, %s) i", (sent,))
+                sql(url, f"INSERT INTO {EVENTS} (topic, key, value) SELECT 'history',"
+                         " convert_to('key-' || (i %% 1000), 'UTF8'), '\\x00' FROM generate_series(1, %s) i", (sent,))
+                sql(url, f"WITH d AS (DELETE FROM {UNSENT} RETURNING id) INSERT INTO {SENT} (first_id, last_id, ids)"
+                         " SELECT min(id), max(id), array_agg(id ORDER BY id) FROM d GROUP BY id / 1000")
             sql(url, f"INSERT INTO {EVENTS} (topic, key, value) SELECT 'live',"
                      " convert_to('key-' || (i % 1000), 'UTF8'), '\\x00' FROM generate_series(1, 5000) i")
-            sql(url, f"VACUUM ANALYZE {EVENTS}")
+            for table in (EVENTS, UNSENT, SENT):
+                sql(url, f"VACUUM ANALYZE {table}")
             results[f"{label}_claim_ms"] = claim_ms(url)
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "outbox_relay.cli", "status", "--json", "--database-url", url],

@@ -35,29 +35,30 @@ from outbox_relay import migrate, progress
 from outbox_relay.config import Settings
 from outbox_relay.db.connection import connect, conninfo
 from outbox_relay.db.lanes import Store
-from outbox_relay.models import LANE_INDEX_PREFIX
 from outbox_relay.publisher import LanePublisher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers name the table
-from tests.pgtools import EVENTS
+from tests.pgtools import EVENTS, SENT, UNSENT
 
 DURABILITY = ("fsync", "synchronous_commit", "full_page_writes")
 TOPIC = "bench-tick-profile"
-# The claim of releases before 0008: every pending row of the lane, due or not, in the v5 lane index.
+# The claim of releases before 0008: every pending row of the lane, due or not, in one lane index
+# (here on the unsent table, as such an index would be now).
 OLD_CLAIM = (
-    f"SELECT e.id FROM {EVENTS} e WHERE e.state = 'pending' AND e.available_at <= now()"
-    " AND (e.lane_key %% 1) = 0 ORDER BY e.id LIMIT %(limit)s"
+    f"SELECT u.id FROM {UNSENT} u WHERE u.state = 'pending' AND coalesce(u.due_at, '-infinity') <= now()"
+    " AND (u.lane_key %% 1) = 0 ORDER BY u.id LIMIT %(limit)s"
 )
 
 
 def load(conn: psycopg.Connection[Any], events: int, delay: str = "0 seconds") -> None:
     conn.execute("SET statement_timeout = 0")  # a large backlog takes longer than a lane's bound
-    conn.execute(f"TRUNCATE {EVENTS}")
+    conn.execute(f"TRUNCATE {EVENTS}, {UNSENT}, {SENT}")
     conn.execute(
         f"INSERT INTO {EVENTS} (topic, key, value, available_at)"
         " SELECT %s, convert_to('key-' || (g %% 1000), 'UTF8'), convert_to(repeat('x', 512), 'UTF8'),"
         " now() + %s::interval FROM generate_series(1, %s) g", (TOPIC, delay, events))
     conn.execute(f"VACUUM ANALYZE {EVENTS}")
+    conn.execute(f"VACUUM ANALYZE {UNSENT}")
     conn.execute("CHECKPOINT")
     conn.execute("SET statement_timeout = 30000")  # back to the lane session's
 
@@ -164,11 +165,10 @@ def main() -> None:
         if args.delayed:
             load(conn, args.delayed, "1 hour")
             conn.execute("SET statement_timeout = 0")
-            conn.execute("INSERT INTO outbox.events (topic, value) SELECT %s, convert_to(repeat('x', 512), 'UTF8')"
+            conn.execute(f"INSERT INTO {EVENTS} (topic, value) SELECT %s, convert_to(repeat('x', 512), 'UTF8')"
                          " FROM generate_series(1, %s)", (TOPIC, args.batch))
-            conn.execute(f"CREATE INDEX {LANE_INDEX_PREFIX}1 ON outbox.events ((lane_key % 1), id)"
-                         " WHERE state = 'pending'")
-            conn.execute("ANALYZE outbox.events")
+            conn.execute(f"CREATE INDEX bench_old_lane_index ON {UNSENT} ((lane_key % 1), id) WHERE state = 'pending'")
+            conn.execute(f"ANALYZE {UNSENT}")
             params = {"lane": 0, "limit": args.batch, "unmarked": []}
             before = claim_cost(conn, OLD_CLAIM, params)
             after = claim_cost(conn, store.claim_query(1), params)

@@ -1,6 +1,8 @@
 """SQLAlchemy models of the outbox and of the relay's own state."""
 
 from outbox_relay.models.outbox import (
+    ENQUEUE_TRIGGER,
+    EVENTS_READY_INDEX_PREFIX,
     EVENTS_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,
@@ -9,18 +11,25 @@ from outbox_relay.models.outbox import (
     READY_INDEX_PREFIX,
     READY_PREDICATE,
     SCHEMA,
+    SENT_TABLE,
     SETTINGS_TABLE,
+    STATE_VIEW,
     TOPIC_PATTERN,
+    UNSENT_TABLE,
     Base,
     EventState,
     OutboxEvent,
     RelayInstance,
     RelayLane,
     RelaySettings,
+    SentBatch,
+    UnsentEvent,
     metadata,
 )
 
 __all__ = [
+    "ENQUEUE_TRIGGER",
+    "EVENTS_READY_INDEX_PREFIX",
     "EVENTS_TABLE",
     "INSTANCES_TABLE",
     "LANES_TABLE",
@@ -29,13 +38,18 @@ __all__ = [
     "READY_INDEX_PREFIX",
     "READY_PREDICATE",
     "SCHEMA",
+    "SENT_TABLE",
     "SETTINGS_TABLE",
+    "STATE_VIEW",
     "TOPIC_PATTERN",
+    "UNSENT_TABLE",
     "Base",
     "EventState",
     "OutboxEvent",
     "RelayInstance",
     "RelayLane",
     "RelaySettings",
+    "SentBatch",
+    "UnsentEvent",
     "metadata",
 ]

@@ -14,8 +14,10 @@ already has an Alembic history adds one revision of its own instead::
         add_outbox_identity_v6()
         add_instance_sessions_v7()
         add_claim_indexes_v8()
+        add_unsent_table_v9()
 
     def downgrade() -> None:
+        drop_unsent_table_v9()
         drop_claim_indexes_v8()
         drop_instance_sessions_v7()
         drop_outbox_identity_v6()
@@ -287,3 +289,148 @@ def drop_claim_indexes_v8() -> None:
         END $$"""
     ))
     op.drop_index(f"ix_{EVENTS_TABLE}_delayed", EVENTS_TABLE, schema=SCHEMA)
+
+
+def add_unsent_table_v9() -> None:
+    """Marking events sent stops rewriting them: the events table becomes insert-only.
+
+    What is still to do moves to a narrow table, ``<events>_unsent`` (id, lane_key, due_at, state,
+    attempts, last_error), one row per event not sent, written by a statement-level trigger on
+    insert, so raw SQL inserts are covered too. What was sent moves to ``<events>_sent``, one row per
+    marked batch (sent_at and the batch's ids). Marking a batch deletes its narrow rows and writes one
+    batch row; the old mark rewrote each ~600-byte event row and three index entries. The claim
+    walks the narrow table's ready lane index. Existing rows are moved in the migration's
+    transaction, with writers locked out meanwhile; the old columns, their indexes and constraints
+    are dropped (dropping a column is a catalog change: no table rewrite).
+    """
+    events, unsent, sent = _v9_tables()
+    trigger = f"{EVENTS_TABLE}_enqueue"
+    op.execute(sa.text(
+        f"""CREATE TABLE {unsent} (
+            id bigint NOT NULL, lane_key integer NOT NULL, due_at timestamptz,
+            state text NOT NULL DEFAULT 'pending', attempts integer NOT NULL DEFAULT 0, last_error text,
+            CONSTRAINT "pk_{EVENTS_TABLE}_unsent" PRIMARY KEY (id),
+            CONSTRAINT "ck_{EVENTS_TABLE}_unsent_state_known" CHECK (state IN ('pending', 'failed', 'discarded')),
+            CONSTRAINT "ck_{EVENTS_TABLE}_unsent_attempts_non_negative" CHECK (attempts >= 0))"""
+    ))
+    op.execute(sa.text(
+        f"""CREATE TABLE {sent} (
+            id bigint GENERATED ALWAYS AS IDENTITY, sent_at timestamptz NOT NULL DEFAULT now(),
+            first_id bigint NOT NULL, last_id bigint NOT NULL, ids bigint[] NOT NULL,
+            CONSTRAINT "pk_{EVENTS_TABLE}_sent" PRIMARY KEY (id))"""
+    ))
+    op.execute(sa.text(f'CREATE INDEX "ix_{EVENTS_TABLE}_sent_id_range" ON {sent}'
+                       f" USING gist (int8range(first_id, last_id, '[]'))"))
+    # The sent history (the bulk of a large table) is copied first, with writers and relays going on:
+    # sent rows never change, except that retention deletes some (their batches then name ids that
+    # are gone, which harms nothing).
+    if not op.get_context().as_sql:
+        with op.get_context().autocommit_block():
+            op.execute(sa.text(
+                f"INSERT INTO {sent} (sent_at, first_id, last_id, ids) SELECT sent_at, min(id), max(id),"
+                f" array_agg(id ORDER BY id) FROM {events} WHERE state = 'sent' GROUP BY sent_at, id / 1000 ORDER BY 2"
+            ))
+    op.execute(sa.text(f"LOCK TABLE {events} IN SHARE ROW EXCLUSIVE MODE"))  # no insert lands mid-move
+    op.execute(sa.text(
+        f"INSERT INTO {unsent} (id, lane_key, due_at, state, attempts, last_error)"
+        f" SELECT id, lane_key, CASE WHEN available_at > created_at THEN available_at END, state, attempts,"
+        f" last_error FROM {events} WHERE state <> 'sent'"
+    ))
+    # Then, writers locked out, whatever was marked since the copy began (marks are single statements
+    # bounded by statement_timeout: an hour's margin is plenty) and is not in a batch yet.
+    op.execute(sa.text(
+        f"INSERT INTO {sent} (sent_at, first_id, last_id, ids) SELECT sent_at, min(id), max(id),"
+        f" array_agg(id ORDER BY id) FROM {events} e WHERE state = 'sent'"
+        f" AND sent_at >= (SELECT coalesce(max(sent_at), '-infinity') FROM {sent}) - interval '1 hour'"
+        f" AND NOT EXISTS (SELECT 1 FROM {sent} b WHERE int8range(b.first_id, b.last_id, '[]') @> e.id"
+        f" AND e.id = ANY(b.ids)) GROUP BY sent_at, id / 1000 ORDER BY 2"
+    ))
+    op.execute(sa.text(
+        # SECURITY DEFINER: a writer role that may only insert events needs no grant on the unsent table.
+        f'''CREATE FUNCTION "{SCHEMA}"."{trigger}"() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+        BEGIN
+            INSERT INTO {unsent} (id, lane_key, due_at)
+            SELECT id, lane_key, CASE WHEN available_at > created_at THEN available_at END FROM written;
+            RETURN NULL;
+        END $$'''
+    ))
+    op.execute(sa.text(
+        f'''CREATE TRIGGER "{trigger}" AFTER INSERT ON {events} REFERENCING NEW TABLE AS written
+        FOR EACH STATEMENT EXECUTE FUNCTION "{SCHEMA}"."{trigger}"()'''
+    ))
+    for name, columns, where in (("delayed", "due_at, id", "state = 'pending' AND NOT (due_at IS NULL)"),
+                                 ("failed", "lane_key, id", "state = 'failed'"),
+                                 ("discarded", "id", "state = 'discarded'")):
+        op.execute(sa.text(f'CREATE INDEX "ix_{EVENTS_TABLE}_unsent_{name}" ON {unsent} ({columns}) WHERE {where}'))
+    op.execute(sa.text(f'CREATE INDEX "ix_{EVENTS_TABLE}_sent_sent_at" ON {sent} (sent_at)'))
+    # The ready lane index of the current lane count (a DO block: offline SQL does not know the count).
+    _v9_ready_lane_index(unsent, f"ix_{EVENTS_TABLE}_unsent_ready_lane_", "state = ''pending'' AND due_at IS NULL")
+    op.execute(sa.text(
+        f"""CREATE VIEW "{SCHEMA}"."{EVENTS_TABLE}_state" AS
+        SELECT e.id, e.event_id, e.topic, e.key, e.value, e.header_names, e.header_values, e.partition, e.lane_key,
+            e.created_at, coalesce(u.due_at, e.available_at) AS available_at, coalesce(u.state, 'sent') AS state,
+            u.attempts, u.last_error,
+            (SELECT b.sent_at FROM {sent} b WHERE u.id IS NULL AND int8range(b.first_id, b.last_id, '[]') @> e.id
+             AND e.id = ANY(b.ids) LIMIT 1) AS sent_at
+        FROM {events} e LEFT JOIN {unsent} u ON u.id = e.id"""
+    ))
+    # Drops with them the indexes and checks that use them (pending, failed_key, sent_at, delayed,
+    # discarded, the ready lane indexes; state_known, sent_at_iff_sent, attempts_non_negative).
+    op.execute(sa.text(f"ALTER TABLE {events} DROP COLUMN state, DROP COLUMN sent_at, DROP COLUMN attempts,"
+                       f" DROP COLUMN last_error"))
+
+
+def drop_unsent_table_v9() -> None:
+    """Back to state kept in the events table (v8): every event row is rewritten once."""
+    events, unsent, sent = _v9_tables()
+    op.execute(sa.text(f"LOCK TABLE {events} IN SHARE ROW EXCLUSIVE MODE"))
+    op.execute(sa.text(f'DROP VIEW "{SCHEMA}"."{EVENTS_TABLE}_state"'))
+    op.execute(sa.text(f"ALTER TABLE {events} ADD COLUMN state text NOT NULL DEFAULT 'sent',"
+                       f" ADD COLUMN sent_at timestamptz, ADD COLUMN attempts integer NOT NULL DEFAULT 0,"
+                       f" ADD COLUMN last_error text"))
+    op.execute(sa.text(
+        f"UPDATE {events} e SET state = u.state, attempts = u.attempts, last_error = u.last_error,"
+        f" available_at = coalesce(u.due_at, e.available_at) FROM {unsent} u WHERE u.id = e.id"
+    ))
+    op.execute(sa.text(
+        f"UPDATE {events} e SET sent_at = b.sent_at FROM (SELECT unnest(ids) AS id, sent_at FROM {sent}) b"
+        f" WHERE e.id = b.id AND e.state = 'sent'"
+    ))
+    op.execute(sa.text(f"UPDATE {events} SET sent_at = created_at WHERE state = 'sent' AND sent_at IS NULL"))
+    op.execute(sa.text(
+        f"ALTER TABLE {events} ALTER COLUMN state SET DEFAULT 'pending',"
+        f" ADD CONSTRAINT \"ck_{EVENTS_TABLE}_state_known\""
+        f" CHECK (state IN ('pending', 'sent', 'failed', 'discarded')),"
+        f" ADD CONSTRAINT \"ck_{EVENTS_TABLE}_sent_at_iff_sent\" CHECK ((state = 'sent') = (sent_at IS NOT NULL)),"
+        f" ADD CONSTRAINT \"ck_{EVENTS_TABLE}_attempts_non_negative\" CHECK (attempts >= 0)"
+    ))
+    for name, columns, where in (("pending", "id", "state = 'pending'"), ("failed_key", "key, id", "state = 'failed'"),
+                                 ("sent_at", "sent_at", "state = 'sent'"),
+                                 ("discarded", "created_at", "state = 'discarded'"),
+                                 ("delayed", "available_at, id",
+                                  "state = 'pending' AND NOT (available_at <= created_at)")):
+        op.execute(sa.text(f'CREATE INDEX "ix_{EVENTS_TABLE}_{name}" ON {events} ({columns}) WHERE {where}'))
+    _v9_ready_lane_index(events, f"ix_{EVENTS_TABLE}_ready_lane_",
+                         "state = ''pending'' AND (available_at <= created_at)")
+    op.execute(sa.text(f'DROP TRIGGER "{EVENTS_TABLE}_enqueue" ON {events}'))
+    op.execute(sa.text(f'DROP FUNCTION "{SCHEMA}"."{EVENTS_TABLE}_enqueue"()'))
+    op.execute(sa.text(f"DROP TABLE {sent}"))
+    op.execute(sa.text(f"DROP TABLE {unsent}"))
+
+
+def _v9_tables() -> tuple[str, str, str]:
+    """The quoted, qualified names of the events table and of v9's unsent and sent tables."""
+    events, unsent, sent = (f'"{SCHEMA}"."{name}"' for name in (EVENTS_TABLE, f"{EVENTS_TABLE}_unsent",
+                                                                 f"{EVENTS_TABLE}_sent"))
+    return events, unsent, sent
+
+
+def _v9_ready_lane_index(table: str, prefix: str, where: str) -> None:
+    """((lane_key % N), id) WHERE ``where`` (quotes doubled) on ``table``, for the current lane count N."""
+    op.execute(sa.text(
+        f"""DO $$ DECLARE n integer; BEGIN
+        SELECT lane_count INTO n FROM "{SCHEMA}"."{SETTINGS_TABLE}";
+        EXECUTE format('CREATE INDEX %I ON {table} ((lane_key %% %s), id) WHERE {where}', '{prefix}' || n, n);
+        END $$"""
+    ))

@@ -45,13 +45,26 @@ EVENTS_TABLE = _identifier("OUTBOX_TABLE", "events")
 LANES_TABLE = f"{EVENTS_TABLE}_lanes"
 SETTINGS_TABLE = f"{EVENTS_TABLE}_settings"
 INSTANCES_TABLE = f"{EVENTS_TABLE}_instances"
-# Prefix of the lane index ((lane_key % N), id) WHERE pending: one per lane count, made by
-# migrations and `outbox-relay lanes set`, not declared here because N lives in the database.
+# Since 0009 the events table is written once and never updated: what is still to do lives in a
+# narrow table beside it (one row per event not sent: pending, failed or discarded), filled by a
+# trigger on insert, and what was sent in a table of sent batches. Marking a batch sent deletes
+# its narrow rows and writes one batch row, instead of rewriting every ~600-byte event row.
+UNSENT_TABLE = f"{EVENTS_TABLE}_unsent"
+SENT_TABLE = f"{EVENTS_TABLE}_sent"
+ENQUEUE_TRIGGER = f"{EVENTS_TABLE}_enqueue"
+# A view for people: the events table as it was before 0009 (each event with its state, attempts
+# while unsent, last error, due time and, for sent ones, when). Made by the migration; the relay
+# never reads it.
+STATE_VIEW = f"{EVENTS_TABLE}_state"
+# Prefix of the index each lane's claim walks: ((lane_key % N), id) of the ready pending rows, one
+# per lane count, made by migrations and `outbox-relay lanes set`, not declared here because N
+# lives in the database. Delayed events (due later than they were written) are not in it, so they
+# cost a claim nothing until they are due.
+READY_INDEX_PREFIX = f"ix_{UNSENT_TABLE}_ready_lane_"
+READY_PREDICATE = "due_at IS NULL"
+# The lane indexes of earlier releases, on the events table itself (v5, then v8's ready index).
 LANE_INDEX_PREFIX = f"ix_{EVENTS_TABLE}_lane_"
-# Since 0008 the claim walks ((lane_key % N), id) WHERE pending AND ready instead: delayed events
-# (due later than they were written) are not in it, so they cost a claim nothing until they are due.
-READY_INDEX_PREFIX = f"ix_{EVENTS_TABLE}_ready_lane_"
-READY_PREDICATE = "available_at <= created_at"
+EVENTS_READY_INDEX_PREFIX = f"ix_{EVENTS_TABLE}_ready_lane_"
 # LISTEN/NOTIFY channel that wakes relays when events commit (one notification per transaction).
 NOTIFY_CHANNEL = f"{SCHEMA}.{EVENTS_TABLE}"
 
@@ -69,12 +82,12 @@ LANE_KEY_SQL = (
 
 class EventState(enum.StrEnum):
     PENDING = "pending"
-    SENT = "sent"
+    SENT = "sent"  # no row in the unsent table: its batch is in the sent table
     FAILED = "failed"
     DISCARDED = "discarded"
 
 
-_STATES = ", ".join(f"'{state.value}'" for state in EventState)
+_UNSENT_STATES = ", ".join(f"'{state.value}'" for state in EventState if state is not EventState.SENT)
 
 
 class Base(DeclarativeBase):
@@ -106,31 +119,60 @@ class OutboxEvent(Base):
     header_values: Mapped[list[bytes]] = mapped_column(ARRAY(LargeBinary), server_default=text("'{}'"))
     partition: Mapped[int | None] = mapped_column(Integer)
     lane_key: Mapped[int] = mapped_column(Integer, Computed(LANE_KEY_SQL, persisted=True))
-    state: Mapped[str] = mapped_column(Text, server_default=text(f"'{EventState.PENDING.value}'"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     available_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
-    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
-    last_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         CheckConstraint(f"topic ~ '{TOPIC_PATTERN}' AND topic NOT IN ('.', '..')", name="topic_name"),
         CheckConstraint("partition >= 0", name="partition_non_negative"),
-        CheckConstraint(f"state IN ({_STATES})", name="state_known"),
         CheckConstraint("cardinality(header_names) = cardinality(header_values)", name="headers_paired"),
-        CheckConstraint("(state = 'sent') = (sent_at IS NOT NULL)", name="sent_at_iff_sent"),
+    )
+
+
+class UnsentEvent(Base):
+    """An event not sent yet: pending, failed (parked) or discarded. The trigger ``ENQUEUE_TRIGGER``
+    writes one row per inserted event; marking it sent deletes the row. Narrow on purpose: this
+    table and its indexes are what claims walk and marks change."""
+
+    __tablename__ = UNSENT_TABLE
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # the event's id
+    lane_key: Mapped[int] = mapped_column(Integer)
+    # NULL: due since it was written. A time: not before then (a delayed event, or one put back by retry).
+    due_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    state: Mapped[str] = mapped_column(Text, server_default=text(f"'{EventState.PENDING.value}'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(f"state IN ({_UNSENT_STATES})", name="state_known"),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
-        # The relay's claim walks this index in id order: its size is the backlog, not the table.
-        Index(f"ix_{EVENTS_TABLE}_pending", "id", postgresql_where=text("state = 'pending'")),
-        # Failed rows hold back later rows of their key; looking them up must stay cheap.
-        Index(f"ix_{EVENTS_TABLE}_failed_key", "key", "id", postgresql_where=text("state = 'failed'")),
-        # Retention deletes sent rows oldest first; status counts the last minute's.
-        Index(f"ix_{EVENTS_TABLE}_sent_at", "sent_at", postgresql_where=text("state = 'sent'")),
         # Delayed events by due time: a claim reads the ones due now, never those still waiting.
-        Index(f"ix_{EVENTS_TABLE}_delayed", "available_at", "id",
+        Index(f"ix_{UNSENT_TABLE}_delayed", "due_at", "id",
               postgresql_where=text(f"state = 'pending' AND NOT ({READY_PREDICATE})")),
-        # Retention of discarded rows, without walking the whole table.
-        Index(f"ix_{EVENTS_TABLE}_discarded", "created_at", postgresql_where=text("state = 'discarded'")),
+        # Failed rows hold back later rows of their key (same key, same lane_key); finding them stays cheap.
+        Index(f"ix_{UNSENT_TABLE}_failed", "lane_key", "id", postgresql_where=text("state = 'failed'")),
+        # Retention of discarded events, and status, without walking the backlog.
+        Index(f"ix_{UNSENT_TABLE}_discarded", "id", postgresql_where=text("state = 'discarded'")),
+    )
+
+
+class SentBatch(Base):
+    """One marked batch: which events (ids, in id order) were sent, and when. Status counts the
+    last minute's, replay selects by time, retention deletes the oldest batches' events."""
+
+    __tablename__ = SENT_TABLE
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    sent_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    first_id: Mapped[int] = mapped_column(BigInteger)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+
+    __table_args__ = (
+        Index(f"ix_{SENT_TABLE}_sent_at", "sent_at"),
+        # An event's batch: the one whose id range holds it and whose ids list it (lanes' ranges overlap).
+        Index(f"ix_{SENT_TABLE}_id_range", text("int8range(first_id, last_id, '[]')"), postgresql_using="gist"),
     )
 
 

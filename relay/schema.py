@@ -3,8 +3,9 @@
 Every command runs it before it works, whoever owns the migrations:
 
 - **Structure**, compared with the models (so a table, column or index a new release declares is
-  required as soon as it is declared), plus what the models cannot declare: the commit trigger and
-  the ready lane index of the current lane count. A handful of catalog reads, whatever the table's size.
+  required as soon as it is declared), plus what the models cannot declare: the commit and
+  enqueue triggers and the ready lane index of the current lane count. A handful of catalog reads,
+  whatever the table's size.
 - **Revision**: when ``outbox-relay migrate`` manages the schema, its version table must be at this
   release's head (a migration may change data, not only structure). An application that runs the
   migration functions from its own Alembic history has no such table; the structure speaks for it.
@@ -16,9 +17,19 @@ import functools
 
 from outbox_relay.db import catalog
 from outbox_relay.db.connection import Connection
-from outbox_relay.db.names import NOTIFY_TRIGGER
+from outbox_relay.db.names import ENQUEUE_TRIGGER, NOTIFY_TRIGGER
 from outbox_relay.errors import SchemaError
-from outbox_relay.models import EVENTS_TABLE, LANE_INDEX_PREFIX, READY_INDEX_PREFIX, SCHEMA, SETTINGS_TABLE, metadata
+from outbox_relay.models import (
+    EVENTS_READY_INDEX_PREFIX,
+    EVENTS_TABLE,
+    LANE_INDEX_PREFIX,
+    READY_INDEX_PREFIX,
+    SCHEMA,
+    SENT_TABLE,
+    SETTINGS_TABLE,
+    UNSENT_TABLE,
+    metadata,
+)
 
 # Which migration function adds what, for applications that own their Alembic history.
 _ADDED_BY = {
@@ -31,6 +42,10 @@ _ADDED_BY = {
     f"column {EVENTS_TABLE}_instances.backend_pid": "add_instance_sessions_v7",
     f"index ix_{EVENTS_TABLE}_delayed": "add_claim_indexes_v8",
     "ready lane index": "add_claim_indexes_v8",
+    f"table {SCHEMA}.{UNSENT_TABLE}": "add_unsent_table_v9",
+    f"table {SCHEMA}.{SENT_TABLE}": "add_unsent_table_v9",
+    f"trigger {ENQUEUE_TRIGGER}": "add_unsent_table_v9",
+    "unsent ready lane index": "add_unsent_table_v9",
 }
 
 @functools.cache
@@ -55,18 +70,20 @@ def problems(conn: Connection) -> list[str]:
             continue
         missing += [f"column {table.name}.{c.name}" for c in table.columns if c.name not in columns[table.name]]
     indexes = catalog.indexes(conn)
-    for table in metadata.tables.values():
-        missing += [f"index {index.name}" for index in table.indexes if index.name not in indexes]
-    if not catalog.has_notify_trigger(conn):
-        missing.append(f"trigger {NOTIFY_TRIGGER}")
+    for table in metadata.tables.values():  # a missing table's indexes go without saying
+        if table.name in columns:
+            missing += [f"index {index.name}" for index in table.indexes if index.name not in indexes]
+    missing += [f"trigger {name}" for name in (NOTIFY_TRIGGER, ENQUEUE_TRIGGER) if not catalog.has_trigger(conn, name)]
     if SETTINGS_TABLE in columns:
         if catalog.lane_count(conn) is None:
             missing.append(f"the row of {SCHEMA}.{SETTINGS_TABLE}")
         elif not any(name.startswith(READY_INDEX_PREFIX) for name in indexes):
-            # v8 replaced v5's lane index: without either, the history lacks both functions.
-            if not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
-                missing.append("lane index")
-            missing.append("ready lane index")
+            # v5's lane index, then v8's, then v9's on the unsent table: say which functions are missing.
+            if not any(name.startswith(EVENTS_READY_INDEX_PREFIX) for name in indexes):
+                if not any(name.startswith(LANE_INDEX_PREFIX) for name in indexes):
+                    missing.append("lane index")
+                missing.append("ready lane index")
+            missing.append("unsent ready lane index")
     if missing:
         return missing
     managed, current = catalog.managed_revision(conn)

@@ -18,9 +18,10 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from outbox_relay import enqueue, migrate
-from outbox_relay.models import EVENTS_TABLE, SCHEMA
+from outbox_relay.models import EVENTS_TABLE, SCHEMA, UNSENT_TABLE
 
 EVENTS = f"{SCHEMA}.{EVENTS_TABLE}"  # the configured names (OUTBOX_SCHEMA, OUTBOX_TABLE)
+UNSENT = f"{SCHEMA}.{UNSENT_TABLE}"
 
 ROOT = Path(__file__).resolve().parent.parent
 base = os.environ["OUTBOX_DATABASE_URL"]
@@ -54,8 +55,9 @@ writer.start()
 try:
     time.sleep(75)  # over a minute of history for the chart
     with engine.begin() as conn:  # one parked event, as an operator would see it
-        conn.execute(text(f"UPDATE {EVENTS} SET state = 'failed', sent_at = NULL, last_error = 'MSG_SIZE_TOO_LARGE'"
-                          f" WHERE id = (SELECT max(id) FROM {EVENTS} WHERE state = 'sent')"))
+        conn.execute(text(f"INSERT INTO {UNSENT} (id, lane_key, state, attempts, last_error) SELECT id, lane_key,"
+                          f" 'failed', 1, 'MSG_SIZE_TOO_LARGE' FROM {EVENTS} e WHERE id = (SELECT max(id) FROM"
+                          f" {EVENTS} s WHERE NOT EXISTS (SELECT 1 FROM {UNSENT} u WHERE u.id = s.id))"))
     time.sleep(4)
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",

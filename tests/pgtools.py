@@ -15,13 +15,43 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from outbox_relay.db.connection import conninfo
-from outbox_relay.models import EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SCHEMA, SETTINGS_TABLE
+from outbox_relay.models import (
+    EVENTS_TABLE,
+    INSTANCES_TABLE,
+    LANES_TABLE,
+    SCHEMA,
+    SENT_TABLE,
+    SETTINGS_TABLE,
+    STATE_VIEW,
+    UNSENT_TABLE,
+)
 
 # Qualified names for SQL text (each part is a plain lower-case identifier: models check that at import).
 EVENTS = f"{SCHEMA}.{EVENTS_TABLE}"
 LANES = f"{SCHEMA}.{LANES_TABLE}"
 SETTINGS = f"{SCHEMA}.{SETTINGS_TABLE}"
 INSTANCES = f"{SCHEMA}.{INSTANCES_TABLE}"
+UNSENT = f"{SCHEMA}.{UNSENT_TABLE}"
+SENT = f"{SCHEMA}.{SENT_TABLE}"
+EVENT_STATES = f"{SCHEMA}.{STATE_VIEW}"  # each event with its state, attempts, last_error, sent_at
+
+
+def set_state_sql(state: str, where: str, *, sent_at: str = "now()", last_error: str = "NULL",
+                  attempts: int = 0) -> str:
+    """One statement that puts the events matching ``where`` (a condition on the events table, aliased
+    ``e``) in ``state``, as the relay, an operator or lost writes would have: a sent event leaves the
+    unsent table for a batch sent at ``sent_at``; any other state is its unsent row (made again, and
+    the event taken out of its batch, when it had been sent)."""
+    if state == "sent":
+        return (f"WITH d AS (DELETE FROM {UNSENT} u USING {EVENTS} e WHERE e.id = u.id AND ({where}) RETURNING u.id)"
+                f" INSERT INTO {SENT} (sent_at, first_id, last_id, ids) SELECT {sent_at}, min(id), max(id),"
+                " array_agg(id ORDER BY id) FROM d HAVING count(*) > 0")
+    return (f"WITH chosen AS (SELECT e.id, e.lane_key FROM {EVENTS} e WHERE ({where})),"
+            f" unbatched AS (UPDATE {SENT} b SET ids = ARRAY(SELECT x FROM unnest(b.ids) x"
+            " WHERE x NOT IN (SELECT id FROM chosen)) WHERE b.ids && ARRAY(SELECT id FROM chosen))"
+            f" INSERT INTO {UNSENT} (id, lane_key, state, last_error, attempts)"
+            f" SELECT id, lane_key, '{state}', {last_error}, {int(attempts)} FROM chosen ON CONFLICT (id) DO UPDATE"
+            " SET state = EXCLUDED.state, last_error = EXCLUDED.last_error, attempts = EXCLUDED.attempts")
 
 
 def base_url() -> str:

@@ -21,7 +21,7 @@ from outbox_relay.config import Settings
 from outbox_relay.db.operations import ledger_rows
 from outbox_relay.verify import LedgerMessage, LedgerReport, check
 from tests import kafkatools
-from tests.pgtools import EVENTS, LANES, SETTINGS
+from tests.pgtools import EVENT_STATES, LANES, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,7 +217,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: fl
 
 def states(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        return dict(conn.execute(text(f"SELECT state, count(*) FROM {EVENTS} GROUP BY state")).all())
+        return dict(conn.execute(text(f"SELECT state, count(*) FROM {EVENT_STATES} GROUP BY state")).all())
 
 
 def pending(engine: Engine) -> int:

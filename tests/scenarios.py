@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from outbox_relay.verify import LedgerReport
-from tests.pgtools import EVENTS
+from tests.pgtools import EVENT_STATES
 
 SIZE = os.environ.get("OUTBOX_SCENARIO_SIZE", "ci")
 if SIZE not in ("ci", "full"):
@@ -63,7 +63,7 @@ class Sampler:
 
     def _run(self) -> None:
         query = text("SELECT count(*) FILTER (WHERE state = 'sent'), count(*) FILTER (WHERE state = 'pending')"
-                     f" FROM {EVENTS}")
+                     f" FROM {EVENT_STATES}")
         while not self._stop.is_set():
             try:
                 with self.engine.connect() as conn:

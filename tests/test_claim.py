@@ -9,7 +9,7 @@ import pytest
 
 from outbox_relay.db.connection import connect
 from outbox_relay.db.lanes import Store
-from tests.pgtools import EVENTS
+from tests.pgtools import EVENTS, UNSENT
 
 BATCH = 100
 
@@ -19,6 +19,7 @@ def _add(conn: psycopg.Connection[Any], count: int, delay: str = "0 seconds") ->
                  " convert_to(repeat('x', 512), 'UTF8'), now() + %s::interval FROM generate_series(1, %s) g",
                  (delay, count))
     conn.execute(f"ANALYZE {EVENTS}")
+    conn.execute(f"ANALYZE {UNSENT}")
 
 
 def _buffers(conn: psycopg.Connection[Any], store: Store, unmarked: list[int] | None = None) -> tuple[int, int]:
@@ -38,11 +39,14 @@ def lane_conn(database_url: str) -> Any:
 
 def test_a_claim_does_not_walk_delayed_events_that_are_not_due(lane_conn: psycopg.Connection[Any]) -> None:
     store = Store()
+    _add(lane_conn, 20_000)
+    lane_conn.execute(f"DELETE FROM {UNSENT}")  # as if sent: a table of the same size, nothing else to claim
     _add(lane_conn, BATCH)
     rows, alone = _buffers(lane_conn, store)
     assert rows == BATCH
     # 20,000 events written before the due ones, due in an hour: the v5 lane index held them all,
     # so the claim read each of them (about 1,800 buffers) to find the due ones behind.
+    lane_conn.execute(f"DELETE FROM {UNSENT}")
     lane_conn.execute(f"DELETE FROM {EVENTS}")
     _add(lane_conn, 20_000, "1 hour")
     _add(lane_conn, BATCH)
@@ -55,8 +59,7 @@ def test_due_delayed_events_are_claimed_in_id_order_with_the_others(lane_conn: p
     store = Store()
     _add(lane_conn, 3, "1 hour")  # ids 1-3: not due
     _add(lane_conn, 2)  # ids 4-5
-    lane_conn.execute(f"UPDATE {EVENTS} SET created_at = now() - interval '1 minute',"
-                      " available_at = now() - interval '1 second' WHERE id = 2")  # was delayed, due now
+    lane_conn.execute(f"UPDATE {UNSENT} SET due_at = now() - interval '1 second' WHERE id = 2")  # due now
     _add(lane_conn, 1)  # id 6
     claimed = [row.id for row in store.claim(lane_conn, 0, 1, BATCH)]
     assert claimed == [2, 4, 5, 6]

@@ -15,7 +15,7 @@ from outbox_relay import cli as cli_module
 from outbox_relay import enqueue
 from outbox_relay.db.names import NOTIFY_TRIGGER, VERSION_TABLE, lane_index_name
 from outbox_relay.models import SCHEMA
-from tests.pgtools import EVENTS, url_for
+from tests.pgtools import EVENTS, set_state_sql, url_for
 from tests.relaytools import ROOT
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
@@ -51,10 +51,12 @@ def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, databa
     downgraded = cli(database_url, "migrate", "--downgrade", "--revision", "0006_outbox_identity")
     assert downgraded.returncode == 0, downgraded.stderr
     line = one_line(cli(database_url, "status"))
-    # Two revisions behind since 0008 (the claim indexes) came after it.
-    assert ("behind this relay (column events_instances.backend_pid, index ix_events_delayed, ready lane index)"
+    # Three revisions behind: 0007, 0008 (the claim indexes) and 0009 (the unsent table) came after it.
+    assert ("behind this relay (table outbox.events_unsent, table outbox.events_sent, column"
+            " events_instances.backend_pid, trigger events_enqueue, ready lane index, unsent ready lane index)"
             in line and "run `outbox-relay migrate`" in line)
-    assert "outbox_relay.models.migration.add_claim_indexes_v8(), add_instance_sessions_v7()" in line
+    assert ("outbox_relay.models.migration.add_claim_indexes_v8(), add_instance_sessions_v7(), add_unsent_table_v9()"
+            in line)
     assert cli(database_url, "migrate").returncode == 0
     assert cli(database_url, "status").returncode == 0
 
@@ -75,7 +77,7 @@ def test_a_revision_behind_with_the_same_structure_is_named(engine: Engine, data
         conn.execute(text(f"UPDATE {SCHEMA}.{VERSION_TABLE} SET version_num = '0006_outbox_identity'"))
     result = cli(database_url, "lanes", "show")
     assert result.returncode == 5
-    assert "revision 0006_outbox_identity, this relay needs 0008_claim_indexes" in one_line(result)
+    assert "revision 0006_outbox_identity, this relay needs 0009_unsent_table" in one_line(result)
 
 
 def test_run_on_an_unmigrated_database_stops_with_one_line(empty_database_url: str) -> None:
@@ -145,11 +147,11 @@ def test_downgrade_to_base_needs_confirmation(engine: Engine, database_url: str)
         with engine.connect() as conn:
             return conn.execute(text("SELECT to_regclass(:name)"), {"name": EVENTS}).scalar() is not None
 
-    for revision in ("base", "-8"):
+    for revision in ("base", "-9"):
         result = cli(database_url, "migrate", "--downgrade", "--revision", revision)
         assert result.returncode == 2 and "without --yes" in one_line(result)
         assert has_outbox()
-    assert cli(database_url, "migrate", "--downgrade", "--revision", "-1").returncode == 0  # drops indexes only
+    assert cli(database_url, "migrate", "--downgrade", "--revision", "-1").returncode == 0  # keeps every event
     result = cli(database_url, "migrate", "--downgrade", "--revision", "base", "--yes")
     assert result.returncode == 0, result.stderr
     assert not has_outbox()
@@ -193,7 +195,7 @@ def test_verify_judges_order_per_stream_and_finds_parked_rows_in_kafka(engine: E
 
     # An operator (or a bug) parks a row that Kafka already has: retrying it would publish it twice.
     with engine.begin() as conn:
-        conn.execute(text(f"UPDATE {EVENTS} SET state = 'failed', sent_at = NULL, last_error = 'x' WHERE id = 2"))
+        conn.execute(text(set_state_sql("failed", "e.id = 2", last_error="'x'")))
     result = cli(database_url, "verify")
     assert result.returncode == 1
     assert "parked as failed or discarded, yet in Kafka: 1" in result.stdout

@@ -50,11 +50,12 @@ def test_a_relay_runs_end_to_end_under_other_schema_and_table_names(empty_databa
                                         " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')")
     assert sorted(tables) == [
         "shop_outbox.order_events", "shop_outbox.order_events_instances", "shop_outbox.order_events_lanes",
-        "shop_outbox.order_events_settings", "shop_outbox.outbox_relay_version"]
+        "shop_outbox.order_events_sent", "shop_outbox.order_events_settings", "shop_outbox.order_events_state",
+        "shop_outbox.order_events_unsent", "shop_outbox.outbox_relay_version"]
     assert column(empty_database_url, "SELECT nspname FROM pg_namespace WHERE nspname = 'outbox'") == []
 
     relay = relays.start(empty_database_url, **NAMES)
-    wait_until(lambda: column(empty_database_url, "SELECT count(*) FROM shop_outbox.order_events"
+    wait_until(lambda: column(empty_database_url, "SELECT count(*) FROM shop_outbox.order_events_state"
                                                   " WHERE state = 'sent'") == [60], 60, "the relay to publish")
     relay.stop()
     transactional_ids = re.findall(r"transactional\.id (\S+)\)", relay.log())

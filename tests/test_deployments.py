@@ -31,7 +31,7 @@ from outbox_relay.publisher import LanePublisher
 from outbox_relay.verify import LedgerReport
 from outbox_relay.write import Event
 from tests import kafkatools
-from tests.pgtools import EVENTS, INSTANCES, SETTINGS
+from tests.pgtools import EVENTS, INSTANCES, SETTINGS, UNSENT, set_state_sql
 from tests.relaytools import (
     ROOT,
     RelayProcess,
@@ -171,8 +171,7 @@ def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
     # PostgreSQL loses the marks of the last 8 transactions, as a promoted asynchronous standby or a
     # restore would: those rows are pending again although Kafka committed them.
     with engine.begin() as conn:
-        lost = conn.execute(text(f"UPDATE {EVENTS} SET state = 'pending', sent_at = NULL"
-                                 f" WHERE id > (SELECT max(id) - 400 FROM {EVENTS})")).rowcount
+        lost = conn.execute(text(set_state_sql("pending", f"e.id > (SELECT max(id) - 400 FROM {EVENTS})"))).rowcount
     assert lost == 400
     relay = drain_more(relays, database_url, engine, topic, 100, name="after-failover", OUTBOX_BATCH_SIZE=50)
     assert "recovered 400 events" in relay.log()
@@ -187,9 +186,10 @@ def test_ids_a_promoted_standby_hands_out_again_are_not_taken_for_published_even
     # 100 before them, and its sequence hands the 100 ids out again to new events.
     with engine.begin() as conn:
         top = conn.execute(text(f"SELECT max(id) FROM {EVENTS}")).scalar_one()
+        conn.execute(text(set_state_sql("pending", "e.id > :t")), {"t": top - 200})
         gone = set(conn.execute(text(f"DELETE FROM {EVENTS} WHERE id > :t RETURNING event_id::text"),
                                 {"t": top - 100}).scalars())
-        conn.execute(text(f"UPDATE {EVENTS} SET state = 'pending', sent_at = NULL WHERE id > :t"), {"t": top - 200})
+        conn.execute(text(f"DELETE FROM {UNSENT} WHERE id > :t"), {"t": top - 100})
         conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{EVENTS}', 'id'), :t)"), {"t": top - 100})
     backlog(engine, topic, 150)  # 100 of them under the ids the lost events had
     relay = drained(relays, database_url, engine, name="after-failover", OUTBOX_BATCH_SIZE=50)
@@ -263,9 +263,9 @@ def test_an_error_after_the_kafka_commit_leads_to_recovery_not_a_second_publish(
         conn.execute(text("INSERT INTO public.refuse_marks VALUES (true)"))
         conn.execute(text(
             "CREATE FUNCTION public.refuse_marks() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-            " IF NEW.state = 'sent' AND EXISTS (SELECT 1 FROM public.refuse_marks) THEN"
-            " RAISE EXCEPTION 'marks refused by the test'; END IF; RETURN NEW; END $$"))
-        conn.execute(text(f"CREATE TRIGGER refuse_marks BEFORE UPDATE ON {EVENTS} FOR EACH ROW"
+            " IF EXISTS (SELECT 1 FROM public.refuse_marks) THEN"
+            " RAISE EXCEPTION 'marks refused by the test'; END IF; RETURN OLD; END $$"))
+        conn.execute(text(f"CREATE TRIGGER refuse_marks BEFORE DELETE ON {UNSENT} FOR EACH ROW"
                           " EXECUTE FUNCTION public.refuse_marks()"))
     backlog(engine, topic, 10)
     relay = relays.start(database_url, OUTBOX_BACKOFF_MAX="0.5")

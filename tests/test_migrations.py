@@ -20,10 +20,13 @@ from outbox_relay.models import (
     LANES_TABLE,
     READY_INDEX_PREFIX,
     SCHEMA,
+    SENT_TABLE,
     SETTINGS_TABLE,
+    STATE_VIEW,
+    UNSENT_TABLE,
     metadata,
 )
-from tests.pgtools import EVENTS, SETTINGS, create_database, drop_database
+from tests.pgtools import EVENT_STATES, EVENTS, SETTINGS, create_database, drop_database
 from tests.relaytools import cli, wait_until
 
 
@@ -37,7 +40,7 @@ def _diff(url: str) -> list[object]:
             "include_name": lambda name, type_, parent: type_ != "schema" or name in (None, SCHEMA),
             # The lane index depends on the lane count in the database, so models cannot declare it.
             "include_object": lambda obj, name, type_, reflected, compare_to: (
-                name != "outbox_relay_version"
+                name not in ("outbox_relay_version", STATE_VIEW)
                 and not (name or "").startswith((LANE_INDEX_PREFIX, READY_INDEX_PREFIX))),
         })
         diff = compare_metadata(context, metadata)
@@ -55,7 +58,7 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_from_empty_matches_the_models(empty_database_url: str) -> None:
     migrate.upgrade(empty_database_url)
     assert _tables(empty_database_url) == {
-        EVENTS_TABLE, INSTANCES_TABLE, LANES_TABLE, SETTINGS_TABLE, "outbox_relay_version"}
+        EVENTS_TABLE, UNSENT_TABLE, SENT_TABLE, INSTANCES_TABLE, LANES_TABLE, SETTINGS_TABLE, "outbox_relay_version"}
     assert _diff(empty_database_url) == []
 
 
@@ -93,7 +96,8 @@ def _catalog(url: str) -> dict[str, list[tuple[object, ...]]]:
             "columns": sorted(conn.exec_driver_sql(
                 "SELECT table_name, column_name, data_type, is_nullable, column_default, generation_expression"
                 " FROM information_schema.columns WHERE table_schema = %(schema)s"
-                " AND table_name <> 'outbox_relay_version'", {"schema": SCHEMA}).all()),
+                " AND table_name NOT IN ('outbox_relay_version', %(view)s)", {"schema": SCHEMA, "view": STATE_VIEW}
+            ).all()),
         }
     engine.dispose()
     return catalog
@@ -122,9 +126,9 @@ def test_the_lane_index_follows_the_lane_count(empty_database_url: str) -> None:
             f"SELECT indexdef FROM pg_indexes WHERE indexname LIKE '{LANE_INDEX_PREFIX}%%'"
             f" OR indexname LIKE '{READY_INDEX_PREFIX}%%'").scalars().all()
     engine.dispose()
-    # Since 0008 the ready index (without delayed events) took the place of v5's lane index.
-    assert indexes == [f"CREATE INDEX {READY_INDEX_PREFIX}4 ON {SCHEMA}.{EVENTS_TABLE} USING btree"
-                       " (((lane_key % 4)), id) WHERE ((state = 'pending'::text) AND (available_at <= created_at))"]
+    # Since 0009 the ready index (without delayed events) is on the narrow unsent table.
+    assert indexes == [f"CREATE INDEX {READY_INDEX_PREFIX}4 ON {SCHEMA}.{UNSENT_TABLE} USING btree"
+                       " (((lane_key % 4)), id) WHERE ((state = 'pending'::text) AND (due_at IS NULL))"]
 
 
 def test_an_outbox_with_pending_sent_and_delayed_events_migrates_to_the_claim_indexes(
@@ -142,13 +146,57 @@ def test_an_outbox_with_pending_sent_and_delayed_events_migrates_to_the_claim_in
         assert claimed == list(range(11, 31))  # pending and due; not the sent, not the delayed
         indexes = {row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s",
                                                   (SCHEMA,))}
-        assert {f"{READY_INDEX_PREFIX}2", f"ix_{EVENTS_TABLE}_delayed"} <= indexes
+        assert {f"{READY_INDEX_PREFIX}2", f"ix_{UNSENT_TABLE}_delayed"} <= indexes
         assert f"{LANE_INDEX_PREFIX}2" not in indexes
         migrate.downgrade(empty_database_url, "0007_instance_sessions")
         indexes = {row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s",
                                                   (SCHEMA,))}
         assert f"{LANE_INDEX_PREFIX}2" in indexes and f"{READY_INDEX_PREFIX}2" not in indexes
         assert f"ix_{EVENTS_TABLE}_delayed" not in indexes
+
+
+_V8_STATE = (f"SELECT id, state, sent_at, attempts, last_error, available_at, (available_at <= created_at)"
+             f" FROM {EVENTS} ORDER BY id")
+
+
+def test_an_outbox_with_events_in_every_state_moves_to_the_unsent_table_and_back(empty_database_url: str) -> None:
+    """0009: pending, sent (two marks), failed, discarded, retried and delayed events keep their state,
+    attempts, error, due time and sent time through the upgrade, and the downgrade restores the v8 rows."""
+    migrate.upgrade(empty_database_url, "0008_claim_indexes", lanes=2)
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {EVENTS} (topic, key) SELECT 't', convert_to('k' || g, 'UTF8')"
+                     " FROM generate_series(1, 40) g")
+        conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() - interval '2 days' WHERE id <= 5")
+        conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() - interval '1 hour'"
+                     " WHERE id BETWEEN 6 AND 10")
+        conn.execute(f"UPDATE {EVENTS} SET state = 'failed', attempts = 3, last_error = 'too big' WHERE id IN (11, 12)")
+        conn.execute(f"UPDATE {EVENTS} SET state = 'discarded', attempts = 1, last_error = 'gone' WHERE id = 13")
+        conn.execute(f"UPDATE {EVENTS} SET attempts = 2, available_at = now() WHERE id = 14")  # retried
+        conn.execute(f"UPDATE {EVENTS} SET available_at = now() + interval '1 hour' WHERE id > 30")
+        before = conn.execute(_V8_STATE).fetchall()
+        migrate.upgrade(empty_database_url, "head")
+        states = dict(conn.execute(f"SELECT state, count(*) FROM {EVENT_STATES} GROUP BY 1").fetchall())
+        assert states == {"sent": 10, "failed": 2, "discarded": 1, "pending": 27}
+        sent_at = conn.execute(f"SELECT id, sent_at FROM {EVENT_STATES} WHERE state = 'sent' ORDER BY id").fetchall()
+        assert [(i, t) for i, _, t, *_ in before if i <= 10] == sent_at
+        with connect(empty_database_url, lane=True) as lane_conn:
+            claimed = {row.id: row.attempts for lane in (0, 1) for row in Store().claim(lane_conn, lane, 2, 100)}
+        assert sorted(claimed) == list(range(14, 31)) and claimed[14] == 2  # not sent, parked or delayed
+        migrate.downgrade(empty_database_url, "0008_claim_indexes")
+        assert conn.execute(_V8_STATE).fetchall() == before
+        assert _diff_from_models_at(empty_database_url, "0008_claim_indexes") == []
+
+
+def _diff_from_models_at(url: str, revision: str) -> list[object]:
+    """The downgraded catalog against a fresh database migrated straight to ``revision``."""
+    name = f"outbox_at_{uuid.uuid4().hex[:12]}"
+    reference = create_database(name)
+    try:
+        migrate.upgrade(reference, revision, lanes=2)
+        ours, theirs = _catalog(url), _catalog(reference)
+        return [(kind, sorted(set(ours[kind]) ^ set(theirs[kind]))) for kind in ours if ours[kind] != theirs[kind]]
+    finally:
+        drop_database(name)
 
 
 def test_migrations_that_index_the_events_table_never_block_its_writers(empty_database_url: str) -> None:

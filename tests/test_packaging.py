@@ -30,7 +30,7 @@ from outbox_relay.db.connection import conninfo
 from outbox_relay.db.names import VERSION_TABLE
 from outbox_relay.models import SCHEMA
 from tests import kafkatools
-from tests.pgtools import EVENTS, SETTINGS, scratch_database
+from tests.pgtools import EVENTS, SETTINGS, UNSENT, scratch_database
 from tests.relaytools import FAST, wait_until
 from tests.test_monitoring import free_port
 
@@ -390,6 +390,6 @@ def _stdout(command: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 def _pending(url: str) -> int:
     with psycopg.connect(conninfo(url)) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {EVENTS} WHERE state <> 'sent'").fetchone()
+        row = conn.execute(f"SELECT count(*) FROM {UNSENT}").fetchone()
     assert row is not None
     return int(row[0])

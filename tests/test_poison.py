@@ -10,13 +10,13 @@ from sqlalchemy import Engine, text
 
 from outbox_relay import enqueue
 from tests import kafkatools
-from tests.pgtools import EVENTS
+from tests.pgtools import EVENT_STATES, EVENTS
 from tests.relaytools import Relays, cli, wait_until
 
 
 def rows_by_value(engine: Engine) -> dict[bytes, tuple[int, str, int, str | None]]:
     with engine.connect() as conn:
-        result = conn.execute(text(f"SELECT id, value, state, attempts, last_error FROM {EVENTS}"))
+        result = conn.execute(text(f"SELECT id, value, state, attempts, last_error FROM {EVENT_STATES}"))
         return {_label(value): (row_id, state, attempts, error) for row_id, value, state, attempts, error in result}
 
 

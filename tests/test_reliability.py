@@ -24,7 +24,7 @@ from sqlalchemy import Engine, create_engine, text
 from outbox_relay import enqueue
 from outbox_relay.web import parse_address
 from tests import kafkatools
-from tests.pgtools import EVENTS, SETTINGS
+from tests.pgtools import EVENT_STATES, EVENTS, SETTINGS, set_state_sql
 from tests.relaytools import (
     ROOT,
     Relays,
@@ -59,7 +59,7 @@ def test_verify_command_reports_a_clean_ledger_and_catches_violations(engine: En
     producer.flush(10)
     with engine.begin() as conn:
         enqueue(conn, topic, b"never published", key="k9")
-        conn.execute(text(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE state = 'pending'"))
+        conn.execute(text(set_state_sql("sent", "TRUE")))
     broken = cli(database_url, "verify")
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert "duplicated=1" in broken.stdout and "marked sent but not in Kafka: 1" in broken.stdout
@@ -142,7 +142,7 @@ def test_topic_deleted_under_the_relay(engine: Engine, database_url: str, relays
     relay.stop()
     received = {m.event_id for m in kafkatools.consume([topic], expected=1, quiet=2.0)}
     with engine.connect() as conn:
-        later = conn.execute(text(f"SELECT event_id::text, state, last_error FROM {EVENTS} WHERE id > :w"),
+        later = conn.execute(text(f"SELECT event_id::text, state, last_error FROM {EVENT_STATES} WHERE id > :w"),
                              {"w": watermark}).all()
     for event_id, state, error in later:
         assert (state == "sent" and event_id in received) or (state == "failed" and error), (event_id, state, error)

@@ -33,7 +33,7 @@ from outbox_relay.db.lanes import Row, Store
 from outbox_relay.errors import DatabaseUnavailable
 from outbox_relay.publisher import LanePublisher
 from tests import kafkatools
-from tests.pgtools import EVENTS
+from tests.pgtools import EVENT_STATES, EVENTS
 from tests.relaytools import Relays, ledger, pending, set_lane_count, states, wait_until
 
 
@@ -159,8 +159,8 @@ def keys_in_lane(lane: int, lanes: int, count: int, prefix: str) -> list[str]:
 def events_of(engine: Engine, topic: str) -> list[tuple[str, int, str | None]]:
     """(state, attempts, last_error) of the topic's events, in id order."""
     with engine.connect() as conn:
-        result = conn.execute(text(f"SELECT state, attempts, last_error FROM {EVENTS} WHERE topic = :t ORDER BY id"),
-                              {"t": topic})
+        result = conn.execute(
+            text(f"SELECT state, attempts, last_error FROM {EVENT_STATES} WHERE topic = :t ORDER BY id"), {"t": topic})
         return [(state, attempts, error) for state, attempts, error in result]
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from outbox_relay import Event, Outbox, enqueue, enqueue_many, errors
 from outbox_relay.models import OutboxEvent
-from tests.pgtools import EVENTS, SETTINGS
+from tests.pgtools import EVENT_STATES, EVENTS, SENT, SETTINGS, UNSENT
 from tests.relaytools import ROOT
 
 
@@ -40,7 +40,9 @@ def test_rollback_leaves_no_row_and_commit_leaves_exactly_one(engine: Engine) ->
     with Session(engine) as session, session.begin():
         event_id = enqueue(session, "orders", {"id": 2})
     stored = rows(engine)
-    assert [(r.event_id, r.topic, r.value, r.state) for r in stored] == [(event_id, "orders", b'{"id":2}', "pending")]
+    assert [(r.event_id, r.topic, r.value) for r in stored] == [(event_id, "orders", b'{"id":2}')]
+    with engine.connect() as conn:  # the enqueue trigger made its unsent row in the same transaction
+        assert conn.execute(text(f"SELECT event_id, state FROM {EVENT_STATES}")).all() == [(event_id, "pending")]
 
 
 def test_enqueue_joins_a_connection_transaction_and_never_commits(engine: Engine) -> None:
@@ -186,11 +188,14 @@ def test_the_limit_is_configurable(engine: Engine) -> None:
 
 
 def test_the_database_rejects_what_bypasses_the_api(engine: Engine) -> None:
-    for column, value in (("topic", "'bad topic'"), ("partition", "-1"), ("state", "'lost'")):
+    for column, value in (("topic", "'bad topic'"), ("partition", "-1"), ("header_names", "'{a}'")):
         with pytest.raises(Exception, match="violates check constraint"), engine.begin() as conn:
-            values = {"topic": "'t'", "partition": "NULL", "state": "'pending'", column: value}
-            conn.execute(text(f"INSERT INTO {EVENTS} (topic, partition, state) "
-                              f"VALUES ({values['topic']}, {values['partition']}, {values['state']})"))
+            values = {"topic": "'t'", "partition": "NULL", "header_names": "'{}'", column: value}
+            conn.execute(text(f"INSERT INTO {EVENTS} (topic, partition, header_names) "
+                              f"VALUES ({values['topic']}, {values['partition']}, {values['header_names']})"))
+    with pytest.raises(Exception, match="violates check constraint"), engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {EVENTS} (topic) VALUES ('t')"))
+        conn.execute(text(f"UPDATE {UNSENT} SET state = 'lost'"))
 
 
 def test_concurrent_writer_threads_get_distinct_ids(engine: Engine) -> None:
@@ -368,8 +373,10 @@ def test_the_documented_writer_role_can_enqueue_and_nothing_more(engine: Engine,
             enqueue_many(conn, [Event("t", b"two"), Event("t", b"three")])
         with Session(limited) as session, session.begin():
             enqueue(session, "t", b"four", delay=dt.timedelta(seconds=1))
-        for statement in (f"SELECT * FROM {EVENTS}", f"UPDATE {EVENTS} SET state = 'sent'",
-                          f"DELETE FROM {EVENTS}", f"SELECT * FROM {SETTINGS}"):
+        # Its inserts write unsent rows through the enqueue trigger (SECURITY DEFINER), and nothing else.
+        for statement in (f"SELECT * FROM {EVENTS}", f"UPDATE {EVENTS} SET topic = 'x'", f"DELETE FROM {EVENTS}",
+                          f"SELECT * FROM {SETTINGS}", f"SELECT * FROM {UNSENT}", f"DELETE FROM {UNSENT}",
+                          f"INSERT INTO {UNSENT} (id, lane_key) VALUES (-1, 0)", f"SELECT * FROM {SENT}"):
             with pytest.raises(Exception, match="permission denied"), limited.begin() as conn:
                 conn.exec_driver_sql(statement)
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from outbox_relay.db.connection import Connection, translated
-from outbox_relay.db.names import NOTIFY_TRIGGER, SETTINGS, SETTINGS_REGCLASS, VERSION, VERSION_REGCLASS
+from outbox_relay.db.names import SETTINGS, SETTINGS_REGCLASS, VERSION, VERSION_REGCLASS
 from outbox_relay.models import EVENTS_TABLE, SCHEMA
 
 _COLUMNS = (
@@ -39,8 +39,9 @@ def indexes(conn: Connection) -> set[str]:
 
 
 @translated()
-def has_notify_trigger(conn: Connection) -> bool:
-    row = conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, NOTIFY_TRIGGER)).fetchone()
+def has_trigger(conn: Connection, name: str) -> bool:
+    """Whether the events table has this trigger."""
+    row = conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, name)).fetchone()
     return bool(row and row[0])
 
 

@@ -1,7 +1,8 @@
 """The backlog snapshot's reads (``outbox_relay.monitor`` assembles and renders them).
 
-Every query goes through a partial index (pending, failed, recently sent), so the cost follows the
-backlog, not the table: ten million sent rows cost nothing. Counts stop at ``cap`` rows per question.
+Every query reads the narrow unsent table (whose size is the backlog) or the last minute's sent
+batches, and reads events by primary key, so the cost follows the backlog, not the table: ten
+million sent rows cost nothing. Counts stop at ``cap`` rows per question.
 """
 
 from __future__ import annotations
@@ -11,37 +12,42 @@ from typing import Any
 from psycopg import sql
 
 from outbox_relay.db.connection import Connection, translated
-from outbox_relay.db.names import EVENTS, INSTANCES, LANES
+from outbox_relay.db.names import EVENTS, INSTANCES, LANES, SENT, UNSENT
 
 # Each returns (topic, lane, figures...) rows.
 BACKLOG = {
     # The failed keys are few (each is an operator's to-do); a hash of them marks the held rows.
     "pending": sql.SQL(
-        "WITH f AS (SELECT key, min(id) AS first FROM {events} WHERE state = 'failed' AND key IS NOT NULL"
-        " AND %(hold)s GROUP BY key)"
+        "WITH f AS (SELECT e.key, min(e.id) AS first FROM {unsent} fu JOIN {events} e ON e.id = fu.id"
+        " WHERE fu.state = 'failed' AND e.key IS NOT NULL AND %(hold)s GROUP BY e.key)"
         " SELECT topic, lane_key %% %(lanes)s, count(*),"
-        " count(*) FILTER (WHERE NOT held AND available_at <= now()),"
-        " count(*) FILTER (WHERE NOT held AND available_at > now()), count(*) FILTER (WHERE held),"
-        " extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT held AND available_at <= now()))"
-        " FROM (SELECT p.topic, p.lane_key, p.available_at, p.created_at, coalesce(f.first < p.id, false) AS held"
-        " FROM (SELECT id, topic, key, lane_key, available_at, created_at FROM {events} WHERE state = 'pending'"
-        " LIMIT %(cap)s) p LEFT JOIN f ON f.key = p.key) q"
+        " count(*) FILTER (WHERE NOT held AND due <= now()),"
+        " count(*) FILTER (WHERE NOT held AND due > now()), count(*) FILTER (WHERE held),"
+        " extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT held AND due <= now()))"
+        " FROM (SELECT e.topic, p.lane_key, coalesce(p.due_at, e.created_at) AS due, e.created_at,"
+        " coalesce(f.first < p.id, false) AS held"
+        " FROM (SELECT id, lane_key, due_at FROM {unsent} WHERE state = 'pending' LIMIT %(cap)s) p"
+        " JOIN {events} e ON e.id = p.id LEFT JOIN f ON f.key = e.key) q"
         " GROUP BY 1, 2"
-    ).format(events=EVENTS),
+    ).format(events=EVENTS, unsent=UNSENT),
     "failed": sql.SQL(
-        "SELECT topic, lane_key %% %(lanes)s, count(*)"
-        " FROM (SELECT topic, lane_key FROM {} WHERE state = 'failed' LIMIT %(cap)s) f GROUP BY 1, 2"
-    ).format(EVENTS),
+        "SELECT e.topic, f.lane_key %% %(lanes)s, count(*)"
+        " FROM (SELECT id, lane_key FROM {unsent} WHERE state = 'failed' LIMIT %(cap)s) f"
+        " JOIN {events} e ON e.id = f.id GROUP BY 1, 2"
+    ).format(events=EVENTS, unsent=UNSENT),
+    # The last minute's batches, their events read by id (at most ``cap``).
     "sent": sql.SQL(
-        "SELECT topic, lane_key %% %(lanes)s, count(*) FROM (SELECT topic, lane_key FROM {}"
-        " WHERE state = 'sent' AND sent_at > now() - interval '1 minute' LIMIT %(cap)s) s GROUP BY 1, 2"
-    ).format(EVENTS),
+        "SELECT e.topic, e.lane_key %% %(lanes)s, count(*) FROM (SELECT unnest(ids) AS id FROM {sent}"
+        " WHERE sent_at > now() - interval '1 minute' LIMIT %(cap)s) s JOIN {events} e ON e.id = s.id GROUP BY 1, 2"
+    ).format(events=EVENTS, sent=SENT),
 }
+# Unsent rows in id order (their primary key): the first that is pending, due and not held.
 _OLDEST = sql.SQL(
-    "SELECT extract(epoch FROM now() - e.created_at) FROM {events} e"
-    " WHERE e.state = 'pending' AND e.available_at <= now() AND (NOT %(hold)s OR e.key IS NULL OR NOT EXISTS ("
-    "SELECT 1 FROM {events} f WHERE f.state = 'failed' AND f.key = e.key AND f.id < e.id)) ORDER BY e.id LIMIT 1"
-).format(events=EVENTS)
+    "SELECT extract(epoch FROM now() - e.created_at) FROM {unsent} u JOIN {events} e ON e.id = u.id"
+    " WHERE u.state = 'pending' AND coalesce(u.due_at, e.created_at) <= now() AND (NOT %(hold)s OR e.key IS NULL"
+    " OR NOT EXISTS (SELECT 1 FROM {unsent} fu JOIN {events} f ON f.id = fu.id WHERE fu.state = 'failed'"
+    " AND fu.lane_key = u.lane_key AND fu.id < u.id AND f.key = e.key)) ORDER BY u.id LIMIT 1"
+).format(events=EVENTS, unsent=UNSENT)
 _OWNERS = sql.SQL(
     "SELECT lane, owner, extract(epoch FROM now() - heartbeat_at) FROM {} WHERE lane < %s ORDER BY lane"
 ).format(LANES)

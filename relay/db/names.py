@@ -14,11 +14,14 @@ from outbox_relay import models
 
 SCHEMA, EVENTS_TABLE = models.SCHEMA, models.EVENTS_TABLE
 EVENTS = sql.Identifier(SCHEMA, EVENTS_TABLE)
+UNSENT = sql.Identifier(SCHEMA, models.UNSENT_TABLE)  # one row per event not sent (pending, failed, discarded)
+SENT = sql.Identifier(SCHEMA, models.SENT_TABLE)  # one row per marked batch
 LANES = sql.Identifier(SCHEMA, models.LANES_TABLE)
 SETTINGS = sql.Identifier(SCHEMA, models.SETTINGS_TABLE)
 INSTANCES = sql.Identifier(SCHEMA, models.INSTANCES_TABLE)
 CHANNEL = sql.Identifier(models.NOTIFY_CHANNEL)
 NOTIFY_TRIGGER = f"{EVENTS_TABLE}_notify"  # the trigger that notifies CHANNEL at commit
+ENQUEUE_TRIGGER = models.ENQUEUE_TRIGGER  # the trigger that writes an unsent row for each inserted event
 VERSION_TABLE = "outbox_relay_version"  # the outbox's own Alembic version table (alembic/env.py)
 VERSION = sql.Identifier(SCHEMA, VERSION_TABLE)
 # to_regclass() takes text: the quoted, qualified names.
@@ -32,5 +35,5 @@ RESIZE_LOCK = 1_000_000
 
 
 def lane_index_name(lanes: int) -> str:
-    """The index each lane's claim walks under this lane count (its ready, pending rows; v8)."""
+    """The index each lane's claim walks under this lane count (its ready, pending unsent rows; v9)."""
     return f"{models.READY_INDEX_PREFIX}{lanes}"

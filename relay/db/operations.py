@@ -10,7 +10,7 @@ from typing import Any
 from psycopg import sql
 
 from outbox_relay.db.connection import Connection, translated
-from outbox_relay.db.names import EVENTS
+from outbox_relay.db.names import EVENTS, SENT, UNSENT
 from outbox_relay.verify import LedgerRow
 
 
@@ -28,17 +28,18 @@ class Selection:
     event_ids: list[uuid.UUID] | None = None
 
     def where(self) -> tuple[sql.Composable, list[Any]]:
+        """The condition on the events table, aliased ``e``, and its parameters."""
         clauses: list[sql.Composable] = []
         params: list[Any] = []
         if self.ids and self.event_ids:
-            clauses.append(sql.SQL("(id = ANY(%s) OR event_id = ANY(%s))"))
+            clauses.append(sql.SQL("(e.id = ANY(%s) OR e.event_id = ANY(%s))"))
             params += [self.ids, self.event_ids]
         for column, value in (("id", None if self.event_ids else self.ids),
                               ("event_id", None if self.ids else self.event_ids),
                               ("topic", self.topic), ("key", self.key)):
             if value:
                 clauses.append(sql.SQL("{} = ANY(%s)" if column in ("id", "event_id") else "{} = %s").format(
-                    sql.Identifier(column)))
+                    sql.Identifier("e", column)))
                 params.append(value)
         if not clauses and not self.everything:
             raise ValueError("say which events: ids, a topic, a key, or all")
@@ -52,27 +53,37 @@ class Selection:
         return " ".join(parts) or "all"
 
 
+_FAILED = sql.SQL("{unsent} u JOIN {events} e ON e.id = u.id").format(unsent=UNSENT, events=EVENTS)
 _FAILED_GROUPS = sql.SQL(
-    "WITH g AS (SELECT coalesce(last_error, '') AS error, count(*) AS n, array_agg(DISTINCT topic) AS topics,"
-    " (array_agg(id ORDER BY id))[1:5] AS ids, (array_agg(event_id::text ORDER BY id))[1:5] AS event_ids,"
-    " (array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL))[1:5] AS keys,"
-    " count(DISTINCT key) AS key_count FROM {events} WHERE state = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
+    "WITH g AS (SELECT coalesce(u.last_error, '') AS error, count(*) AS n, array_agg(DISTINCT e.topic) AS topics,"
+    " (array_agg(e.id ORDER BY e.id))[1:5] AS ids, (array_agg(e.event_id::text ORDER BY e.id))[1:5] AS event_ids,"
+    " (array_agg(DISTINCT e.key) FILTER (WHERE e.key IS NOT NULL))[1:5] AS keys,"
+    " count(DISTINCT e.key) AS key_count FROM {failed} WHERE u.state = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
     " LIMIT %s),"
-    " f AS (SELECT coalesce(last_error, '') AS error, key, min(id) AS first FROM {events}"
-    " WHERE state = 'failed' AND key IS NOT NULL GROUP BY 1, 2),"
-    " h AS (SELECT f.error, count(*) AS held FROM f JOIN {events} p ON p.state = 'pending' AND p.key = f.key"
-    " AND p.id > f.first GROUP BY 1)"
+    " f AS (SELECT coalesce(u.last_error, '') AS error, e.key, min(e.id) AS first FROM {failed}"
+    " WHERE u.state = 'failed' AND e.key IS NOT NULL GROUP BY 1, 2),"
+    " h AS (SELECT f.error, count(*) AS held FROM f JOIN {events} p ON p.key = f.key AND p.id > f.first"
+    " JOIN {unsent} pu ON pu.id = p.id AND pu.state = 'pending' GROUP BY 1)"
     " SELECT g.error, g.n, g.topics, g.ids, g.event_ids, coalesce(g.keys, '{{}}'), g.key_count,"
     " coalesce(h.held, 0) FROM g LEFT JOIN h ON h.error = g.error ORDER BY g.n DESC, g.error"
-).format(events=EVENTS)
-# What an action does to the failed events it selects.
+).format(failed=_FAILED, events=EVENTS, unsent=UNSENT)
+# What an action does to the failed events it selects (their unsent rows).
 FAILED_CHANGES = {
-    "retry": sql.SQL("state = 'pending', attempts = 0, available_at = now()"),
+    "retry": sql.SQL("state = 'pending', attempts = 0, due_at = now()"),
     "discard": sql.SQL("state = 'discarded'"),
 }
-_WINDOW = sql.SQL(
-    "sent_at >= coalesce(%s::timestamptz, '-infinity') AND sent_at < coalesce(%s::timestamptz, 'infinity')"
-)
+# Sent events, two ways. Selected events (ids, a topic, a key) are each looked up in the batch
+# whose id range holds them (a GiST index on the ranges); everything sent in a window is read
+# from the window's batches instead.
+_BATCH_IN_WINDOW = ("b.sent_at >= coalesce(%s::timestamptz, '-infinity')"
+                    " AND b.sent_at < coalesce(%s::timestamptz, 'infinity')")
+_SENT_SELECTED = sql.SQL(
+    "{events} e WHERE EXISTS (SELECT 1 FROM {sent} b WHERE int8range(b.first_id, b.last_id, '[]') @> e.id"
+    " AND e.id = ANY(b.ids) AND " + _BATCH_IN_WINDOW + ") AND "
+).format(events=EVENTS, sent=SENT)
+_SENT_IN_WINDOW = sql.SQL(
+    "(SELECT unnest(b.ids) AS id FROM {sent} b WHERE " + _BATCH_IN_WINDOW + ") s JOIN {events} e ON e.id = s.id WHERE "
+).format(sent=SENT, events=EVENTS)
 
 
 @translated()
@@ -87,10 +98,12 @@ def change_failed(conn: Connection, action: str, selection: Selection, *, dry_ru
     """Apply ``action`` (a key of FAILED_CHANGES) to the selected failed events; how many (would) change."""
     where, params = selection.where()
     if dry_run:
-        query = sql.SQL("SELECT count(*) FROM {} WHERE state = 'failed' AND {}").format(EVENTS, where)
+        query = sql.SQL("SELECT count(*) FROM {} WHERE u.state = 'failed' AND {}").format(_FAILED, where)
         row = conn.execute(query, params).fetchone()
         return int(row[0]) if row else 0
-    query = sql.SQL("UPDATE {} SET {} WHERE state = 'failed' AND {}").format(EVENTS, FAILED_CHANGES[action], where)
+    query = sql.SQL("UPDATE {unsent} u SET {change} FROM {events} e"
+                    " WHERE e.id = u.id AND u.state = 'failed' AND {where}").format(
+        unsent=UNSENT, change=FAILED_CHANGES[action], events=EVENTS, where=where)
     return conn.execute(query, params).rowcount
 
 
@@ -99,22 +112,26 @@ def replay(conn: Connection, selection: Selection | None, since: dt.datetime | N
            header: str, *, dry_run: bool) -> int:
     """Copy the sent events that match (None: every one sent in the window) as new events with ``header``
     naming the original; how many (would)."""
+    selected = selection is not None and not selection.everything
     where, params = selection.where() if selection is not None else (sql.SQL("TRUE"), [])
-    params = [*params, since, until]
+    params = [since, until, *params]
+    sent = _SENT_SELECTED if selected else _SENT_IN_WINDOW
     if dry_run:
-        query = sql.SQL("SELECT count(*) FROM {} WHERE state = 'sent' AND {} AND {}").format(EVENTS, where, _WINDOW)
-        row = conn.execute(query, params).fetchone()
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}{}").format(sent, where), params).fetchone()
         return int(row[0]) if row else 0
     query = sql.SQL(
         "INSERT INTO {events} (topic, key, value, header_names, header_values, partition)"
-        " SELECT topic, key, value, header_names || %s::text, header_values || convert_to(event_id::text, 'UTF8')"
-        " , partition FROM {events} WHERE state = 'sent' AND {where} AND {window} ORDER BY id"
-    ).format(events=EVENTS, where=where, window=_WINDOW)
+        " SELECT e.topic, e.key, e.value, e.header_names || %s::text,"
+        " e.header_values || convert_to(e.event_id::text, 'UTF8'), e.partition FROM {sent}{where} ORDER BY e.id"
+    ).format(events=EVENTS, sent=sent, where=where)
     return conn.execute(query, [header, *params]).rowcount
 
 
 @translated()
 def ledger_rows(conn: Connection) -> list[LedgerRow]:
     """Every row of the outbox table (all states), in id order: what `outbox-relay verify` compares."""
-    query = sql.SQL("SELECT id, event_id::text, topic, key, state FROM {} ORDER BY id").format(EVENTS)
+    query = sql.SQL(
+        "SELECT e.id, e.event_id::text, e.topic, e.key, coalesce(u.state, 'sent') FROM {events} e"
+        " LEFT JOIN {unsent} u ON u.id = e.id ORDER BY e.id"
+    ).format(events=EVENTS, unsent=UNSENT)
     return [LedgerRow(*row) for row in conn.execute(query)]

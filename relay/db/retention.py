@@ -8,17 +8,26 @@ import time
 from psycopg import sql
 
 from outbox_relay.db.connection import Connection, translated
-from outbox_relay.db.names import EVENTS
+from outbox_relay.db.names import EVENTS, SENT, UNSENT
 
-# Sent events age from when they were sent; discarded ones (never sent) from when they were written.
-_AGE_COLUMNS = (("sent", "sent_at"), ("discarded", "created_at"))
-_DELETE = {
-    state: sql.SQL(
-        "DELETE FROM {events} WHERE id IN (SELECT id FROM {events} WHERE state = %s"
-        " AND {column} < now() - %s ORDER BY {column} LIMIT %s FOR UPDATE SKIP LOCKED)"
-    ).format(events=EVENTS, column=sql.Identifier(column))
-    for state, column in _AGE_COLUMNS
-}
+# Sent events age from when their batch was sent: the oldest batches go, with their events.
+_DELETE_SENT = sql.SQL(
+    "WITH b AS (DELETE FROM {sent} WHERE id IN (SELECT id FROM {sent} WHERE sent_at < now() - %s"
+    " ORDER BY sent_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING ids)"
+    " DELETE FROM {events} WHERE id IN (SELECT unnest(ids) FROM b)"
+).format(sent=SENT, events=EVENTS)
+# Discarded events (never sent) age from when they were written.
+_DELETE_DISCARDED = sql.SQL(
+    "WITH u AS (DELETE FROM {unsent} WHERE id IN (SELECT u.id FROM {unsent} u JOIN {events} e ON e.id = u.id"
+    " WHERE u.state = 'discarded' AND e.created_at < now() - %s ORDER BY u.id LIMIT %s FOR UPDATE OF u SKIP LOCKED)"
+    " RETURNING id) DELETE FROM {events} WHERE id IN (SELECT id FROM u)"
+).format(unsent=UNSENT, events=EVENTS)
+# Unsent rows whose event is gone (deleted by hand): claims would step over them for ever.
+_DELETE_ORPHANS = sql.SQL(
+    "DELETE FROM {unsent} u WHERE NOT EXISTS (SELECT 1 FROM {events} e WHERE e.id = u.id)"
+).format(unsent=UNSENT, events=EVENTS)
+# A batch holds up to a relay's batch size of events: this many batches make one small delete.
+_BATCHES_PER_DELETE = 10
 
 
 @translated()
@@ -27,10 +36,15 @@ def delete_expired(conn: Connection, retention: dt.timedelta, *, batch: int = 10
     no giant transaction), for at most ``budget_s`` seconds. Returns how many were deleted."""
     deleted = 0
     deadline = time.monotonic() + budget_s
-    for state, query in _DELETE.items():
-        while time.monotonic() < deadline:
-            count = conn.execute(query, (state, retention, batch)).rowcount
-            deleted += count
-            if count < batch:
-                break
+    while time.monotonic() < deadline:
+        count = conn.execute(_DELETE_SENT, (retention, _BATCHES_PER_DELETE)).rowcount
+        deleted += count
+        if count == 0:
+            break
+    while time.monotonic() < deadline:
+        count = conn.execute(_DELETE_DISCARDED, (retention, batch)).rowcount
+        deleted += count
+        if count < batch:
+            break
+    conn.execute(_DELETE_ORPHANS)
     return deleted
