@@ -441,9 +441,6 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def claim_ms(url: str, lanes: int = 4, runs: int = 30) -> float:
     """Median execution time of the relay's claim (lane 0, batch 1000), from EXPLAIN ANALYZE."""
-    from outbox_relay.db.connection import connect
-    from outbox_relay.db.lanes import Store
-
     query = Store().claim_query(lanes).as_string()
     times = []
     with connect(url, lane=True) as conn:
@@ -487,6 +484,14 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# The outbox's rows and size: the events, unsent and sent tables together.
+TABLE_SIZES = (
+    f"SELECT (SELECT count(*) FROM {EVENTS}), (pg_table_size('{EVENTS}') + pg_table_size('{UNSENT}')"
+    f" + pg_table_size('{SENT}')) / 1048576.0, (pg_indexes_size('{EVENTS}') + pg_indexes_size('{UNSENT}')"
+    f" + pg_indexes_size('{SENT}')) / 1048576.0"
+)
+
+
 def retention(args: argparse.Namespace) -> dict[str, Any]:
     """A relay with 7 days' retention where a day lasts --retention-day-seconds: each day --retention-per-day
     events are written (in 10 bursts), drained and later deleted by the relay's own retention job."""
@@ -513,9 +518,7 @@ def retention(args: argparse.Namespace) -> dict[str, Any]:
                 write_s += time.monotonic() - started
             drained = wait_until(lambda: pending(url) == 0, [relay], what="the day's drain")
             row = {"day": n, "write_rows_per_s": per_day / write_s, "drain_s": drained, "claim_ms": claim_ms(url),
-                   **dict(zip(("rows", "table_mib", "indexes_mib"), sql(
-                       url, f"SELECT (SELECT count(*) FROM {EVENTS}), pg_table_size('{EVENTS}') / 1048576.0,"
-                            f" pg_indexes_size('{EVENTS}') / 1048576.0")[0]))}
+                   **dict(zip(("rows", "table_mib", "indexes_mib"), sql(url, TABLE_SIZES)[0]))}
             days.append(row)
             print(f"  day {n:>2}: {int(row['rows']):>11,} rows, table {float(row['table_mib']):>7,.0f} MiB, indexes"
                   f" {float(row['indexes_mib']):>6,.0f} MiB, claim {row['claim_ms']:.2f} ms,"

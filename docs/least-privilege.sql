@@ -5,7 +5,9 @@
 CREATE ROLE outbox_relay LOGIN;
 GRANT USAGE ON SCHEMA outbox TO outbox_relay;
 GRANT SELECT, DELETE ON outbox.events TO outbox_relay;
-GRANT UPDATE (state, sent_at, attempts, last_error) ON outbox.events TO outbox_relay;
+-- What is still to do (the mark deletes its rows; failures update them) and what was sent, per batch.
+GRANT SELECT, UPDATE (attempts, last_error, state), DELETE ON outbox.events_unsent TO outbox_relay;
+GRANT SELECT, INSERT, DELETE, UPDATE (sent_at) ON outbox.events_sent TO outbox_relay;  -- UPDATE: retention's row locks
 GRANT SELECT, INSERT, UPDATE ON outbox.events_lanes TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.events_instances TO outbox_relay;
 GRANT SELECT ON outbox.events_settings TO outbox_relay;
