@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
-from outbox_relay.models.outbox import _identifier
+from outbox_relay.models.names import _identifier
 
 INBOX_SCHEMA = _identifier("OUTBOX_INBOX_SCHEMA", "inbox")
 PROCESSED_TABLE = "processed"

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from alembic import op
-from outbox_relay.models.outbox import (
+from outbox_relay.models.names import (
     EVENTS_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,

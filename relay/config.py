@@ -18,12 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
+from outbox_relay.db.connection import database_name
 from outbox_relay.errors import ConfigurationError
-from outbox_relay.models import EVENTS_TABLE, SCHEMA
+from outbox_relay.limits import DEFAULT_MAX_MESSAGE_BYTES
+from outbox_relay.models.names import EVENTS_TABLE, SCHEMA
 from outbox_relay.progress import MAX_RECORD_IDS
-from outbox_relay.write import DEFAULT_MAX_MESSAGE_BYTES
 
 KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
 _SECRET = re.compile(r"password|secret|token|credential|oauthbearer\.config|ssl\.key\.pem|keystore|private", re.I)
@@ -179,7 +178,7 @@ class Settings:
 
     def kafka_names(self, outbox_id: str) -> KafkaNames:
         """This outbox's names in Kafka; the defaults carry its durable identity (made by `migrate`)."""
-        database = make_url(self.database_url).database or "postgres"
+        database = database_name(self.database_url) or "postgres"
         default = kafka_safe(f"outbox-relay.{database}.{SCHEMA}.{EVENTS_TABLE}.{outbox_id[:12]}")
         prefix = self.transactional_id_prefix or default
         return KafkaNames(outbox_id, prefix, self.progress_topic or f"{prefix}.progress")

@@ -2,8 +2,9 @@
 
 Every command runs it before it works, whoever owns the migrations:
 
-- **Structure**, compared with the models (so a table, column or index a new release declares is
-  required as soon as it is declared), plus what the models cannot declare: the commit and
+- **Structure**, compared with what the models declare (``REQUIRED``, kept equal to them by a unit
+  test: a table, column or index a new release declares is required as soon as it is declared),
+  plus what the models cannot declare: the commit and
   enqueue triggers and the ready lane index of the current lane count. A handful of catalog reads,
   whatever the table's size.
 - **Revision**: when ``outbox-relay migrate`` manages the schema, its version table must be at this
@@ -13,23 +14,38 @@ Every command runs it before it works, whoever owns the migrations:
 
 from __future__ import annotations
 
-import functools
-
 from outbox_relay.db import catalog
 from outbox_relay.db.connection import Connection
 from outbox_relay.db.names import ENQUEUE_TRIGGER, NOTIFY_TRIGGER
 from outbox_relay.errors import SchemaError
-from outbox_relay.models import (
+from outbox_relay.models.names import (
     EVENTS_READY_INDEX_PREFIX,
     EVENTS_TABLE,
+    INSTANCES_TABLE,
     LANE_INDEX_PREFIX,
+    LANES_TABLE,
     READY_INDEX_PREFIX,
     SCHEMA,
     SENT_TABLE,
     SETTINGS_TABLE,
     UNSENT_TABLE,
-    metadata,
 )
+
+# The revision at this release's head, and each table's columns and indexes as the models declare
+# them: spelled out so that the check runs without loading SQLAlchemy or Alembic into the daemon.
+# tests/unit/test_schema_manifest.py keeps both equal to the models and the migration history.
+HEAD_REVISION = "0009_unsent_table"
+REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    EVENTS_TABLE: (("id", "event_id", "topic", "key", "value", "header_names", "header_values", "partition",
+                    "lane_key", "created_at", "available_at"), ()),
+    UNSENT_TABLE: (("id", "lane_key", "due_at", "state", "attempts", "last_error"),
+                   (f"ix_{UNSENT_TABLE}_delayed", f"ix_{UNSENT_TABLE}_failed", f"ix_{UNSENT_TABLE}_discarded")),
+    SENT_TABLE: (("id", "sent_at", "first_id", "last_id", "ids"),
+                 (f"ix_{SENT_TABLE}_sent_at", f"ix_{SENT_TABLE}_id_range")),
+    LANES_TABLE: (("lane", "owner", "acquired_at", "heartbeat_at"), ()),
+    SETTINGS_TABLE: (("id", "lane_count", "resize_to", "outbox_id"), ()),
+    INSTANCES_TABLE: (("name", "started_at", "heartbeat_at", "backend_pid"), ()),
+}
 
 # Which migration function adds what, for applications that own their Alembic history.
 _ADDED_BY = {
@@ -48,14 +64,6 @@ _ADDED_BY = {
     "unsent ready lane index": "add_unsent_table_v9",
 }
 
-@functools.cache
-def head_revision() -> str:
-    """The newest revision of the outbox's own history, as installed."""
-    from alembic.script import ScriptDirectory
-
-    from outbox_relay.migrate import script_location
-
-    return str(ScriptDirectory(script_location()).get_current_head())
 
 
 def problems(conn: Connection) -> list[str]:
@@ -64,15 +72,15 @@ def problems(conn: Connection) -> list[str]:
     if EVENTS_TABLE not in columns:
         return [f"no outbox: schema {SCHEMA!r} has no table {EVENTS_TABLE!r}"]
     missing: list[str] = []
-    for table in metadata.tables.values():
-        if table.name not in columns:
-            missing.append(f"table {SCHEMA}.{table.name}")
+    for table, (table_columns, _) in REQUIRED.items():
+        if table not in columns:
+            missing.append(f"table {SCHEMA}.{table}")
             continue
-        missing += [f"column {table.name}.{c.name}" for c in table.columns if c.name not in columns[table.name]]
+        missing += [f"column {table}.{column}" for column in table_columns if column not in columns[table]]
     indexes = catalog.indexes(conn)
-    for table in metadata.tables.values():  # a missing table's indexes go without saying
-        if table.name in columns:
-            missing += [f"index {index.name}" for index in table.indexes if index.name not in indexes]
+    for table, (_, table_indexes) in REQUIRED.items():  # a missing table's indexes go without saying
+        if table in columns:
+            missing += [f"index {index}" for index in table_indexes if index not in indexes]
     missing += [f"trigger {name}" for name in (NOTIFY_TRIGGER, ENQUEUE_TRIGGER) if not catalog.has_trigger(conn, name)]
     if SETTINGS_TABLE in columns:
         if catalog.lane_count(conn) is None:
@@ -87,8 +95,8 @@ def problems(conn: Connection) -> list[str]:
     if missing:
         return missing
     managed, current = catalog.managed_revision(conn)
-    if managed and current != head_revision():
-        return [f"revision {current or '(none)'}, this relay needs {head_revision()}"]
+    if managed and current != HEAD_REVISION:
+        return [f"revision {current or '(none)'}, this relay needs {HEAD_REVISION}"]
     return []
 
 

@@ -29,10 +29,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from outbox_relay import errors
+from outbox_relay.limits import DEFAULT_MAX_MESSAGE_BYTES
 from outbox_relay.models import EVENTS_TABLE, TOPIC_PATTERN, OutboxEvent
 
-# Kafka's default message.max.bytes (broker) and max.request.size neighbourhood.
-DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 # Record framing, the relay's outbox-event-id header and a content-type header, with margin.
 RECORD_OVERHEAD_BYTES = 256
 

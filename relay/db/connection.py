@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
+import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 
 from outbox_relay.db.names import CHANNEL
-from outbox_relay.errors import DatabaseError, DatabaseUnavailable
+from outbox_relay.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 
 Connection: TypeAlias = "psycopg.Connection[Any]"
 _Class = TypeVar("_Class", bound=type)
@@ -39,10 +40,11 @@ def translated(doing: str = "") -> Iterator[None]:
 
     Errors that SQLAlchemy wraps (Alembic runs the migrations through it) are judged by psycopg's inside.
     """
+    caught: tuple[type[BaseException], ...] = (psycopg.Error, *_sqlalchemy_errors())
     try:
         yield
-    except (psycopg.Error, DBAPIError) as exc:
-        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    except caught as exc:
+        cause = getattr(exc, "orig", exc)
         if isinstance(cause, psycopg.OperationalError):
             raise DatabaseUnavailable(f"{doing or 'PostgreSQL'}: {first_line(cause)}") from exc
         if isinstance(cause, psycopg.Error):
@@ -52,9 +54,17 @@ def translated(doing: str = "") -> Iterator[None]:
 
 def is_unavailable(exc: BaseException) -> bool:
     """A lost or refused connection (psycopg's own, or one SQLAlchemy wraps): worth retrying as it is."""
-    if isinstance(exc, DBAPIError):
-        return bool(exc.connection_invalidated) or isinstance(exc.orig, psycopg.OperationalError)
+    if isinstance(exc, _sqlalchemy_errors()):
+        return (bool(getattr(exc, "connection_invalidated", False))
+                or isinstance(getattr(exc, "orig", None), psycopg.OperationalError))
     return isinstance(exc, psycopg.OperationalError)
+
+
+def _sqlalchemy_errors() -> tuple[type[Exception], ...]:
+    """SQLAlchemy's wrapper of driver errors, if SQLAlchemy is loaded at all: the daemon never loads it
+    (its memory is not the daemon's to pay), and nothing can raise its errors then."""
+    exc = sys.modules.get("sqlalchemy.exc")
+    return (exc.DBAPIError,) if exc is not None else ()
 
 
 def translate_errors(cls: _Class) -> _Class:
@@ -70,26 +80,47 @@ def translate_errors(cls: _Class) -> _Class:
 
 
 def conninfo(database_url: str) -> str:
-    """A libpq connection string from a SQLAlchemy URL (postgresql+psycopg://...).
+    """A libpq connection URI from a SQLAlchemy URL (postgresql+psycopg://...), read as SQLAlchemy reads it.
 
     SQLAlchemy spells several hosts ``?host=a:5432&host=b:5433`` (its only multi-host form); libpq
     wants ``host=a,b&port=5432,5433``, so a primary and its standby are both tried.
     """
-    url = make_url(database_url)
-    hosts = url.query.get("host")
-    hosts = (hosts,) if isinstance(hosts, str) else hosts
-    if hosts and any(":" in host for host in hosts):
+    parts = _split(database_url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    hosts = [value for key, value in query if key == "host"]
+    if any(":" in host for host in hosts):
+        default_port = str(_port(parts) or 5432)
         pairs = [host.rpartition(":") if ":" in host else (host, "", "") for host in hosts]
-        query = {**url.query, "host": ",".join(name for name, _, _ in pairs),
-                 "port": ",".join(port or str(url.port or 5432) for _, _, port in pairs)}
-        url = url.set(query=query)
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+        query = [(key, value) for key, value in query if key not in ("host", "port")]
+        query += [("host", ",".join(name for name, _, _ in pairs)),
+                  ("port", ",".join(port or default_port for _, _, port in pairs))]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def database_name(database_url: str) -> str:
+    """The database the URL names, as SQLAlchemy's URL.database reads it ('' if none)."""
+    return urllib.parse.unquote(_split(database_url).path[1:])
 
 
 def where(database_url: str) -> str:
     """host:port/database, for messages (no user, no password)."""
-    url = make_url(database_url)
-    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    parts = _split(database_url)
+    return f"{parts.hostname or 'localhost'}:{_port(parts) or 5432}/{database_name(database_url)}"
+
+
+def _split(database_url: str) -> urllib.parse.SplitResult:
+    scheme, separator, rest = database_url.partition("://")
+    if not separator or scheme.partition("+")[0] not in ("postgresql", "postgres"):
+        shown = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", database_url)
+        raise ConfigurationError(f"{shown!r} is not a PostgreSQL URL (postgresql+psycopg://user:password@host/database)")
+    return urllib.parse.urlsplit(f"postgresql://{rest}")
+
+
+def _port(parts: urllib.parse.SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        raise ConfigurationError("the database URL's port is not a number from 0 to 65535") from None
 
 
 # Session settings are SET after connecting rather than sent as the `options` startup parameter,

@@ -1,0 +1,65 @@
+"""The daemon does not load what only applications and migrations need (SQLAlchemy, Alembic): its
+memory is the batch's, and the schema check it runs at start reads a manifest kept equal to the models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+
+from outbox_relay import schema
+from outbox_relay.db.connection import conninfo, database_name, where
+from outbox_relay.errors import ConfigurationError
+from outbox_relay.migrate import script_location
+from outbox_relay.models import metadata
+
+# Every module `outbox-relay run` (and status, failed, replay, lanes, verify) imports.
+DAEMON = ("outbox_relay.cli", "outbox_relay.daemon", "outbox_relay.schema", "outbox_relay.web",
+          "outbox_relay.monitor", "outbox_relay.operations", "outbox_relay.resize", "outbox_relay.verify",
+          "outbox_relay.db.retention")
+
+
+def test_the_daemon_never_imports_sqlalchemy_or_alembic() -> None:
+    code = (f"import {', '.join(DAEMON)}, sys\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'alembic')}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_the_schema_manifest_is_what_the_models_and_the_history_declare() -> None:
+    declared = {table.name: (tuple(c.name for c in table.columns), tuple(sorted(str(i.name) for i in table.indexes)))
+                for table in metadata.tables.values()}
+    assert {name: (columns, tuple(sorted(indexes))) for name, (columns, indexes) in schema.REQUIRED.items()} == declared
+    head = ScriptDirectory(script_location()).get_current_head()
+    assert head == schema.HEAD_REVISION
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://outbox@127.0.0.1:25432/outbox",
+    "postgresql+psycopg://user:p%40ss%2Fw@db.example:6432/my%20db?sslmode=require",
+    "postgresql://u@h/",
+    "postgresql+psycopg://u@/outbox?host=a:5432&host=b:5433",
+    "postgresql+psycopg://u@/outbox?host=/var/run/postgresql",
+])
+def test_database_urls_read_as_sqlalchemy_reads_them(url: str) -> None:
+    """The database name is part of the default transactional.id prefix: it must not change with the parser."""
+    parsed = make_url(url)
+    assert database_name(url) == (parsed.database or "")
+    assert where(url).endswith(f"/{parsed.database or ''}")
+    assert conninfo(url).startswith("postgresql://")
+
+
+def test_several_hosts_become_libpq_lists() -> None:
+    assert conninfo("postgresql+psycopg://u@/outbox?host=a:5432&host=b:5433&sslmode=require") == (
+        "postgresql://u@/outbox?sslmode=require&host=a%2Cb&port=5432%2C5433")
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", "outbox", "postgresql+psycopg://u:secret@h:notaport/db"])
+def test_a_url_that_is_not_postgresql_is_one_clear_error(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        conninfo(url)
+        where(url)
+    assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
