@@ -64,7 +64,6 @@ class Relay:
         self.store = Store(hold_failed_keys=settings.failed_key_policy == "hold")
         self.stopping = threading.Event()
         self._stopped = threading.Event()
-        self._woken: set[int] = set()  # lanes notified while their tick was running
         self.workers: dict[int, LaneWorker] = {}
         self.lane_count: int | None = None
         self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
@@ -352,11 +351,10 @@ class Relay:
         if worker is None or self.stopping.is_set():
             return
         delay = self.settings.poll_interval
-        self._woken.discard(lane)
         try:
             if not self.broker.up or self.broker.blocks(lane, worker.transactional_id):
                 pass  # the probe reports it, once; the lane waits without timing out on its own
-            elif worker.tick(self.stopping) or lane in self._woken:
+            elif worker.tick(self.stopping) or worker.woken:  # woken after its last claim: go again
                 delay = 0
         except Exception:
             # A bug, not an outage; still never a tight loop of tracebacks.
@@ -380,8 +378,8 @@ class Relay:
         now = dt.datetime.now(dt.UTC)
         for lane, worker in list(self.workers.items()):
             if worker.owned and not self.stopping.is_set():
+                worker.wake()  # a tick under way claims again; one that just ended is rescheduled at once
                 try:
                     self.scheduler.modify_job(f"lane-{lane}", next_run_time=now)
                 except JobLookupError:
-                    # Ticking right now, maybe past its last claim: have it go again at once.
-                    self._woken.add(lane)
+                    pass  # ticking right now

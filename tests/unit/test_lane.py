@@ -241,3 +241,25 @@ def test_a_mark_that_fails_while_the_next_batch_is_published_is_settled_by_recov
     h.tick()
     # Recovery read both transactions back and marked them: nothing went to Kafka twice.
     assert h.kafka == [[1, 2, 3], [4, 5, 6]] and sorted(h.store.sent) == [1, 2, 3, 4, 5, 6]
+
+
+def test_events_committed_while_a_partial_batch_goes_to_kafka_are_claimed_in_the_same_tick() -> None:
+    """A notification during a tick: the lane claims again at once, its marks still overlapped, instead
+    of ending the tick with a synchronous mark and waiting for the scheduler (latency under steady load)."""
+    h = Harness(pending=[1])
+    publish = FakePublisher.publish
+    arrivals = [[2], [3], []]  # committed while each transaction goes to Kafka; the last one finds none
+
+    def with_commits(publisher: FakePublisher, rows: list[Row]) -> None:
+        publish(publisher, rows)
+        if new := arrivals.pop(0):
+            h.store.pending += new
+            h.worker.wake()  # the commit notification
+
+    FakePublisher.publish = with_commits  # type: ignore[method-assign]
+    try:
+        assert h.tick() is False
+    finally:
+        FakePublisher.publish = publish  # type: ignore[method-assign]
+    assert h.kafka == [[1], [2], [3]] and h.store.sent == [1, 2, 3]
+    assert not h.worker.woken
