@@ -125,18 +125,27 @@ def _port(parts: urllib.parse.SplitResult) -> int | None:
 
 # Session settings are SET after connecting rather than sent as the `options` startup parameter,
 # which PgBouncer refuses.
-# The relay's own writes are durable whatever the database's default (recovery covers marks lost
-# anyway, but should rarely have to). The server also notices a vanished relay within seconds (and
+# The relay's control writes are durable whatever the database's default (lanes relax it, below).
+# The server also notices a vanished relay within seconds (and
 # frees its lanes' locks).
 _SESSION = ("SET synchronous_commit = on; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
             " SET tcp_keepalives_count = 3")
+# A lane's writes (its marks above all) commit without waiting for the WAL flush: a mark waited
+# 10-15 ms for the disk on every tick, which set the lane's pace under a steady load, where Kafka's
+# transaction takes 3 ms. It is safe because nothing depends on a mark being durable: a crash loses
+# at most the newest marks (the WAL is lost from its end, so each lane loses its newest marks, never
+# one between two kept ones), and the next owner's recovery reads the progress records back until a
+# transaction whose rows are all marked, exactly as after a failover to an asynchronous standby
+# (test_standby.py::test_postgres_crashed_in_immediate_mode_mid_drain, test_deployments.py::
+# test_marks_lost_by_postgresql_over_many_transactions_are_recovered). Visibility does not wait for
+# the flush: the next claim never sees a marked row.
 # The claim must walk the pending index in id order and stop after one batch, whatever the planner
 # thinks of `lane_key % n = lane` (it cannot estimate it, and on a fresh table it has no statistics
 # at all): a bitmap scan + sort would read the whole backlog on every claim. No statement or lock
 # wait of a lane may hang it (a claim or mark takes milliseconds). The claim's final sort of at
 # most two batches carries enable_sort's penalty, which would make its cost look worth JIT
 # compiling (close to a second per claim): a query of milliseconds never is.
-_LANE_SESSION = ("SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off;"
+_LANE_SESSION = ("SET synchronous_commit = off; SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off;"
                  " SET statement_timeout = 30000; SET lock_timeout = 10000")
 
 
