@@ -9,6 +9,7 @@ import pytest
 
 from outbox_relay.db.connection import connect
 from outbox_relay.db.lanes import Store
+from outbox_relay.db.operations import Selection, change_failed
 from tests.pgtools import EVENTS, UNSENT
 
 BATCH = 100
@@ -68,3 +69,19 @@ def test_due_delayed_events_are_claimed_in_id_order_with_the_others(lane_conn: p
     marking = store.send_mark(lane_conn, [2, 4])
     assert marking.wait() == 2
     assert [row.id for row in store.claim(lane_conn, 0, 1, BATCH)] == [5, 6]
+
+
+def test_a_retried_failed_event_is_claimed_before_the_events_its_key_held(lane_conn: psycopg.Connection[Any]) -> None:
+    """`failed retry` puts the event back ahead of its key's later events, however many delayed
+    events of other keys fell due before the retry (they fill the due branch of the claim first)."""
+    store = Store()
+    lane_conn.execute(f"INSERT INTO {EVENTS} (topic, key, value) VALUES ('t', 'k', 'first'), ('t', 'k', 'second')")
+    store.record_failure(lane_conn, 1, "rejected", park=True)  # id 1 parked; id 2 held behind it
+    # Delayed events of other keys, due a minute ago: ids 3-4.
+    lane_conn.execute(f"INSERT INTO {EVENTS} (topic, key, value, created_at, available_at) SELECT 't',"
+                      " convert_to('other' || g, 'UTF8'), 'v', now() - interval '1 hour', now() - interval '1 minute'"
+                      " FROM generate_series(1, 2) g")
+    assert change_failed(lane_conn, "retry", Selection(ids=[1]), dry_run=False) == 1
+    # Before: [2, 3], the held event published and the retried one behind it (its due time was the
+    # retry's, later than the other delayed events', so the due branch's batch left it out).
+    assert [row.id for row in store.claim(lane_conn, 0, 1, 2)] == [1, 2]

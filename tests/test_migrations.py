@@ -6,6 +6,7 @@ import threading
 import uuid
 
 import psycopg
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
@@ -185,6 +186,29 @@ def test_an_outbox_with_events_in_every_state_moves_to_the_unsent_table_and_back
         migrate.downgrade(empty_database_url, "0008_claim_indexes")
         assert conn.execute(_V8_STATE).fetchall() == before
         assert _diff_from_models_at(empty_database_url, "0008_claim_indexes") == []
+
+
+def test_an_upgrade_to_0009_interrupted_at_its_lock_runs_again(empty_database_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """0009 copies the sent history before it locks writers out, so its first part commits: a run that
+    stops at the lock (a lock timeout, ^C while a writer's transaction is open) must not leave tables
+    that make every later `migrate` fail with "relation ... already exists"."""
+    migrate.upgrade(empty_database_url, "0008_claim_indexes", lanes=1)
+    with psycopg.connect(conninfo(empty_database_url)) as open_writer:
+        open_writer.execute(f"INSERT INTO {EVENTS} (topic) SELECT 't' FROM generate_series(1, 3)")
+        open_writer.commit()
+        open_writer.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id = 1")
+        open_writer.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('t')")  # id 4, still open
+        monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=1s")
+        with pytest.raises(Exception, match="lock timeout"):
+            migrate.upgrade(empty_database_url, "head")
+        monkeypatch.delenv("PGOPTIONS")
+        open_writer.commit()
+    migrate.upgrade(empty_database_url, "head")
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        assert conn.execute(f"SELECT id, state FROM {EVENT_STATES} ORDER BY id").fetchall() == [
+            (1, "sent"), (2, "pending"), (3, "pending"), (4, "pending")]
+    assert _diff(empty_database_url) == []
 
 
 def _diff_from_models_at(url: str, revision: str) -> list[object]:

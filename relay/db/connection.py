@@ -113,7 +113,23 @@ def _split(database_url: str) -> urllib.parse.SplitResult:
     if not separator or scheme.partition("+")[0] not in ("postgresql", "postgres"):
         shown = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", database_url)
         raise ConfigurationError(f"{shown!r} is not a PostgreSQL URL (postgresql+psycopg://user:password@host/database)")
-    return urllib.parse.urlsplit(f"postgresql://{rest}")
+    # Read the way SQLAlchemy's make_url reads it (the daemon used it before 0009): a password runs
+    # to the first '@' and may hold '/', '?' or '#' unencoded, and a '#' is never a fragment. A
+    # different reading changes the database name, and with it the default transactional.id prefix.
+    userinfo = _USERINFO.match(rest)
+    if userinfo:
+        user, password = userinfo["user"], userinfo["password"]
+        rest = (_quoted(user) + ("" if password is None else ":" + _quoted(password)) + "@"
+                + rest[userinfo.end():])
+    return urllib.parse.urlsplit(f"postgresql://{rest.replace('#', '%23')}")
+
+
+# SQLAlchemy's URL pattern for user and password (sqlalchemy.engine.url._parse_url).
+_USERINFO = re.compile(r"(?P<user>[^:/]*)(?::(?P<password>[^@]*))?@")
+
+
+def _quoted(text: str) -> str:
+    return urllib.parse.quote(urllib.parse.unquote(text), safe="")
 
 
 def _port(parts: urllib.parse.SplitResult) -> int | None:

@@ -69,7 +69,9 @@ _FAILED_GROUPS = sql.SQL(
 ).format(failed=_FAILED, events=EVENTS, unsent=UNSENT)
 # What an action does to the failed events it selects (their unsent rows).
 FAILED_CHANGES = {
-    "retry": sql.SQL("state = 'pending', attempts = 0, due_at = now()"),
+    # Due as it was written (back in the ready index, in id order ahead of what its key held): a due
+    # time of now() would make it a delayed event, claimed after other delayed events due earlier.
+    "retry": sql.SQL("state = 'pending', attempts = 0, due_at = NULL"),
     "discard": sql.SQL("state = 'discarded'"),
 }
 # Sent events, two ways. Selected events (ids, a topic, a key) are each looked up in the batch

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from alembic.script import ScriptDirectory
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
 from outbox_relay import schema
@@ -43,6 +44,10 @@ def test_the_schema_manifest_is_what_the_models_and_the_history_declare() -> Non
     "postgresql://u@h/",
     "postgresql+psycopg://u@/outbox?host=a:5432&host=b:5433",
     "postgresql+psycopg://u@/outbox?host=/var/run/postgresql",
+    # Generated passwords hold '#', '?' and '/' unencoded; SQLAlchemy reads them up to the '@'.
+    "postgresql+psycopg://outbox:s3#cr?t/x@db.example:6432/orders",
+    "postgresql+psycopg://outbox:a#b@db.example/orders?sslmode=require",
+    "postgresql+psycopg://outbox:pw@db.example/orders#2",
 ])
 def test_database_urls_read_as_sqlalchemy_reads_them(url: str) -> None:
     """The database name is part of the default transactional.id prefix: it must not change with the parser."""
@@ -50,6 +55,12 @@ def test_database_urls_read_as_sqlalchemy_reads_them(url: str) -> None:
     assert database_name(url) == (parsed.database or "")
     assert where(url).endswith(f"/{parsed.database or ''}")
     assert conninfo(url).startswith("postgresql://")
+    # And libpq connects where SQLAlchemy's URL points, as whom it names.
+    libpq = conninfo_to_dict(conninfo(url))
+    assert (libpq.get("user"), libpq.get("password"), libpq.get("dbname") or None) == (
+        parsed.username, parsed.password, parsed.database or None)
+    if parsed.host:
+        assert (libpq.get("host"), libpq.get("port")) == (parsed.host, parsed.port and str(parsed.port))
 
 
 def test_several_hosts_become_libpq_lists() -> None:
