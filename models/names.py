@@ -16,15 +16,22 @@ import re
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-def _identifier(env: str, default: str) -> str:
+def _identifier(env: str, default: str, max_length: int = 63) -> str:
     value = os.environ.get(env, default)
     if not _IDENTIFIER.match(value):
         raise ValueError(f"{env}={value!r} is not a plain lower-case SQL identifier ([a-z_][a-z0-9_]*, max 63)")
+    if len(value) > max_length:
+        raise ValueError(f"{env}={value!r} is {len(value)} characters; at most {max_length}: PostgreSQL cuts names"
+                         " at 63 and the longest name made from it (its ready lane index) would be cut")
     return value
 
 
+# The longest name made from the events table's: ix_<table>_unsent_ready_lane_1024.
+MAX_TABLE_NAME = 63 - len("ix__unsent_ready_lane_1024")
+
+
 SCHEMA = _identifier("OUTBOX_SCHEMA", "outbox")
-EVENTS_TABLE = _identifier("OUTBOX_TABLE", "events")
+EVENTS_TABLE = _identifier("OUTBOX_TABLE", "events", MAX_TABLE_NAME)
 LANES_TABLE = f"{EVENTS_TABLE}_lanes"
 SETTINGS_TABLE = f"{EVENTS_TABLE}_settings"
 INSTANCES_TABLE = f"{EVENTS_TABLE}_instances"

@@ -3,6 +3,7 @@ memory is the batch's, and the schema check it runs at start reads a manifest ke
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -74,3 +75,17 @@ def test_a_url_that_is_not_postgresql_is_one_clear_error(url: str) -> None:
         conninfo(url)
         where(url)
     assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_table_name_whose_derived_names_postgresql_would_cut_is_refused() -> None:
+    """0009's ready lane index of the unsent table is the longest name made from OUTBOX_TABLE: a name
+    PostgreSQL cuts at 63 silently makes a schema that `migrate` calls current and every command behind."""
+    def names(table: str) -> subprocess.CompletedProcess[str]:
+        code = "from outbox_relay.models import READY_INDEX_PREFIX; print(len(READY_INDEX_PREFIX + '1024'))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "OUTBOX_TABLE": table})
+
+    fits = names("e" * 37)
+    assert fits.returncode == 0 and int(fits.stdout) == 63
+    refused = names("e" * 38)
+    assert refused.returncode != 0 and "is 38 characters; at most 37" in refused.stderr
