@@ -94,6 +94,7 @@ def conninfo(database_url: str) -> str:
         query = [(key, value) for key, value in query if key not in ("host", "port")]
         query += [("host", ",".join(name for name, _, _ in pairs)),
                   ("port", ",".join(port or default_port for _, _, port in pairs))]
+    query.sort(key=lambda item: item[0])  # as SQLAlchemy renders it (stable: repeated keys keep their order)
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 

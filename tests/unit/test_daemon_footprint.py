@@ -66,7 +66,7 @@ def test_database_urls_read_as_sqlalchemy_reads_them(url: str) -> None:
 
 def test_several_hosts_become_libpq_lists() -> None:
     assert conninfo("postgresql+psycopg://u@/outbox?host=a:5432&host=b:5433&sslmode=require") == (
-        "postgresql://u@/outbox?sslmode=require&host=a%2Cb&port=5432%2C5433")
+        "postgresql://u@/outbox?host=a%2Cb&port=5432%2C5433&sslmode=require")
 
 
 @pytest.mark.parametrize("url", ["mysql://u@h/db", "outbox", "postgresql+psycopg://u:secret@h:notaport/db"])
