@@ -193,12 +193,30 @@ def _claim_and_mark(store: Store, conn: psycopg.Connection[Any], lanes: int) -> 
 # --- drain ------------------------------------------------------------------------------
 
 
-def relay_drain(url: str, processes: int, events: int) -> dict[str, Any]:
+def wait_drained(url: str, topic: str, events: int, relays: list[Any], first: FirstEvent) -> float:
+    """Seconds until the relays drained the backlog of `events` into `topic`.
+
+    Progress is read from the topic's offsets, as Debezium's is: counting the unsent rows every 0.2 s would
+    cost the PostgreSQL being measured more than the relay's own claims at a million rows. The offsets count
+    the transactions' commit markers too, so once they reach the backlog the exact count confirms the end.
+    """
+    started = time.monotonic()
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"bench-{uuid.uuid4()}"})
+    try:
+        before = topic_count(consumer, topic, 6)  # the same backlog drained earlier into the same topic
+        wait_until(lambda: first.seen(topic_count(consumer, topic, 6) - before) >= events, relays, what="the drain")
+    finally:
+        consumer.close()
+    wait_until(lambda: pending(url) == 0, relays, what="the drain's last events")
+    return time.monotonic() - started
+
+
+def relay_drain(url: str, topic: str, processes: int, events: int) -> dict[str, Any]:
     cost = Cost(url)
     started = time.monotonic()
     relays = [RELAYS.start(url, f"relay-drain-{processes}-{n}", OUTBOX_LISTEN="off") for n in range(processes)]
     first = FirstEvent(started)
-    elapsed = wait_until(lambda: first.seen(events - pending(url)) >= events, relays, what="the drain")
+    elapsed = wait_drained(url, topic, events, relays, first)
     cpu = sum(cpu_seconds(relay.pid) for relay in relays)
     rss = max(peak_rss_mib(relay.pid) for relay in relays)
     RELAYS.stop_all()
@@ -293,7 +311,7 @@ def drain(args: argparse.Namespace) -> dict[str, Any]:
         for processes in args.processes:
             name = f"{template}_r{processes}"
             try:
-                r = relay_drain(create_database(name, template), processes, args.events)
+                r = relay_drain(create_database(name, template), topic, processes, args.events)
             finally:
                 drop_database(name)
             results["relay"][processes] = {**r, "events": args.events}
@@ -535,6 +553,14 @@ def retention(args: argparse.Namespace) -> dict[str, Any]:
             "size_ratio": float(last["table_mib"]) / float(steady["table_mib"])}
 
 
+def count_backends(database: str, counts: list[int], relays: list[Watched]) -> None:
+    """Sample the database's PostgreSQL backends while the relays run (the query runs in another database)."""
+    while any(relay.alive for relay in relays):
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+        counts.append(int(sql(BASE_URL, query, (database,))[0][0]))
+        time.sleep(0.2)
+
+
 def scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Events/s and PostgreSQL backends for 1, 2, 4 lanes x 1, 2, 4 processes (never more processes than lanes)."""
     points = []
@@ -542,23 +568,21 @@ def scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
         template = f"bench_scaling_{uuid.uuid4().hex[:6]}"
         url = create_database(template)
         migrate.upgrade(url, lanes=lanes)
-        fill(url, args.events, args.size, create_topic())
+        topic = create_topic()
+        fill(url, args.events, args.size, topic)
         try:
             for processes in (p for p in (1, 2, 4) if p <= lanes):
                 name = f"{template}_{processes}"
                 copy = create_database(name, template)
                 backends = [0]
-
-                def done(db: str = name, copy: str = copy, backends: list[int] = backends) -> bool:
-                    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-                    backends.append(int(sql(BASE_URL, query, (db,))[0][0]))
-                    return pending(copy) == 0
-
                 relays = [RELAYS.start(copy, f"relay-scaling-{lanes}-{processes}-{n}", OUTBOX_LISTEN="off")
                           for n in range(processes)]
+                watcher = threading.Thread(target=count_backends, args=(name, backends, relays), daemon=True)
+                watcher.start()
                 try:
-                    elapsed = wait_until(done, relays, what="the drain")
+                    elapsed = wait_drained(copy, topic, args.events, relays, FirstEvent(time.monotonic()))
                     RELAYS.stop_all()
+                    watcher.join()
                 finally:
                     drop_database(name)
                 point = {"lanes": lanes, "processes": processes, "events_per_s": args.events / elapsed,

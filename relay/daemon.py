@@ -5,7 +5,8 @@ Jobs:
 - ``lane-N`` (one per owned lane): one tick, then the job re-schedules itself: at once while a
   full batch came back (drain) or a commit was announced, after ``poll_interval`` when idle.
   A lane never ticks twice at once.
-- ``backlog`` (every ``backlog_interval``): measure the backlog for metrics and the status page.
+- ``backlog`` (every ``backlog_interval``): measure the backlog for metrics and the status page; a
+  measurement that took d seconds is not repeated for d / ``BACKLOG_BUDGET`` seconds.
 - ``retention`` (every ``retention_interval``): delete old sent and discarded events in small batches.
 """
 
@@ -31,7 +32,7 @@ from outbox_relay.broker import PROBE_INTERVAL, BrokerProbe
 from outbox_relay.config import KafkaNames, Settings
 from outbox_relay.db.connection import HeldConnection, connect
 from outbox_relay.db.lanes import OutboxState, Store
-from outbox_relay.db.retention import delete_expired
+from outbox_relay.db.retention import delete_expired, delete_orphans
 from outbox_relay.errors import DatabaseError, DatabaseUnavailable
 from outbox_relay.lane import LaneWorker, SpareConnection
 from outbox_relay.metrics import Metrics
@@ -43,7 +44,12 @@ from outbox_relay.web import StatusServer
 log = logging.getLogger(__name__)
 
 
-CONTROL_SESSION = "outbox-relay control"  # its application_name; `: <trouble>` follows while there is some
+CONTROL_SESSION = "outbox-relay control"
+# The backlog snapshot reads every unsent row (up to its cap) and its event: with a backlog of a million
+# events it takes seconds of a PostgreSQL core, which the lanes draining that backlog need. It may take
+# this share of the time, so its gauges refresh less often while the backlog is huge (see
+# outbox_backlog_refreshed_timestamp_seconds), never more often than every ``backlog_interval``.
+BACKLOG_BUDGET = 0.05  # its application_name; `: <trouble>` follows while there is some
 
 
 def lane_share(lane_count: int, live: list[str], me: str) -> tuple[int, list[int]]:
@@ -69,6 +75,8 @@ class Relay:
         self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
         self._control = HeldConnection(settings.database_url, CONTROL_SESSION)
         self._monitor = HeldConnection(settings.database_url, "outbox-relay monitor")
+        self._backlog_due = 0.0  # monotonic time before which a backlog measurement is not repeated
+        self._orphans_after = 0  # where retention's next look for unsent rows without an event starts
         self._spare = SpareConnection(settings.database_url)  # lane locks are tried on it
         self._membership_seen = 0.0  # monotonic time the database last answered lane management
         self._lanes_taken = False  # a first pass took this instance's share: readiness means something now
@@ -320,19 +328,30 @@ class Relay:
         return not problems, problems
 
     def _measure_backlog(self) -> None:
+        started = time.monotonic()
+        if started < self._backlog_due:
+            return
         try:
             with self._monitor.use() as conn:
+                # No parallel workers: they would take the cores the lanes use, for an answer nobody waits for.
+                conn.execute("SET max_parallel_workers_per_gather = 0")
                 snap = monitor.snapshot(conn, hold=self.settings.failed_key_policy == "hold")
         except DatabaseUnavailable:
             return
+        finally:
+            self._backlog_due = started + (time.monotonic() - started) / BACKLOG_BUDGET
         self.metrics.observe_backlog(snap)
 
     def _retention(self) -> None:
         try:
             with connect(self.settings.database_url, "outbox-relay retention") as conn:
                 deleted = delete_expired(conn, dt.timedelta(hours=self.settings.retention_hours))
+                orphans, self._orphans_after = delete_orphans(conn, self._orphans_after)
         except DatabaseUnavailable:
             return
+        if orphans:
+            log.warning("retention removed %d unsent rows whose event was deleted by hand", orphans,
+                        extra={"action": "retention", "count": orphans})
         if deleted:
             self.metrics.retention_deleted.inc(deleted)
             log.info("retention deleted %d sent or discarded events older than %gh", deleted,

@@ -22,10 +22,16 @@ _DELETE_DISCARDED = sql.SQL(
     " WHERE u.state = 'discarded' AND e.created_at < now() - %s ORDER BY u.id LIMIT %s FOR UPDATE OF u SKIP LOCKED)"
     " RETURNING id) DELETE FROM {events} WHERE id IN (SELECT id FROM u)"
 ).format(unsent=UNSENT, events=EVENTS)
-# Unsent rows whose event is gone (deleted by hand): claims would step over them for ever.
+# Unsent rows whose event is gone (deleted by hand): claims would step over them for ever. One window of
+# the unsent table per run, in id order, so a run costs the same with a backlog of ten million; each run
+# takes the next window, and the last one starts again at the beginning. Returns the window's last id.
 _DELETE_ORPHANS = sql.SQL(
-    "DELETE FROM {unsent} u WHERE NOT EXISTS (SELECT 1 FROM {events} e WHERE e.id = u.id)"
+    "WITH w AS (SELECT id FROM {unsent} WHERE id > %(after)s ORDER BY id LIMIT %(window)s),"
+    " gone AS (DELETE FROM {unsent} u USING w WHERE u.id = w.id"
+    " AND NOT EXISTS (SELECT 1 FROM {events} e WHERE e.id = u.id) RETURNING u.id)"
+    " SELECT max(w.id), count(*), (SELECT count(*) FROM gone) FROM w"
 ).format(unsent=UNSENT, events=EVENTS)
+ORPHAN_WINDOW = 50_000
 # A batch holds up to a relay's batch size of events: this many batches make one small delete.
 _BATCHES_PER_DELETE = 10
 
@@ -46,5 +52,12 @@ def delete_expired(conn: Connection, retention: dt.timedelta, *, batch: int = 10
         deleted += count
         if count < batch:
             break
-    conn.execute(_DELETE_ORPHANS)
     return deleted
+
+
+@translated()
+def delete_orphans(conn: Connection, after: int, *, window: int = ORPHAN_WINDOW) -> tuple[int, int]:
+    """Delete the unsent rows without an event among the ``window`` unsent ids after ``after``. Returns
+    (rows deleted, where the next run starts: 0 once the window reached the end of the table)."""
+    last, seen, deleted = conn.execute(_DELETE_ORPHANS, {"after": after, "window": window}).fetchone() or (None, 0, 0)
+    return int(deleted), (int(last) if last is not None and seen == window else 0)

@@ -1,0 +1,59 @@
+"""The daemon's backlog measurement spends a bounded share of PostgreSQL's time (no database: the snapshot is timed)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from outbox_relay import daemon
+from outbox_relay.config import Settings
+from outbox_relay.monitor import Backlog, Snapshot
+
+SETTINGS = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u@h/db",
+                                      "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092", "OUTBOX_BACKLOG_INTERVAL": "0.01"})
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def execute(self, statement: str, *args: Any) -> None:
+        self.statements.append(statement)
+
+
+class FakeHeld:
+    def __init__(self) -> None:
+        self.conn = FakeConnection()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[FakeConnection]:
+        yield self.conn
+
+
+def test_a_slow_snapshot_is_not_repeated_until_it_is_a_small_share_of_the_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[float] = []
+
+    def slow_snapshot(conn: FakeConnection, **kwargs: Any) -> Snapshot:
+        taken.append(time.monotonic())
+        time.sleep(0.02)  # a backlog of millions: seconds, here scaled down
+        return Snapshot(total=Backlog(pending=1_000_000), topics={}, lanes={}, owners=[], lane_count=4,
+                        resizing=False, instances=[], capped=True)
+
+    monkeypatch.setattr(daemon.monitor, "snapshot", slow_snapshot)
+    relay = daemon.Relay(SETTINGS)
+    relay._monitor = FakeHeld()  # type: ignore[assignment]
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # the scheduler would call it every 10 ms
+        relay._measure_backlog()
+        time.sleep(0.01)
+    # 20 ms (or more, on a busy machine) per measurement, at most 5% of the time: one every 0.4 s or
+    # less often, so at most three in a second, not ~30.
+    assert 1 <= len(taken) <= 3, taken
+    assert all(later - earlier >= 0.02 / daemon.BACKLOG_BUDGET for earlier, later in itertools.pairwise(taken))
+    # and without parallel workers, which would take the lanes' cores
+    assert relay._monitor.conn.statements[0] == "SET max_parallel_workers_per_gather = 0"
