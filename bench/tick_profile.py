@@ -43,10 +43,10 @@ from tests.pgtools import EVENTS, SENT, UNSENT
 DURABILITY = ("fsync", "synchronous_commit", "full_page_writes")
 TOPIC = "bench-tick-profile"
 # The claim of releases before 0008: every pending row of the lane, due or not, in one lane index
-# (here on the unsent table, as such an index would be now).
+# (here on the unsent table, as such an index would be now), each row's event read as the claim does.
 OLD_CLAIM = (
-    f"SELECT u.id FROM {UNSENT} u WHERE u.state = 'pending' AND coalesce(u.due_at, '-infinity') <= now()"
-    " AND (u.lane_key %% 1) = 0 ORDER BY u.id LIMIT %(limit)s"
+    f"SELECT e.* FROM {UNSENT} u JOIN {EVENTS} e ON e.id = u.id WHERE u.state = 'pending'"
+    " AND coalesce(u.due_at, '-infinity') <= now() AND (u.lane_key %% 1) = 0 ORDER BY u.id LIMIT %(limit)s"
 )
 
 
@@ -132,8 +132,10 @@ def main() -> None:
             admin.execute("SELECT pg_reload_conf()")
         migrate.upgrade(url, lanes=1)
         conn = connect(url, lane=True)
-        shown = {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in DURABILITY}  # type: ignore[index]
-        print("PostgreSQL " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        # The server's settings: the lane session itself commits with synchronous_commit=off.
+        shown = {name: admin.execute(f"SHOW {name}").fetchone()[0] for name in DURABILITY}  # type: ignore[index]
+        print("PostgreSQL " + ", ".join(f"{k}={v}" for k, v in shown.items()) + " (lane sessions:"
+              f" synchronous_commit={conn.execute('SHOW synchronous_commit').fetchone()[0]})")  # type: ignore[index]
         bootstrap = os.environ["OUTBOX_KAFKA_BOOTSTRAP_SERVERS"]
         AdminClient({"bootstrap.servers": bootstrap}).create_topics([NewTopic(TOPIC, 1, 1)])
         settings = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": url, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap})

@@ -13,15 +13,17 @@ import enum
 import os
 import re
 
+from outbox_relay.errors import ConfigurationError
+
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 def _identifier(env: str, default: str, max_length: int = 63) -> str:
     value = os.environ.get(env, default)
     if not _IDENTIFIER.match(value):
-        raise ValueError(f"{env}={value!r} is not a plain lower-case SQL identifier ([a-z_][a-z0-9_]*, max 63)")
+        raise ConfigurationError(f"{env}={value!r} is not a plain lower-case SQL identifier ([a-z_][a-z0-9_]*, max 63)")
     if len(value) > max_length:
-        raise ValueError(f"{env}={value!r} is {len(value)} characters; at most {max_length}: PostgreSQL cuts names"
+        raise ConfigurationError(f"{env}={value!r} is {len(value)} characters; at most {max_length}: PostgreSQL cuts names"
                          " at 63 and the longest name made from it (its ready lane index) would be cut")
     return value
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from outbox_relay.db.connection import database_name
+from outbox_relay.db.connection import database_name, masked
 from outbox_relay.errors import ConfigurationError
 from outbox_relay.limits import DEFAULT_MAX_MESSAGE_BYTES
 from outbox_relay.models.names import EVENTS_TABLE, SCHEMA
@@ -189,7 +189,7 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict fit for logs: secrets and passwords in URLs masked."""
         data = dataclasses.asdict(self)
-        data["database_url"] = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", self.database_url)
+        data["database_url"] = masked(self.database_url)
         data["kafka_properties"] = redact_properties(self.kafka_properties)
         return data
 

@@ -44,12 +44,12 @@ from outbox_relay.web import StatusServer
 log = logging.getLogger(__name__)
 
 
-CONTROL_SESSION = "outbox-relay control"
+CONTROL_SESSION = "outbox-relay control"  # its application_name; `: <trouble>` follows while there is some
 # The backlog snapshot reads every unsent row (up to its cap) and its event: with a backlog of a million
 # events it takes seconds of a PostgreSQL core, which the lanes draining that backlog need. It may take
 # this share of the time, so its gauges refresh less often while the backlog is huge (see
 # outbox_backlog_refreshed_timestamp_seconds), never more often than every ``backlog_interval``.
-BACKLOG_BUDGET = 0.05  # its application_name; `: <trouble>` follows while there is some
+BACKLOG_BUDGET = 0.05
 
 
 def lane_share(lane_count: int, live: list[str], me: str) -> tuple[int, list[int]]:

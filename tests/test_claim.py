@@ -1,5 +1,4 @@
-"""The claim against real PostgreSQL: what it returns, that delayed events cost it nothing until due, and
-that unsent rows whose event was deleted by hand are swept a window at a time."""
+"""The claim against real PostgreSQL: what it returns, and that delayed events cost it nothing until due."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import pytest
 from outbox_relay.db.connection import connect
 from outbox_relay.db.lanes import Store
 from outbox_relay.db.operations import Selection, change_failed
-from outbox_relay.db.retention import delete_orphans
 from tests.pgtools import EVENTS, UNSENT
 
 BATCH = 100
@@ -88,25 +86,3 @@ def test_a_retried_failed_event_is_claimed_before_the_events_its_key_held(lane_c
     # retry's, later than the other delayed events', so the due branch's batch left it out).
     assert [row.id for row in store.claim(lane_conn, 0, 1, 2)] == [1, 2]
 
-
-def test_unsent_rows_whose_event_was_deleted_by_hand_are_swept_a_window_at_a_time(
-    lane_conn: psycopg.Connection[Any],
-) -> None:
-    _add(lane_conn, 1000)
-    ids = [row[0] for row in lane_conn.execute(f"SELECT id FROM {UNSENT} ORDER BY id")]
-    by_hand = [ids[10], ids[11], ids[500], ids[999]]
-    lane_conn.execute(f"DELETE FROM {EVENTS} WHERE id = ANY(%s)", (by_hand,))
-    # Each run reads one window of 400 unsent rows (the full anti-join read the whole backlog every run).
-    deleted, after = delete_orphans(lane_conn, 0, window=400)
-    assert (deleted, after) == (2, ids[399])
-    assert _unsent_among(lane_conn, by_hand) == {ids[500], ids[999]}
-    deleted, after = delete_orphans(lane_conn, after, window=400)
-    assert (deleted, after) == (1, ids[799])
-    deleted, after = delete_orphans(lane_conn, after, window=400)  # the end of the table: start again
-    assert (deleted, after) == (1, 0)
-    assert _unsent_among(lane_conn, by_hand) == set()
-    assert lane_conn.execute(f"SELECT count(*) FROM {UNSENT}").fetchone() == (996,)
-
-
-def _unsent_among(conn: psycopg.Connection[Any], ids: list[int]) -> set[int]:
-    return {row[0] for row in conn.execute(f"SELECT id FROM {UNSENT} WHERE id = ANY(%s)", (ids,))}

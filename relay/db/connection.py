@@ -103,6 +103,14 @@ def database_name(database_url: str) -> str:
     return urllib.parse.unquote(_split(database_url).path[1:])
 
 
+def masked(database_url: str) -> str:
+    """The URL with its password replaced by ***, for logs and messages."""
+    return _PASSWORD.sub(r"\1***@", database_url)
+
+
+_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]+@")  # the password runs to the first '@', as below
+
+
 def where(database_url: str) -> str:
     """host:port/database, for messages (no user, no password)."""
     parts = _split(database_url)
@@ -112,8 +120,7 @@ def where(database_url: str) -> str:
 def _split(database_url: str) -> urllib.parse.SplitResult:
     scheme, separator, rest = database_url.partition("://")
     if not separator or scheme.partition("+")[0] not in ("postgresql", "postgres"):
-        shown = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", database_url)
-        raise ConfigurationError(f"{shown!r} is not a PostgreSQL URL (postgresql+psycopg://user:password@host/database)")
+        raise ConfigurationError(f"{masked(database_url)!r} is not a PostgreSQL URL (postgresql+psycopg://user:password@host/database)")
     # Read the way SQLAlchemy's make_url reads it (the daemon used it before 0009): a password runs
     # to the first '@' and may hold '/', '?' or '#' unencoded, and a '#' is never a fragment. A
     # different reading changes the database name, and with it the default transactional.id prefix.

@@ -11,10 +11,12 @@ from outbox_relay.db.connection import Connection, translated
 from outbox_relay.db.names import EVENTS, SENT, UNSENT
 
 # Sent events age from when their batch was sent: the oldest batches go, with their events.
+# Returns (batches, events) deleted: a batch whose events were deleted by hand deletes no event.
 _DELETE_SENT = sql.SQL(
     "WITH b AS (DELETE FROM {sent} WHERE id IN (SELECT id FROM {sent} WHERE sent_at < now() - %s"
-    " ORDER BY sent_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING ids)"
-    " DELETE FROM {events} WHERE id IN (SELECT unnest(ids) FROM b)"
+    " ORDER BY sent_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING ids),"
+    " e AS (DELETE FROM {events} WHERE id IN (SELECT unnest(ids) FROM b) RETURNING 1)"
+    " SELECT (SELECT count(*) FROM b), (SELECT count(*) FROM e)"
 ).format(sent=SENT, events=EVENTS)
 # Discarded events (never sent) age from when they were written.
 _DELETE_DISCARDED = sql.SQL(
@@ -43,9 +45,9 @@ def delete_expired(conn: Connection, retention: dt.timedelta, *, batch: int = 10
     deleted = 0
     deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline:
-        count = conn.execute(_DELETE_SENT, (retention, _BATCHES_PER_DELETE)).rowcount
-        deleted += count
-        if count == 0:
+        batches, events = conn.execute(_DELETE_SENT, (retention, _BATCHES_PER_DELETE)).fetchone() or (0, 0)
+        deleted += events
+        if batches == 0:
             break
     while time.monotonic() < deadline:
         count = conn.execute(_DELETE_DISCARDED, (retention, batch)).rowcount

@@ -4,6 +4,7 @@ memory is the batch's, and the schema check it runs at start reads a manifest ke
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from outbox_relay.migrate import script_location
 from outbox_relay.models import metadata
 
 # Every module `outbox-relay run` (and status, failed, replay, lanes, verify) imports.
-DAEMON = ("outbox_relay.cli", "outbox_relay.daemon", "outbox_relay.schema", "outbox_relay.web",
+DAEMON = ("outbox_relay.console", "outbox_relay.cli", "outbox_relay.daemon", "outbox_relay.schema", "outbox_relay.web",
           "outbox_relay.monitor", "outbox_relay.operations", "outbox_relay.resize", "outbox_relay.verify",
           "outbox_relay.db.retention")
 
@@ -89,3 +90,16 @@ def test_a_table_name_whose_derived_names_postgresql_would_cut_is_refused() -> N
     assert fits.returncode == 0 and int(fits.stdout) == 63
     refused = names("e" * 38)
     assert refused.returncode != 0 and "is 38 characters; at most 37" in refused.stderr
+
+
+@pytest.mark.parametrize("variable", ["OUTBOX_TABLE", "OUTBOX_SCHEMA"])
+def test_the_command_names_a_bad_schema_or_table_name_in_one_line(variable: str) -> None:
+    """Both are read when the models are imported, before the CLI's own error handling: the console entry
+    point catches it, so an operator's typo is one line and exit code 2 (usage), not a traceback."""
+    command = Path(sys.executable).parent / "outbox-relay"
+    result = subprocess.run([str(command), "status"], capture_output=True, text=True,
+                            env={**os.environ, variable: "Orders-Outbox"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"outbox-relay: {variable}='Orders-Outbox' is not a plain lower-case SQL identifier ([a-z_][a-z0-9_]*, max 63)"
+    ]
