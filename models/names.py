@@ -23,8 +23,9 @@ def _identifier(env: str, default: str, max_length: int = 63) -> str:
     if not _IDENTIFIER.match(value):
         raise ConfigurationError(f"{env}={value!r} is not a plain lower-case SQL identifier ([a-z_][a-z0-9_]*, max 63)")
     if len(value) > max_length:
-        raise ConfigurationError(f"{env}={value!r} is {len(value)} characters; at most {max_length}: PostgreSQL cuts names"
-                         " at 63 and the longest name made from it (its ready lane index) would be cut")
+        raise ConfigurationError(f"{env}={value!r} is {len(value)} characters; at most {max_length}: PostgreSQL"
+                                 " cuts names at 63 and the longest name made from it (its ready lane index)"
+                                 " would be cut")
     return value
 
 

@@ -35,7 +35,8 @@ def test_old_batches_whose_events_were_deleted_by_hand_do_not_stop_retention(con
     # 12 batches sent 10 days ago whose events an operator deleted, then an old batch with its 3 events
     # still there, then a recent one: a statement deletes 10 batches, the first two delete no event.
     for n, event in enumerate(ids[:12]):
-        conn.execute(set_state_sql("sent", f"e.id = {event}", sent_at=f"now() - interval '10 days' + {n} * interval '1 s'"))
+        sent_at = f"now() - interval '10 days' + {n} * interval '1 s'"
+        conn.execute(set_state_sql("sent", f"e.id = {event}", sent_at=sent_at))
     conn.execute(f"DELETE FROM {EVENTS} WHERE id = ANY(%s)", (ids[:12],))
     conn.execute(set_state_sql("sent", f"e.id IN ({ids[12]}, {ids[13]})", sent_at="now() - interval '9 days'"))
     conn.execute(set_state_sql("sent", f"e.id = {ids[14]}", sent_at="now() - interval '1 hour'"))

@@ -4,9 +4,9 @@ memory is the batch's, and the schema check it runs at start reads a manifest ke
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
