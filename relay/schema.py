@@ -34,7 +34,7 @@ from outbox_relay.models.names import (
 # The revision at this release's head, and each table's columns and indexes as the models declare
 # them: spelled out so that the check runs without loading SQLAlchemy or Alembic into the daemon.
 # tests/unit/test_schema_manifest.py keeps both equal to the models and the migration history.
-HEAD_REVISION = "0009_unsent_table"
+HEAD_REVISION = "0010_autovacuum"
 REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     EVENTS_TABLE: (("id", "event_id", "topic", "key", "value", "header_names", "header_values", "partition",
                     "lane_key", "created_at", "available_at"), ()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
@@ -267,3 +268,32 @@ def test_the_inbox_has_its_own_history_in_a_database_without_an_outbox(empty_dat
     migrate.downgrade_inbox(empty_database_url, "base")
     assert inspect(engine).get_table_names(schema=INBOX_SCHEMA) == ["outbox_inbox_version"]
     engine.dispose()
+
+
+def _scale_factors(conn: psycopg.Connection[Any]) -> dict[str, list[str]]:
+    """Each outbox table's autovacuum_vacuum_scale_factor settings (its own and its TOAST table's)."""
+    rows = conn.execute(
+        "SELECT c.relname, coalesce(c.reloptions, '{}') || coalesce(t.reloptions, '{}') FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN pg_class t ON t.oid = c.reltoastrelid"
+        " WHERE n.nspname = %s AND c.relkind = 'r'", (SCHEMA,)).fetchall()
+    return {name: [o for o in options if o.startswith("autovacuum_vacuum_scale_factor")] for name, options in rows
+            if any(o.startswith("autovacuum_vacuum_scale_factor") for o in options)}
+
+
+def test_autovacuum_follows_retention_and_an_operators_own_setting_is_kept(empty_database_url: str) -> None:
+    """0010: the tables retention deletes from are vacuumed once 1% is dead (the default, 20%, let them
+    grow by a day and a half of events before retention's space was reused); the downgrade resets them."""
+    migrate.upgrade(empty_database_url, "0009_unsent_table")
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        assert _scale_factors(conn) == {}
+        migrate.upgrade(empty_database_url, "head")
+        tuned = ["autovacuum_vacuum_scale_factor=0.01"] * 2  # the table's and its TOAST table's
+        assert _scale_factors(conn) == {EVENTS_TABLE: tuned, SENT_TABLE: tuned}
+        migrate.downgrade(empty_database_url, "0009_unsent_table")
+        assert _scale_factors(conn) == {}
+        conn.execute(f"ALTER TABLE {EVENTS} SET (autovacuum_vacuum_scale_factor = 0.002)")
+        migrate.upgrade(empty_database_url, "head")
+        assert _scale_factors(conn)[EVENTS_TABLE] == ["autovacuum_vacuum_scale_factor=0.002",
+                                                      "autovacuum_vacuum_scale_factor=0.01"]
+        migrate.downgrade(empty_database_url, "0009_unsent_table")
+        assert _scale_factors(conn) == {EVENTS_TABLE: ["autovacuum_vacuum_scale_factor=0.002"]}

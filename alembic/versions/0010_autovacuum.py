@@ -1,0 +1,21 @@
+"""Autovacuum follows retention: the events and sent tables are vacuumed once 1% of them is dead.
+
+Revision ID: 0010_autovacuum
+Revises: 0009_unsent_table
+Create Date: 2026-11-30
+"""
+
+from outbox_relay.models.migration import tune_autovacuum_v10, untune_autovacuum_v10
+
+revision = "0010_autovacuum"
+down_revision = "0009_unsent_table"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    tune_autovacuum_v10()
+
+
+def downgrade() -> None:
+    untune_autovacuum_v10()
