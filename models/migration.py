@@ -15,10 +15,10 @@ already has an Alembic history adds one revision of its own instead::
         add_instance_sessions_v7()
         add_claim_indexes_v8()
         add_unsent_table_v9()
-        tune_autovacuum_v10()
+        add_autovacuum_settings_v10()
 
     def downgrade() -> None:
-        untune_autovacuum_v10()
+        drop_autovacuum_settings_v10()
         drop_unsent_table_v9()
         drop_claim_indexes_v8()
         drop_instance_sessions_v7()
@@ -430,7 +430,7 @@ _V10_OPTIONS = ("autovacuum_vacuum_scale_factor", "toast.autovacuum_vacuum_scale
 _V10_SCALE = "0.01"
 
 
-def tune_autovacuum_v10() -> None:
+def add_autovacuum_settings_v10() -> None:
     """Autovacuum follows retention, so the space it frees is written again within hours, not days.
 
     Retention deletes a day's events each day, a seventh of a table that keeps a week. By default
@@ -456,7 +456,7 @@ def tune_autovacuum_v10() -> None:
         ))
 
 
-def untune_autovacuum_v10() -> None:
+def drop_autovacuum_settings_v10() -> None:
     """PostgreSQL's default again, where the setting is still v10's own."""
     events, _, sent = _v9_tables()
     for table in (events, sent):

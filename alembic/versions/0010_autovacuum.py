@@ -5,7 +5,7 @@ Revises: 0009_unsent_table
 Create Date: 2026-11-30
 """
 
-from outbox_relay.models.migration import tune_autovacuum_v10, untune_autovacuum_v10
+from outbox_relay.models.migration import add_autovacuum_settings_v10, drop_autovacuum_settings_v10
 
 revision = "0010_autovacuum"
 down_revision = "0009_unsent_table"
@@ -14,8 +14,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    tune_autovacuum_v10()
+    add_autovacuum_settings_v10()
 
 
 def downgrade() -> None:
-    untune_autovacuum_v10()
+    drop_autovacuum_settings_v10()
