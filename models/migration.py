@@ -442,18 +442,15 @@ def add_autovacuum_settings_v10() -> None:
     """
     events, _, sent = _v9_tables()
     for table in (events, sent):
-        op.execute(sa.text(
-            f"""DO $$ DECLARE option text; BEGIN
-            FOREACH option IN ARRAY ARRAY{list(_V10_OPTIONS)} LOOP
-                IF NOT EXISTS (SELECT 1 FROM pg_options_to_table((SELECT CASE WHEN option LIKE 'toast.%'
-                        THEN (SELECT t.reloptions FROM pg_class t WHERE t.oid = c.reltoastrelid) ELSE c.reloptions END
-                        FROM pg_class c WHERE c.oid = '{table}'::regclass))
-                        WHERE option_name = replace(option, 'toast.', '')) THEN
-                    EXECUTE format('ALTER TABLE {table} SET (%s = {_V10_SCALE})', option);
+        for option in _V10_OPTIONS:
+            op.execute(sa.text(
+                f"""DO $$ BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_options_to_table({_v10_reloptions(table, option)})
+                               WHERE option_name = '{option.removeprefix("toast.")}') THEN
+                    ALTER TABLE {table} SET ({option} = {_V10_SCALE});
                 END IF;
-            END LOOP;
-            END $$"""
-        ))
+                END $$"""
+            ))
 
 
 def drop_autovacuum_settings_v10() -> None:
@@ -461,16 +458,22 @@ def drop_autovacuum_settings_v10() -> None:
     events, _, sent = _v9_tables()
     for table in (events, sent):
         for option in _V10_OPTIONS:
-            reloptions = ("(SELECT t.reloptions FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid"
-                          f" WHERE c.oid = '{table}'::regclass)" if option.startswith("toast.")
-                          else f"(SELECT reloptions FROM pg_class WHERE oid = '{table}'::regclass)")
             op.execute(sa.text(
                 f"""DO $$ BEGIN
-                IF '{option.removeprefix("toast.")}={_V10_SCALE}' = ANY(coalesce({reloptions}, '{{}}')) THEN
+                IF '{option.removeprefix("toast.")}={_V10_SCALE}' = ANY(coalesce({_v10_reloptions(table, option)},
+                                                                        '{{}}')) THEN
                     ALTER TABLE {table} RESET ({option});
                 END IF;
                 END $$"""
             ))
+
+
+def _v10_reloptions(table: str, option: str) -> str:
+    """SQL for the storage parameters ``option`` is among: the table's own, or (toast.*) its TOAST table's."""
+    if option.startswith("toast."):
+        return (f"(SELECT t.reloptions FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid"
+                f" WHERE c.oid = '{table}'::regclass)")
+    return f"(SELECT reloptions FROM pg_class WHERE oid = '{table}'::regclass)"
 
 
 def _v9_tables() -> tuple[str, str, str]:

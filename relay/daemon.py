@@ -50,6 +50,7 @@ CONTROL_SESSION = "outbox-relay control"  # its application_name; `: <trouble>` 
 # this share of the time, so its gauges refresh less often while the backlog is huge (see
 # outbox_backlog_refreshed_timestamp_seconds), never more often than every ``backlog_interval``.
 BACKLOG_BUDGET = 0.05
+MONITOR_SESSION = "SET max_parallel_workers_per_gather = 0; SET statement_timeout = 60000"
 
 
 def lane_share(lane_count: int, live: list[str], me: str) -> tuple[int, list[int]]:
@@ -333,10 +334,14 @@ class Relay:
             return
         try:
             with self._monitor.use() as conn:
-                # No parallel workers: they would take the cores the lanes use, for an answer nobody waits for.
-                conn.execute("SET max_parallel_workers_per_gather = 0")
+                # No parallel workers: they would take the cores the lanes use, for an answer nobody waits
+                # for. A bound: a statement that runs on holds back vacuum of the tables the lanes walk.
+                conn.execute(MONITOR_SESSION)
                 snap = monitor.snapshot(conn, hold=self.settings.failed_key_policy == "hold")
         except DatabaseUnavailable:
+            return
+        except DatabaseError as exc:
+            log.warning("backlog not measured: %s", exc, extra={"action": "backlog"})
             return
         finally:
             self._backlog_due = started + (time.monotonic() - started) / BACKLOG_BUDGET

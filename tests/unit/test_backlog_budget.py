@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from outbox_relay import daemon
 from outbox_relay.config import Settings
+from outbox_relay.errors import DatabaseError
 from outbox_relay.monitor import Backlog, Snapshot
 
 SETTINGS = Settings.from_sources({}, {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u@h/db",
@@ -56,4 +58,23 @@ def test_a_slow_snapshot_is_not_repeated_until_it_is_a_small_share_of_the_time(m
     assert 1 <= len(taken) <= 3, taken
     assert all(later - earlier >= 0.02 / daemon.BACKLOG_BUDGET for earlier, later in itertools.pairwise(taken))
     # and without parallel workers, which would take the lanes' cores
-    assert relay._monitor.conn.statements[0] == "SET max_parallel_workers_per_gather = 0"
+    assert relay._monitor.conn.statements[0] == daemon.MONITOR_SESSION
+
+
+def test_a_measurement_the_database_refuses_or_cancels_is_a_warning_not_a_job_error(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The monitor session bounds its statements (MONITOR_SESSION): a statement left running would hold back
+    vacuum of the tables every claim walks (seen in the retention bench: one ran 13 minutes). A cancelled one
+    is said once, and the measurement is tried again later."""
+    def cancelled(conn: FakeConnection, **kwargs: Any) -> Snapshot:
+        raise DatabaseError("PostgreSQL refused: canceling statement due to statement timeout")
+
+    monkeypatch.setattr(daemon.monitor, "snapshot", cancelled)
+    relay = daemon.Relay(SETTINGS)
+    relay._monitor = FakeHeld()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="outbox_relay.daemon"):
+        relay._measure_backlog()
+    assert "statement_timeout = 60000" in daemon.MONITOR_SESSION
+    assert [r.getMessage() for r in caplog.records] == [
+        "backlog not measured: PostgreSQL refused: canceling statement due to statement timeout"]
+    assert relay._backlog_due > 0  # tried again after its budget, like any measurement
