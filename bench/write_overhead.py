@@ -3,7 +3,13 @@
 `enqueue` versus the same payload inserted into a plain table, measured side by side in one run
 (interleaved rounds, so machine noise hits both alike). Prints the ratio; the target is <= 1.25.
 
-    python bench/write_overhead.py [--transactions 2000] [--rounds 5]
+Then the same under concurrency (--writers connections committing at once, psycopg without SQLAlchemy,
+so the client's CPU does not hide the server's cost): commits/s with a plain insert, with the outbox's
+insert, and with the outbox's insert while its wake-up trigger (NOTIFY) is disabled. A transaction that
+notifies holds a lock on the whole PostgreSQL instance from its commit until the commit is durable, so
+notifying commits cannot share a WAL flush (group commit).
+
+    python bench/write_overhead.py [--transactions 2000] [--rounds 5] [--writers 16] [--seconds 5]
 Needs OUTBOX_DATABASE_URL (`eval "$(scripts/services env)"`); uses a scratch database it drops after.
 """
 
@@ -13,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import threading
 import time
 import uuid
 
@@ -21,6 +28,8 @@ from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.engine import make_url
 
 from outbox_relay import enqueue, migrate
+from outbox_relay.db.connection import conninfo
+from outbox_relay.db.names import EVENTS_TABLE, NOTIFY_TRIGGER, SCHEMA
 
 meta = MetaData()
 orders = Table("bench_orders", meta, Column("id", Integer, primary_key=True), Column("customer", Text))
@@ -32,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transactions", type=int, default=2000, help="transactions per variant and round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--writers", type=int, default=16, help="connections committing at once")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each concurrent round")
     args = parser.parse_args()
 
     base = make_url(os.environ["OUTBOX_DATABASE_URL"])
@@ -68,6 +79,7 @@ def main() -> None:
                     variant(n)
                 timings[name].append((time.perf_counter() - started) / args.transactions)
         engine.dispose()
+        rates = concurrent_rates(url, args.writers, args.seconds, args.rounds)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
@@ -79,6 +91,63 @@ def main() -> None:
         rounds = " ".join(f"{t * 1e6:.0f}" for t in timings[name])
         print(f"{label:<28}{statistics.median(timings[name]) * 1e6:>14.0f}{rounds:>40}")
     print(f"write overhead ratio (outbox / plain): {outbox / plain_:.3f}  (target <= 1.25)")
+    print(f"\n{args.writers} concurrent writers, psycopg{'median commits/s':>26}{'per round':>40}")
+    for name, label in (("plain", "business row + plain insert"), ("outbox", "business row + outbox row"),
+                        ("quiet", "  the same, wake-ups off")):
+        rounds = " ".join(f"{r:.0f}" for r in rates[name])
+        print(f"{label:<44}{statistics.median(rates[name]):>10.0f}{rounds:>40}")
+    plain_rate = statistics.median(rates["plain"])
+    print(f"concurrent write overhead (plain / outbox commits/s): {plain_rate / statistics.median(rates['outbox']):.3f}"
+          f"  wake-ups off: {plain_rate / statistics.median(rates['quiet']):.3f}  (target <= 1.25)")
+
+
+def concurrent_rates(url: str, writers: int, seconds: float, rounds: int) -> dict[str, list[float]]:
+    """Commits/s of `writers` connections at once, each variant in turn, `rounds` times."""
+    import psycopg
+
+    info = conninfo(url)
+    value = b"v" * 400
+    statements = {
+        "plain": "INSERT INTO bench_plain_events (event_id, topic, key, value) VALUES (%s, 'orders', 'ada', %s)",
+        "outbox": f'INSERT INTO "{SCHEMA}"."{EVENTS_TABLE}" (event_id, topic, key, value, header_names, '
+                  "header_values) VALUES (%s, 'orders', 'ada', %s, '{}', '{}')",
+    }
+
+    def run(statement: str) -> float:
+        done = [0] * writers
+        deadline = time.monotonic() + seconds
+
+        def write(n: int) -> None:
+            with psycopg.connect(info) as conn:
+                while time.monotonic() < deadline:
+                    with conn.transaction():
+                        conn.execute("INSERT INTO bench_orders (customer) VALUES ('ada')")
+                        conn.execute(statement, (uuid.uuid4(), value))
+                    done[n] += 1
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(done) / seconds
+
+    def wake_ups(enabled: bool) -> None:
+        with psycopg.connect(info, autocommit=True) as conn:
+            conn.execute(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" {"ENABLE" if enabled else "DISABLE"} '
+                         f'TRIGGER "{NOTIFY_TRIGGER}"')
+
+    rates: dict[str, list[float]] = {"plain": [], "outbox": [], "quiet": []}
+    run(statements["outbox"])  # warm-up
+    for _ in range(rounds):
+        rates["plain"].append(run(statements["plain"]))
+        rates["outbox"].append(run(statements["outbox"]))
+        wake_ups(False)
+        try:
+            rates["quiet"].append(run(statements["outbox"]))
+        finally:
+            wake_ups(True)
+    return rates
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from outbox_relay import enqueue
+from outbox_relay.db.connection import connect, listen, notifications
+from outbox_relay.db.names import EVENTS_TABLE, NOTIFY_TRIGGER, SCHEMA
 from tests import kafkatools
 from tests.relaytools import Relays, Writers, ledger, pending, states, wait_until
 
@@ -113,3 +115,29 @@ def test_listen_notify_wakes_the_relay_at_commit_and_polling_remains(engine: Eng
     print(f"\nmedian commit-to-sent: NOTIFY (10 min poll interval) {woken * 1000:.0f} ms,"
           f" polling every 2 s {polled * 1000:.0f} ms")
     assert len(kafkatools.consume([topic], expected=10, quiet=0.5)) == 10
+
+
+def test_wake_ups_turned_off_in_the_database_writers_do_not_notify_and_polling_sends(
+        engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
+    # The README's switch for write-heavy databases: a notifying commit holds an instance-wide lock
+    # until it is durable (bench/write_overhead.py measures the cost). Without the trigger, commits
+    # notify nobody and the relay (still listening) sends by polling alone.
+    def notified_by_one_commit() -> bool:
+        with connect(database_url, "test listener") as listener:
+            listen(listener)
+            with engine.begin() as conn:
+                enqueue(conn, topic, {"probe": True}, key="probe")
+            return any(True for _ in notifications(listener, timeout=1.0))
+
+    assert notified_by_one_commit()
+    with engine.begin() as conn:
+        conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" DISABLE TRIGGER "{NOTIFY_TRIGGER}"'))
+    try:
+        assert not notified_by_one_commit()
+        polled = _commit_to_sent(engine, database_url, topic, relays, "on", poll_interval=1)
+        print(f"\nmedian commit-to-sent with wake-ups off in the database, polling every 1 s: {polled * 1000:.0f} ms")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" ENABLE TRIGGER "{NOTIFY_TRIGGER}"'))
+    assert notified_by_one_commit()  # its event stays unsent: the relay has stopped
+    assert len(kafkatools.consume([topic], expected=7, quiet=0.5)) == 7
