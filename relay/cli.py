@@ -297,6 +297,7 @@ def _run(args: argparse.Namespace) -> int:
     yet is waited for (the daemon survives outages too); a missing or older schema stops here."""
     import logging
 
+    from outbox_relay import schema
     from outbox_relay.daemon import Relay
 
     settings = _kafka_settings(args)
@@ -304,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
     delay, waited = settings.backoff_initial, False
     while True:
         try:
-            _connect(settings).close()
+            conn = _connect(settings)
             break
         except DatabaseUnavailable as exc:
             if any(text in str(exc) for text in ("does not exist", "authentication", "pg_hba", "password")):
@@ -314,6 +315,9 @@ def _run(args: argparse.Namespace) -> int:
             waited = True
             time.sleep(delay)
             delay = min(delay * 2, settings.backoff_max)
+    with conn:
+        for level, problem in schema.disabled_triggers(conn, listening=settings.listen == "on"):
+            log.log(level, "%s", problem, extra={"action": "trigger_disabled"})
     return Relay(settings).run_forever()
 
 

@@ -14,6 +14,8 @@ Every command runs it before it works, whoever owns the migrations:
 
 from __future__ import annotations
 
+import logging
+
 from outbox_relay.db import catalog
 from outbox_relay.db.connection import Connection
 from outbox_relay.db.names import ENQUEUE_TRIGGER, NOTIFY_TRIGGER
@@ -98,6 +100,22 @@ def problems(conn: Connection) -> list[str]:
     if managed and current != HEAD_REVISION:
         return [f"revision {current or '(none)'}, this relay needs {HEAD_REVISION}"]
     return []
+
+
+def disabled_triggers(conn: Connection, *, listening: bool) -> list[tuple[int, str]]:
+    """What a trigger that exists but was disabled (ALTER TABLE ... DISABLE TRIGGER) means: a logging
+    level and one line each."""
+    found = []
+    table = f"{SCHEMA}.{EVENTS_TABLE}"
+    if not catalog.trigger_fires(conn, ENQUEUE_TRIGGER):
+        found.append((logging.ERROR, f"trigger {ENQUEUE_TRIGGER} on {table} is disabled: events written now never "
+                      f"become pending and are never published (ALTER TABLE {table} ENABLE TRIGGER "
+                      f"{ENQUEUE_TRIGGER}; `outbox-relay verify` lists those written meanwhile)"))
+    if listening and not catalog.trigger_fires(conn, NOTIFY_TRIGGER):
+        found.append((logging.WARNING, f"trigger {NOTIFY_TRIGGER} on {table} is disabled: commits wake no relay, "
+                      "lanes find new events every OUTBOX_POLL_INTERVAL (OUTBOX_LISTEN=off saves the idle "
+                      "LISTEN connection)"))
+    return found
 
 
 def check(conn: Connection) -> None:

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, text
 
 from outbox_relay import enqueue
 from outbox_relay.db.connection import connect, listen, notifications
-from outbox_relay.db.names import EVENTS_TABLE, NOTIFY_TRIGGER, SCHEMA
+from outbox_relay.db.names import ENQUEUE_TRIGGER, EVENTS_TABLE, NOTIFY_TRIGGER, SCHEMA
 from tests import kafkatools
 from tests.relaytools import Relays, Writers, ledger, pending, states, wait_until
 
@@ -136,8 +136,25 @@ def test_wake_ups_turned_off_in_the_database_writers_do_not_notify_and_polling_s
         assert not notified_by_one_commit()
         polled = _commit_to_sent(engine, database_url, topic, relays, "on", poll_interval=1)
         print(f"\nmedian commit-to-sent with wake-ups off in the database, polling every 1 s: {polled * 1000:.0f} ms")
+        # The relay, told to listen, said at start why no commit will wake it.
+        assert f"trigger {NOTIFY_TRIGGER} on {SCHEMA}.{EVENTS_TABLE} is disabled" in relays.started[-1].log()
     finally:
         with engine.begin() as conn:
             conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" ENABLE TRIGGER "{NOTIFY_TRIGGER}"'))
     assert notified_by_one_commit()  # its event stays unsent: the relay has stopped
     assert len(kafkatools.consume([topic], expected=7, quiet=0.5)) == 7
+
+
+def test_a_relay_says_at_start_that_events_written_with_the_enqueue_trigger_disabled_are_never_published(
+        engine: Engine, database_url: str, relays: Relays) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" DISABLE TRIGGER "{ENQUEUE_TRIGGER}"'))
+    try:
+        relay = relays.start(database_url, "enqueue-disabled")
+        wait_until(lambda: "took lane 0" in relay.log(), 30, "the relay to take the lane")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" ENABLE TRIGGER "{ENQUEUE_TRIGGER}"'))
+    line = next(line for line in relay.log().splitlines() if f"trigger {ENQUEUE_TRIGGER}" in line)
+    assert "ERROR" in line and "never published" in line
+    relay.stop()
