@@ -13,6 +13,7 @@ from outbox_relay.models.names import (
     ENQUEUE_TRIGGER,
     EVENTS_READY_INDEX_PREFIX,
     EVENTS_TABLE,
+    IDLE_LANES_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,
     LANES_TABLE,
@@ -31,6 +32,7 @@ from outbox_relay.models.names import (
 if TYPE_CHECKING:
     from outbox_relay.models.outbox import (
         Base,
+        IdleLane,
         OutboxEvent,
         RelayInstance,
         RelayLane,
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
         metadata,
     )
 
-_MODELS = {"Base", "OutboxEvent", "RelayInstance", "RelayLane", "RelaySettings", "SentBatch", "UnsentEvent",
+_MODELS = {"Base", "IdleLane", "OutboxEvent", "RelayInstance", "RelayLane", "RelaySettings", "SentBatch", "UnsentEvent",
            "metadata"}
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "ENQUEUE_TRIGGER",
     "EVENTS_READY_INDEX_PREFIX",
     "EVENTS_TABLE",
+    "IDLE_LANES_TABLE",
     "INSTANCES_TABLE",
     "LANES_TABLE",
     "LANE_INDEX_PREFIX",
@@ -68,6 +71,7 @@ __all__ = [
     "UNSENT_TABLE",
     "Base",
     "EventState",
+    "IdleLane",
     "OutboxEvent",
     "RelayInstance",
     "RelayLane",

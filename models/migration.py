@@ -16,8 +16,10 @@ already has an Alembic history adds one revision of its own instead::
         add_claim_indexes_v8()
         add_unsent_table_v9()
         add_autovacuum_settings_v10()
+        add_idle_lanes_v11()
 
     def downgrade() -> None:
+        drop_idle_lanes_v11()
         drop_autovacuum_settings_v10()
         drop_unsent_table_v9()
         drop_claim_indexes_v8()
@@ -474,6 +476,46 @@ def _v10_reloptions(table: str, option: str) -> str:
         return (f"(SELECT t.reloptions FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid"
                 f" WHERE c.oid = '{table}'::regclass)")
     return f"(SELECT reloptions FROM pg_class WHERE oid = '{table}'::regclass)"
+
+
+def add_idle_lanes_v11() -> None:
+    """Commits notify only while a lane sleeps: the wake-up stops costing writers when relays keep up.
+
+    A transaction that notifies holds a lock on the whole PostgreSQL instance from its commit until
+    the commit is durable, so notifying writers cannot share a WAL flush (16 connections at once:
+    2,374 commits/s against 3,363 without it). A lane that finds nothing to claim for a moment
+    writes its number into the idle lanes table and wakes on the next notification; a lane that is
+    publishing has no row, and while no lane has one, commits do not notify. SECURITY DEFINER: a
+    writer role that may only insert events needs no grant on the idle lanes table.
+    """
+    idle = f'"{SCHEMA}"."{EVENTS_TABLE}_idle_lanes"'
+    op.execute(sa.text(
+        f'CREATE TABLE {idle} (lane smallint NOT NULL, since timestamptz NOT NULL DEFAULT now(),'
+        f' CONSTRAINT "pk_{EVENTS_TABLE}_idle_lanes" PRIMARY KEY (lane))'
+    ))
+    op.execute(sa.text(
+        f'''CREATE OR REPLACE FUNCTION "{SCHEMA}"."{_NOTIFY_FUNCTION}"() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM {idle}) THEN
+                PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+            END IF;
+            RETURN NULL;
+        END $$'''
+    ))
+
+
+def drop_idle_lanes_v11() -> None:
+    """Every commit notifies again (v3's function)."""
+    op.execute(sa.text(
+        f'''CREATE OR REPLACE FUNCTION "{SCHEMA}"."{_NOTIFY_FUNCTION}"() RETURNS trigger LANGUAGE plpgsql
+        SECURITY INVOKER AS $$
+        BEGIN
+            PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+            RETURN NULL;
+        END $$'''
+    ))
+    op.execute(sa.text(f'DROP TABLE "{SCHEMA}"."{EVENTS_TABLE}_idle_lanes"'))
 
 
 def _v9_tables() -> tuple[str, str, str]:

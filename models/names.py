@@ -45,6 +45,9 @@ INSTANCES_TABLE = f"{EVENTS_TABLE}_instances"
 UNSENT_TABLE = f"{EVENTS_TABLE}_unsent"
 SENT_TABLE = f"{EVENTS_TABLE}_sent"
 ENQUEUE_TRIGGER = f"{EVENTS_TABLE}_enqueue"
+# Since 0011 commits notify only while a lane sleeps: a lane with nothing to claim for a moment puts
+# its row here; the wake-up trigger notifies while any row exists.
+IDLE_LANES_TABLE = f"{EVENTS_TABLE}_idle_lanes"
 # A view for people: the events table as it was before 0009 (each event with its state, attempts
 # while unsent, last error, due time and, for sent ones, when). Made by the migration; the relay
 # never reads it.

@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox_relay.models.names import (
     EVENTS_TABLE,
+    IDLE_LANES_TABLE,
     INSTANCES_TABLE,
     LANE_KEY_SQL,
     LANES_TABLE,
@@ -137,6 +138,15 @@ class RelayLane(Base):
     owner: Mapped[str | None] = mapped_column(Text)
     acquired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdleLane(Base):
+    """A lane asleep until the next commit wakes it: while any row exists, commits notify the relays."""
+
+    __tablename__ = IDLE_LANES_TABLE
+
+    lane: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    since: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
 
 
 class RelaySettings(Base):

@@ -380,6 +380,8 @@ class Relay:
                 pass  # the probe reports it, once; the lane waits without timing out on its own
             elif worker.tick(self.stopping) or worker.woken:  # woken after its last claim: go again
                 delay = 0
+            else:
+                delay = worker.next_poll()  # soon while it just published, else the poll interval
         except Exception:
             # A bug, not an outage; still never a tight loop of tracebacks.
             log.exception("tick of lane %d failed unexpectedly", lane, extra={"lane": lane, "action": "tick"})

@@ -27,6 +27,14 @@ TRANSACTION_POOLING = (
     "or through session pooling"
 )
 DRAIN_SLICE_SECONDS = 1.0
+# A lane that published keeps claiming on its own, every ACTIVE_POLL_SECONDS, until it found nothing
+# for LINGER_SECONDS; only then does it sleep and let commits wake it. Commits notify only while some
+# lane sleeps, and a notifying commit holds an instance-wide lock until it is durable.
+ACTIVE_POLL_SECONDS = 0.01
+LINGER_SECONDS = 0.1
+# A commit decides whether to notify when it writes its events, so one still open when its lane fell
+# asleep does not wake it: the lane looks again at once and once more this much later, then polls.
+SECOND_LOOK_SECONDS = 0.05
 
 
 class _Outcome(enum.Enum):
@@ -95,6 +103,12 @@ class LaneWorker:
         # Set by every commit notification: a tick that finds it set after a claim claims again (its
         # marks overlapping), instead of ending, marking synchronously and waiting for the scheduler.
         self._woken = threading.Event()
+        # Whether the lane's row is in the idle lanes table (commits notify), and until when the lane
+        # claims on its own after it last published something.
+        self._asleep = False
+        self._active_until = 0.0
+        self._found_nothing = False  # the last claim came back empty (not a failure)
+        self._second_look = False  # fell asleep: one more look SECOND_LOOK_SECONDS later
         self._extra = {"lane": self.lane}
         self.database, self.kafka = (
             CircuitBreaker(system, threshold=settings.breaker_threshold, initial=settings.backoff_initial,
@@ -120,6 +134,15 @@ class LaneWorker:
     def woken(self) -> bool:
         """Events committed since the last claim began."""
         return self._woken.is_set()
+
+    def next_poll(self) -> float:
+        """Seconds until the lane claims again after a tick that found no more work (asked once per tick)."""
+        if time.monotonic() < self._active_until:
+            return ACTIVE_POLL_SECONDS
+        if self._second_look:
+            self._second_look = False
+            return min(SECOND_LOOK_SECONDS, self.settings.poll_interval)
+        return self.settings.poll_interval
 
     @property
     def ticking(self) -> bool:
@@ -171,6 +194,13 @@ class LaneWorker:
                 return False
             self.store.record_owner(conn, self.lane, self.owner)
             self.store.name_session(conn, f"outbox-relay lane {self.lane}")
+            # Asleep until its first claim finds events; a relay that does not listen never asks for
+            # notifications (and clears what a listening owner before it left).
+            if self.settings.listen == "on":
+                self.store.sleep(conn, self.lane)
+            else:
+                self.store.wake(conn, self.lane)
+            self._asleep = self.settings.listen == "on"
             self._conn, conn = conn, None  # the lane keeps it: it holds the lock
         except DatabaseUnavailable as exc:
             if conn is not None:
@@ -204,6 +234,7 @@ class LaneWorker:
             if self._conn is not None and not self._conn.closed:
                 if self.owned:
                     try:
+                        self.store.wake(self._conn, self.lane)  # whoever takes the lane asks again
                         self.store.release_owner(self._conn, self.lane, self.owner)
                     except DatabaseError:
                         pass
@@ -259,9 +290,24 @@ class LaneWorker:
                     more = self._tick_owned(self._conn, stopping) or self._woken.is_set()
             finally:
                 self._settle_marks()
+            if not more and self._fall_asleep():
+                more = True  # claim once more: a commit whose trigger ran before the row existed did not notify
             return more
         finally:
             self._ticking.release()
+
+    def _fall_asleep(self) -> bool:
+        """Ask commits to notify, once the lane found nothing for LINGER_SECONDS. True when it just did."""
+        if (self._asleep or not self._found_nothing or self.settings.listen != "on"
+                or time.monotonic() < self._active_until or not self.owned or self._conn is None):
+            return False
+        try:
+            self.store.sleep(self._conn, self.lane)
+        except DatabaseUnavailable as exc:
+            self._lost_database(exc)
+            return False
+        self._asleep = self._second_look = True
+        return True
 
     def _tick_owned(self, conn: Connection, stopping: threading.Event) -> bool:
         try:
@@ -271,12 +317,19 @@ class LaneWorker:
             if publisher is None:
                 return False
             rows = self.store.claim(conn, self.lane, self.lane_count, self.settings.batch_size, self._unmarked)
+            self._found_nothing = not rows
             if not rows or stopping.is_set():
                 return False
+            if self._asleep:
+                self.store.wake(conn, self.lane)  # busy: it claims again on its own, commits need not notify
+                self._asleep = self._second_look = False
             outcome = self._publish(conn, publisher, rows, overlap=True)
             if outcome is _Outcome.POISONED:
                 return True  # the rest of the batch goes again at once, in a new transaction
-            return outcome is _Outcome.PUBLISHED and len(rows) == self.settings.batch_size
+            if outcome is _Outcome.PUBLISHED:
+                self._active_until = time.monotonic() + LINGER_SECONDS
+            # Claim again at once after any batch: while the lane is awake no commit tells it of more.
+            return outcome is _Outcome.PUBLISHED
         except DatabaseUnavailable as exc:
             self._lost_database(exc)
             return False

@@ -23,6 +23,7 @@ from outbox_relay.errors import SchemaError
 from outbox_relay.models.names import (
     EVENTS_READY_INDEX_PREFIX,
     EVENTS_TABLE,
+    IDLE_LANES_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,
     LANES_TABLE,
@@ -36,7 +37,7 @@ from outbox_relay.models.names import (
 # The revision at this release's head, and each table's columns and indexes as the models declare
 # them: spelled out so that the check runs without loading SQLAlchemy or Alembic into the daemon.
 # tests/unit/test_schema_manifest.py keeps both equal to the models and the migration history.
-HEAD_REVISION = "0010_autovacuum"
+HEAD_REVISION = "0011_idle_lanes"
 REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     EVENTS_TABLE: (("id", "event_id", "topic", "key", "value", "header_names", "header_values", "partition",
                     "lane_key", "created_at", "available_at"), ()),
@@ -47,6 +48,7 @@ REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     LANES_TABLE: (("lane", "owner", "acquired_at", "heartbeat_at"), ()),
     SETTINGS_TABLE: (("id", "lane_count", "resize_to", "outbox_id"), ()),
     INSTANCES_TABLE: (("name", "started_at", "heartbeat_at", "backend_pid"), ()),
+    IDLE_LANES_TABLE: (("lane", "since"), ()),
 }
 
 # Which migration function adds what, for applications that own their Alembic history.
@@ -64,6 +66,7 @@ _ADDED_BY = {
     f"table {SCHEMA}.{SENT_TABLE}": "add_unsent_table_v9",
     f"trigger {ENQUEUE_TRIGGER}": "add_unsent_table_v9",
     "unsent ready lane index": "add_unsent_table_v9",
+    f"table {SCHEMA}.{IDLE_LANES_TABLE}": "add_idle_lanes_v11",
 }
 
 

@@ -13,7 +13,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
 from outbox_relay import cli as cli_module
-from outbox_relay import enqueue
+from outbox_relay import enqueue, schema
 from outbox_relay.db.names import NOTIFY_TRIGGER, VERSION_TABLE, lane_index_name
 from outbox_relay.migrate import script_location
 from outbox_relay.models import SCHEMA
@@ -53,12 +53,12 @@ def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, databa
     downgraded = cli(database_url, "migrate", "--downgrade", "--revision", "0006_outbox_identity")
     assert downgraded.returncode == 0, downgraded.stderr
     line = one_line(cli(database_url, "status"))
-    # Three revisions behind: 0007, 0008 (the claim indexes) and 0009 (the unsent table) came after it.
+    # Behind by 0007, 0008 (the claim indexes), 0009 (the unsent table), 0010 and 0011 (the idle lanes).
     assert ("behind this relay (table outbox.events_unsent, table outbox.events_sent, column"
-            " events_instances.backend_pid, trigger events_enqueue, ready lane index, unsent ready lane index)"
-            in line and "run `outbox-relay migrate`" in line)
-    assert ("outbox_relay.models.migration.add_claim_indexes_v8(), add_instance_sessions_v7(), add_unsent_table_v9()"
-            in line)
+            " events_instances.backend_pid, table outbox.events_idle_lanes, trigger events_enqueue, ready lane"
+            " index, unsent ready lane index)" in line and "run `outbox-relay migrate`" in line)
+    assert ("outbox_relay.models.migration.add_claim_indexes_v8(), add_idle_lanes_v11(), add_instance_sessions_v7(),"
+            " add_unsent_table_v9()" in line)
     assert cli(database_url, "migrate").returncode == 0
     assert cli(database_url, "status").returncode == 0
 
@@ -79,7 +79,7 @@ def test_a_revision_behind_with_the_same_structure_is_named(engine: Engine, data
         conn.execute(text(f"UPDATE {SCHEMA}.{VERSION_TABLE} SET version_num = '0006_outbox_identity'"))
     result = cli(database_url, "lanes", "show")
     assert result.returncode == 5
-    assert "revision 0006_outbox_identity, this relay needs 0010_autovacuum" in one_line(result)
+    assert f"revision 0006_outbox_identity, this relay needs {schema.HEAD_REVISION}" in one_line(result)
 
 
 def test_run_on_an_unmigrated_database_stops_with_one_line(empty_database_url: str) -> None:

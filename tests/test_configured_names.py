@@ -49,7 +49,8 @@ def test_a_relay_runs_end_to_end_under_other_schema_and_table_names(empty_databa
     tables = column(empty_database_url, "SELECT table_schema || '.' || table_name FROM information_schema.tables"
                                         " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')")
     assert sorted(tables) == [
-        "shop_outbox.order_events", "shop_outbox.order_events_instances", "shop_outbox.order_events_lanes",
+        "shop_outbox.order_events", "shop_outbox.order_events_idle_lanes", "shop_outbox.order_events_instances",
+        "shop_outbox.order_events_lanes",
         "shop_outbox.order_events_sent", "shop_outbox.order_events_settings", "shop_outbox.order_events_state",
         "shop_outbox.order_events_unsent", "shop_outbox.outbox_relay_version"]
     assert column(empty_database_url, "SELECT nspname FROM pg_namespace WHERE nspname = 'outbox'") == []

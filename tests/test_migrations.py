@@ -17,6 +17,7 @@ from outbox_relay.db.connection import connect, conninfo
 from outbox_relay.db.lanes import Store
 from outbox_relay.models import (
     EVENTS_TABLE,
+    IDLE_LANES_TABLE,
     INSTANCES_TABLE,
     LANE_INDEX_PREFIX,
     LANES_TABLE,
@@ -60,7 +61,8 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_from_empty_matches_the_models(empty_database_url: str) -> None:
     migrate.upgrade(empty_database_url)
     assert _tables(empty_database_url) == {
-        EVENTS_TABLE, UNSENT_TABLE, SENT_TABLE, INSTANCES_TABLE, LANES_TABLE, SETTINGS_TABLE, "outbox_relay_version"}
+        EVENTS_TABLE, UNSENT_TABLE, SENT_TABLE, INSTANCES_TABLE, LANES_TABLE, SETTINGS_TABLE, IDLE_LANES_TABLE,
+        "outbox_relay_version"}
     assert _diff(empty_database_url) == []
 
 

@@ -373,7 +373,7 @@ def test_an_application_that_adopted_0_1_0_upgrades_with_the_readme_revision(
     old = recipe
     for step in ("add_lane_index_v5", "drop_lane_index_v5", "add_claim_indexes_v8", "drop_claim_indexes_v8",
                  "add_unsent_table_v9", "drop_unsent_table_v9", "add_autovacuum_settings_v10",
-                 "drop_autovacuum_settings_v10"):
+                 "drop_autovacuum_settings_v10", "add_idle_lanes_v11", "drop_idle_lanes_v11"):
         old = old.replace(f"    {step}()\n", "")
     assert old != recipe
     upgrade = readme_python("### Using your own Alembic history", 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 
 from sqlalchemy import Engine, text
@@ -10,6 +11,7 @@ from sqlalchemy import Engine, text
 from outbox_relay import enqueue
 from outbox_relay.db.connection import connect, listen, notifications
 from outbox_relay.db.names import ENQUEUE_TRIGGER, EVENTS_TABLE, NOTIFY_TRIGGER, SCHEMA
+from outbox_relay.models import IDLE_LANES_TABLE
 from tests import kafkatools
 from tests.relaytools import Relays, Writers, ledger, pending, states, wait_until
 
@@ -129,6 +131,8 @@ def test_wake_ups_turned_off_in_the_database_writers_do_not_notify_and_polling_s
                 enqueue(conn, topic, {"probe": True}, key="probe")
             return any(True for _ in notifications(listener, timeout=1.0))
 
+    with engine.begin() as conn:
+        conn.execute(text(f'INSERT INTO "{SCHEMA}"."{IDLE_LANES_TABLE}" (lane) VALUES (0)'))  # a lane asleep
     assert notified_by_one_commit()
     with engine.begin() as conn:
         conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" DISABLE TRIGGER "{NOTIFY_TRIGGER}"'))
@@ -141,6 +145,8 @@ def test_wake_ups_turned_off_in_the_database_writers_do_not_notify_and_polling_s
     finally:
         with engine.begin() as conn:
             conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" ENABLE TRIGGER "{NOTIFY_TRIGGER}"'))
+    with engine.begin() as conn:
+        conn.execute(text(f'INSERT INTO "{SCHEMA}"."{IDLE_LANES_TABLE}" (lane) VALUES (0) ON CONFLICT DO NOTHING'))
     assert notified_by_one_commit()  # its event stays unsent: the relay has stopped
     assert len(kafkatools.consume([topic], expected=7, quiet=0.5)) == 7
 
@@ -158,3 +164,71 @@ def test_a_relay_says_at_start_that_events_written_with_the_enqueue_trigger_disa
     line = next(line for line in relay.log().splitlines() if f"trigger {ENQUEUE_TRIGGER}" in line)
     assert "ERROR" in line and "never published" in line
     relay.stop()
+
+
+def test_commits_notify_only_while_a_lane_sleeps(engine: Engine, database_url: str, topic: str,
+                                                 relays: Relays) -> None:
+    """A notifying commit holds an instance-wide lock until it is durable: while the relay keeps up
+    (publishing, or claiming on its own just after), writers must not pay it."""
+    def idle_lanes() -> set[int]:
+        with engine.begin() as conn:
+            return {row[0] for row in conn.execute(text(f'SELECT lane FROM "{SCHEMA}"."{IDLE_LANES_TABLE}"'))}
+
+    def notified_by_one_commit() -> bool:
+        with connect(database_url, "test listener") as listener:
+            listen(listener)
+            with engine.begin() as conn:
+                enqueue(conn, topic, {"probe": True}, key="probe")
+            return any(True for _ in notifications(listener, timeout=1.0))
+
+    assert not notified_by_one_commit()  # no relay, no lane asleep: nobody to wake
+    # With a 10-minute poll interval, only a notification can get an event out of a sleeping lane.
+    relay = relays.start(database_url, "on-demand", OUTBOX_POLL_INTERVAL="600")
+    wait_until(lambda: idle_lanes() == {0}, 30, "the idle lane to sleep")
+    assert notified_by_one_commit()
+    wait_until(lambda: pending(engine) == 0, 60, "the sleeping lane to be woken")
+    # Writers committing every 10 ms keep the lane awake: it claims on its own and leaves the table.
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            with engine.begin() as conn:
+                enqueue(conn, topic, {"steady": True}, key="k")
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        wait_until(lambda: idle_lanes() == set(), 30, "the busy lane to leave the idle lanes")
+        # ...and its own claims (not the 10-minute poll) send what the writers commit meanwhile.
+        wait_until(lambda: pending(engine) < 5, 60, "the awake lane to keep up")
+    finally:
+        stop.set()
+        writer.join()
+    wait_until(lambda: pending(engine) == 0 and idle_lanes() == {0}, 60, "the lane to drain and sleep again")
+    relay.stop()
+    report = ledger(engine, [topic])
+    assert report.ok, report.summary()
+
+
+def test_a_transaction_open_while_its_lane_fell_asleep_is_found_by_the_second_look(
+        engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
+    # The trigger decides when the event is written, so a transaction that wrote its event while the
+    # lane was awake, and commits once the lane sleeps, notifies nobody. The lane looks again at once
+    # and once more 50 ms later; with a 10-minute poll interval nothing else could send the event.
+    def asleep() -> bool:
+        with engine.begin() as conn:
+            return conn.execute(text(f'SELECT count(*) FROM "{SCHEMA}"."{IDLE_LANES_TABLE}"')).scalar_one() == 1
+
+    relay = relays.start(database_url, "second-look", OUTBOX_POLL_INTERVAL="600")
+    wait_until(asleep, 30, "the idle lane to sleep")
+    with engine.begin() as conn:
+        enqueue(conn, topic, {"n": "wakes the lane"}, key="k")
+    wait_until(lambda: not asleep(), 30, "the lane to wake", poll=0.002)
+    with engine.connect() as conn, conn.begin():
+        enqueue(conn, topic, {"n": "written while the lane is awake"}, key="k")  # no lane asleep: no notify
+        wait_until(asleep, 30, "the lane to fall asleep again", poll=0.002)
+    # Committed now, after the lane's first look.
+    wait_until(lambda: pending(engine) == 0, 60, "the second look to find the event")
+    relay.stop()
+    assert len(kafkatools.consume([topic], expected=2, quiet=0.5)) == 2

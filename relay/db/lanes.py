@@ -18,6 +18,7 @@ from psycopg import generators, pq, sql
 from outbox_relay import faults
 from outbox_relay.db.connection import translate_errors, translated
 from outbox_relay.db.names import EVENTS as _EVENTS
+from outbox_relay.db.names import IDLE_LANES as _IDLE_LANES
 from outbox_relay.db.names import INSTANCES as _INSTANCES
 from outbox_relay.db.names import LANES as _LANES
 from outbox_relay.db.names import LOCK_CLASS, RESIZE_LOCK, lane_index_name
@@ -252,6 +253,17 @@ class Store:
             (lane, owner),
         )
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, lane))
+
+    @staticmethod
+    def sleep(conn: psycopg.Connection[Any], lane: int) -> None:
+        """The lane sleeps until a commit wakes it: from now on (until ``wake``) commits notify."""
+        conn.execute(sql.SQL("INSERT INTO {} (lane) VALUES (%s) ON CONFLICT DO NOTHING").format(_IDLE_LANES),
+                     (lane,))
+
+    @staticmethod
+    def wake(conn: psycopg.Connection[Any], lane: int) -> None:
+        """The lane is publishing and claims again on its own: commits need not notify for it."""
+        conn.execute(sql.SQL("DELETE FROM {} WHERE lane = %s").format(_IDLE_LANES), (lane,))
 
     def claim(self, conn: psycopg.Connection[Any], lane: int, lanes: int, limit: int,
               unmarked: list[int] | None = None) -> list[Row]:

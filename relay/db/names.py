@@ -19,6 +19,7 @@ SENT = sql.Identifier(SCHEMA, models.SENT_TABLE)  # one row per marked batch
 LANES = sql.Identifier(SCHEMA, models.LANES_TABLE)
 SETTINGS = sql.Identifier(SCHEMA, models.SETTINGS_TABLE)
 INSTANCES = sql.Identifier(SCHEMA, models.INSTANCES_TABLE)
+IDLE_LANES = sql.Identifier(SCHEMA, models.IDLE_LANES_TABLE)  # lanes asleep: while any is, commits notify
 CHANNEL = sql.Identifier(models.NOTIFY_CHANNEL)
 NOTIFY_TRIGGER = f"{EVENTS_TABLE}_notify"  # the trigger that notifies CHANNEL at commit
 ENQUEUE_TRIGGER = models.ENQUEUE_TRIGGER  # the trigger that writes an unsent row for each inserted event

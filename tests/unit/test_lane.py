@@ -18,7 +18,7 @@ from outbox_relay import progress
 from outbox_relay.config import Settings
 from outbox_relay.db.lanes import Row
 from outbox_relay.errors import DatabaseError, DatabaseUnavailable
-from outbox_relay.lane import LaneWorker
+from outbox_relay.lane import ACTIVE_POLL_SECONDS, SECOND_LOOK_SECONDS, LaneWorker
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import PoisonEvent, ProducerFailed, TransactionAborted
 
@@ -46,11 +46,18 @@ class FakeStore:
         self.attempts: dict[int, int] = {}
         self.mark_error: Exception | None = None
         self.claim_error: Exception | None = None
+        self.idle: set[int] = set()  # lanes asleep: commits notify while any is
 
     def claim(self, _conn: object, _lane: int, _lanes: int, limit: int, unmarked: list[int] | None = None) -> list[Row]:
         if self.claim_error is not None:
             raise self.claim_error
         return [row(i, self.attempts.get(i, 0)) for i in self.pending if i not in (unmarked or [])][:limit]
+
+    def sleep(self, _conn: object, lane: int) -> None:
+        self.idle.add(lane)
+
+    def wake(self, _conn: object, lane: int) -> None:
+        self.idle.discard(lane)
 
     def send_mark(self, conn: object, ids: list[int]) -> FakeMark:
         return FakeMark(self, conn, ids)
@@ -263,3 +270,26 @@ def test_events_committed_while_a_partial_batch_goes_to_kafka_are_claimed_in_the
         FakePublisher.publish = publish  # type: ignore[method-assign]
     assert h.kafka == [[1], [2], [3]] and h.store.sent == [1, 2, 3]
     assert not h.worker.woken
+
+
+def test_a_lane_sleeps_only_after_finding_nothing_for_a_while_and_wakes_when_it_claims() -> None:
+    """Commits notify (an instance-wide lock at each commit) only while a lane sleeps: not while it
+    publishes, nor for LINGER_SECONDS after, when it claims every ACTIVE_POLL_SECONDS on its own."""
+    h = Harness(pending=[1, 2])
+    h.store.idle.add(0)  # as a lane is when taken
+    h.worker._asleep = True
+    assert h.tick() is False and h.kafka == [[1, 2]]
+    assert h.store.idle == set() and h.worker.next_poll() == ACTIVE_POLL_SECONDS  # awake, lingering
+    assert h.tick() is False and h.store.idle == set()  # nothing yet, still lingering
+    h.worker._active_until = 0.0  # LINGER_SECONDS later
+    assert h.tick() is True and h.store.idle == {0}  # asleep, and one more claim for commits that did not notify
+    assert h.tick() is False and h.worker.next_poll() == SECOND_LOOK_SECONDS  # and one more a little later
+    assert h.tick() is False and h.worker.next_poll() == SETTINGS.poll_interval
+    h.store.pending.append(3)
+    h.tick()
+    assert h.kafka == [[1, 2], [3]] and h.store.idle == set()
+
+
+def test_a_lane_that_failed_to_publish_does_not_go_to_sleep_for_it() -> None:
+    h = Harness(pending=[1], outcomes=[TransactionAborted("broker busy")])
+    assert h.tick() is False and h.store.idle == set() and h.kafka == []
