@@ -33,7 +33,7 @@ from outbox_relay.config import KafkaNames, Settings
 from outbox_relay.db.connection import HeldConnection, connect
 from outbox_relay.db.lanes import OutboxState, Store
 from outbox_relay.db.retention import delete_expired, delete_orphans
-from outbox_relay.errors import DatabaseError, DatabaseUnavailable
+from outbox_relay.errors import DatabaseError, DatabaseUnavailable, StatementCancelled
 from outbox_relay.lane import LaneWorker, SpareConnection
 from outbox_relay.metrics import Metrics
 from outbox_relay.progress import LibrdkafkaLogger
@@ -338,14 +338,23 @@ class Relay:
                 # for. A bound: a statement that runs on holds back vacuum of the tables the lanes walk.
                 conn.execute(MONITOR_SESSION)
                 snap = monitor.snapshot(conn, hold=self.settings.failed_key_policy == "hold")
+        except StatementCancelled as exc:  # before DatabaseUnavailable, a kind of which it is
+            self._backlog_not_measured(exc, started)
+            return
         except DatabaseUnavailable:
             return
         except DatabaseError as exc:
-            log.warning("backlog not measured: %s", exc, extra={"action": "backlog"})
+            self._backlog_not_measured(exc, started)
             return
         finally:
             self._backlog_due = started + (time.monotonic() - started) / BACKLOG_BUDGET
         self.metrics.observe_backlog(snap)
+
+    def _backlog_not_measured(self, exc: DatabaseError, started: float) -> None:
+        """Said once per try: the gauges keep the last measurement's values until the next one."""
+        wait = (time.monotonic() - started) / BACKLOG_BUDGET
+        log.warning("backlog not measured: %s; the backlog gauges keep their last values until the next try in"
+                    " %.0f s", exc, max(wait, self.settings.backlog_interval), extra={"action": "backlog"})
 
     def _retention(self) -> None:
         try:

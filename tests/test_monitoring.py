@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -377,3 +378,33 @@ def test_librdkafka_lines_follow_the_json_log_format(database_url: str, relays: 
     relay.stop()
     for line in relay.log().splitlines():
         assert line.startswith("{") and json.loads(line)["logger"], f"not a JSON log line: {line}"
+
+
+def test_a_backlog_measurement_cancelled_by_its_timeout_is_a_warning_naming_the_next_try(
+        engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL cancels the statement (the monitor session's statement_timeout, here 0.3 s instead of 60 s so the
+    test is short); psycopg calls that an OperationalError, like a lost connection. It must not pass as one: the
+    gauges keep their old values until the next try, 1/BACKLOG_BUDGET times the timeout later, and the on-call
+    person needs a line saying so."""
+    from outbox_relay import daemon
+    from outbox_relay.config import Settings
+
+    seed(engine, "orders")
+    monkeypatch.setattr(daemon, "MONITOR_SESSION", daemon.MONITOR_SESSION.replace("60000", "300"))
+    relay = daemon.Relay(Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
+                                                    "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}))
+    with connect(database_url, "test: holds the events table") as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute(f"LOCK TABLE {EVENTS} IN ACCESS EXCLUSIVE MODE")  # the measurement waits, then times out
+        with caplog.at_level(logging.WARNING, logger="outbox_relay.daemon"):
+            relay._measure_backlog()
+        blocker.execute("ROLLBACK")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "backlog not measured" in warnings[0] and "statement timeout" in warnings[0], warnings
+    assert "next try in" in warnings[0], warnings
+    assert relay.metrics.last_snapshot is None  # nothing measured, and nothing pretends it was
+    relay._backlog_due = 0.0
+    relay._measure_backlog()  # the next try reconnects and measures
+    assert relay.metrics.last_snapshot is not None and relay.metrics.last_snapshot.total.pending == 5
+    relay._monitor.close()
