@@ -47,6 +47,12 @@ def test_librdkafka_properties_pass_through_from_env_file_and_flags(tmp_path: Pa
     ({"OUTBOX_KAFKA_TRANSACTIONAL_ID": "x"}, "transactional.id .*is set per lane"),
     ({"OUTBOX_DATABASE_URL": ""}, "no database"),
     ({"OUTBOX_KAFKA_CONFIG_FILE": "/nonexistent"}, "does not exist"),
+    # float() reads these, and the scheduler then failed with a traceback (OverflowError) or not at all
+    ({"OUTBOX_BACKLOG_INTERVAL": "inf"}, "OUTBOX_BACKLOG_INTERVAL='inf' is not a finite number"),
+    ({"OUTBOX_POLL_INTERVAL": "nan"}, "OUTBOX_POLL_INTERVAL='nan' is not a finite number"),
+    ({"OUTBOX_INSTANCE_TIMEOUT": "NaN"}, "OUTBOX_INSTANCE_TIMEOUT='NaN' is not a finite number"),
+    ({"OUTBOX_LANE_INTERVAL": "1e300"}, "OUTBOX_LANE_INTERVAL='1e300' is not a finite number"),
+    ({"OUTBOX_RETENTION_HOURS": "-1"}, "retention_hours must be >= 0"),
 ])
 def test_bad_settings_name_the_problem(change: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
