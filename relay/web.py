@@ -24,9 +24,12 @@ def parse_address(value: str) -> tuple[str, int]:
     """'9466' -> ('127.0.0.1', 9466); '0.0.0.0:9466' -> as given."""
     host, _, port = value.rpartition(":")
     try:
-        return host or "127.0.0.1", int(port)
+        number = int(port)
     except ValueError:
         raise ConfigurationError(f"OUTBOX_HTTP={value!r}: expected PORT or HOST:PORT") from None
+    if not 0 <= number < 65536:  # bind() would raise an OverflowError (0: any free port)
+        raise ConfigurationError(f"OUTBOX_HTTP={value!r}: the port must be 0 to 65535")
+    return host or "127.0.0.1", number
 
 
 class StatusServer:

@@ -138,3 +138,18 @@ def test_a_weakened_guarantee_names_where_it_was_set() -> None:
         Settings.from_sources({"kafka_property": ["acks=1"]}, BASE)
     with pytest.raises(ConfigurationError, match=r"enable.idempotence=false \(from OUTBOX_KAFKA_ENABLE_IDEMPOTENCE\)"):
         Settings.from_sources({}, {**BASE, "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE": "false"})
+
+
+@pytest.mark.parametrize("value", ["99999", "0.0.0.0:-1", "127.0.0.1:65536"])
+def test_an_http_port_out_of_range_is_one_line(value: str) -> None:
+    from outbox_relay.web import parse_address
+
+    with pytest.raises(ConfigurationError, match=f"OUTBOX_HTTP={value!r}: the port must be 0 to 65535"):
+        parse_address(value)  # was an OverflowError from bind() when the daemon started
+
+
+def test_an_unknown_log_level_names_the_setting() -> None:
+    from outbox_relay import logs
+
+    with pytest.raises(ConfigurationError, match=r"log level 'bogus' .*choose DEBUG, INFO, WARNING or ERROR"):
+        logs.configure("bogus")
