@@ -82,6 +82,13 @@ class Metrics:
         self.history.append((now, snap.total.pending, self.published_total()))
         self.last_snapshot = snap
 
+    def observe_oldest(self, age: float | None) -> None:
+        """The oldest claimable age measured alone, between two backlog measurements that wait their turn:
+        the gauge the paging alert reads, and the status page's total, stay live."""
+        self.oldest_age.set(age or 0)
+        if self.last_snapshot is not None:
+            self.last_snapshot.total.oldest_claimable_age_s = age
+
     def published_total(self) -> float:
         return sum(sample.value for metric in self.published.collect() for sample in metric.samples
                    if sample.name.endswith("_total"))

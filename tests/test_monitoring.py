@@ -408,3 +408,26 @@ def test_a_backlog_measurement_cancelled_by_its_timeout_is_a_warning_naming_the_
     relay._measure_backlog()  # the next try reconnects and measures
     assert relay.metrics.last_snapshot is not None and relay.metrics.last_snapshot.total.pending == 5
     relay._monitor.close()
+
+
+def test_the_oldest_claimable_age_stays_live_while_a_costly_backlog_count_waits_its_turn(
+        engine: Engine, database_url: str) -> None:
+    """The counts of a huge backlog are repeated only at BACKLOG_BUDGET of the time (minutes apart, 20 after a
+    measurement cancelled at 60 s), but the paging alert (docs/alerts.yml, OutboxBacklogOld) reads the oldest
+    claimable age: one row in id order, cheap whatever the backlog. It must not freeze at an old value."""
+    from outbox_relay import daemon
+    from outbox_relay.config import Settings
+
+    seed(engine, "orders")  # two claimable events 2 minutes old
+    relay = daemon.Relay(Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
+                                                    "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}))
+    relay._measure_backlog()
+    assert relay.metrics.oldest_age._value.get() > 110
+    relay._backlog_due = daemon.time.monotonic() + 3600  # as after a measurement of 3 minutes
+    with engine.begin() as conn:
+        conn.execute(text(set_state_sql("sent", "e.topic = 'orders'")))  # the relay caught up
+    relay._measure_backlog()
+    assert relay.metrics.oldest_age._value.get() == 0  # nothing claimable now: the alert clears
+    assert relay.metrics.last_snapshot is not None and relay.metrics.last_snapshot.total.oldest_claimable_age_s is None
+    assert relay.metrics.pending.labels(topic="orders")._value.get() == 5  # the counts wait for their turn
+    relay._monitor.close()

@@ -24,8 +24,12 @@ class FakeConnection:
     def __init__(self) -> None:
         self.statements: list[str] = []
 
-    def execute(self, statement: str, *args: Any) -> None:
+    def execute(self, statement: Any, *args: Any) -> FakeConnection:
         self.statements.append(statement)
+        return self
+
+    def fetchone(self) -> None:  # between snapshots, the oldest claimable age alone: none here
+        return None
 
 
 class FakeHeld:
