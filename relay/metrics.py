@@ -56,6 +56,7 @@ class Metrics:
         # (unix time, pending, published total): the status page's chart of the last hour.
         self.history: deque[tuple[float, int, float]] = deque(maxlen=HISTORY_SECONDS // 2)
         self.last_snapshot: Snapshot | None = None
+        self.measured_at: float | None = None  # unix time of last_snapshot's counts
         self._topics: set[str] = set()
 
     def observe_published(self, lane: int, created_at: Iterable[float], started: float, committed: float) -> None:
@@ -81,6 +82,7 @@ class Metrics:
         self.backlog_refreshed.set(now)
         self.history.append((now, snap.total.pending, self.published_total()))
         self.last_snapshot = snap
+        self.measured_at = now
 
     def observe_oldest(self, age: float | None) -> None:
         """The oldest claimable age measured alone, between two backlog measurements that wait their turn:

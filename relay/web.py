@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -61,9 +62,11 @@ class StatusServer:
 
     def status(self) -> dict[str, Any]:
         ready, problems = self.readiness()
-        snap = self.metrics.last_snapshot
+        snap, measured_at = self.metrics.last_snapshot, self.metrics.measured_at
+        # Told by this server's clock, not the browser's: a large backlog is counted minutes apart.
+        measured_age = time.time() - measured_at if measured_at is not None else None
         return {"ready": ready, "problems": problems, "snapshot": snap.to_json() if snap else None,
-                "history": list(self.metrics.history)}
+                "measured_age_s": measured_age, "history": list(self.metrics.history)}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -344,6 +344,7 @@ def test_status_page_shows_database_text_as_text_and_labels_its_chart(engine: En
 
     wait_until(ready_to_look, 30, "the markup owner to hold the lane, and some history")
     dom = browse(url, "--dump-dom").stdout
+    measured_age = json.loads(get(url + "api/status")[1])["measured_age_s"]
     heads = {path: head(url + path) for path in ("", "metrics", "readyz", "nowhere")}
     gets = {path: get(url + path) for path in ("", "metrics")}
     relay.stop()
@@ -354,6 +355,9 @@ def test_status_page_shows_database_text_as_text_and_labels_its_chart(engine: En
     title = re.search(r'<h2 id="chart-title">Backlog and throughput, last (\d+) s</h2>', dom)
     assert title and 0 < int(title.group(1)) < 120, dom
     assert '>events</text>' in dom and '>events/s</text>' in dom and '>now</text>' in dom
+    # The counts say when they were measured: a large backlog is counted minutes apart (BACKLOG_BUDGET).
+    assert 0 <= measured_age < 30
+    assert re.search(r'<p id="measured">counts measured [0-9.]+ s ago</p>', dom), dom
     # HEAD answers as GET would, without a body.
     assert heads[""] == (200, str(len(gets[""][1])), b"") and heads["metrics"][:2] == (200, heads["metrics"][1])
     assert heads["readyz"][0] == 503 and heads["nowhere"][0] == 404
