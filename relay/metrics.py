@@ -86,10 +86,18 @@ class Metrics:
 
     def observe_oldest(self, age: float | None) -> None:
         """The oldest claimable age measured alone, between two backlog measurements that wait their turn:
-        the gauge the paging alert reads, and the status page's total, stay live."""
+        the gauge the paging alert reads, and the status page's total, stay live; and once nothing is
+        claimable, the claimable counts say so (OutboxRelayNotPublishing must not page for a drained backlog)."""
         self.oldest_age.set(age or 0)
         if self.last_snapshot is not None:
             self.last_snapshot.total.oldest_claimable_age_s = age
+        if age is None:  # no claimable event at all: every topic's claimable count is 0, whatever it was
+            for topic in self._topics:
+                self.claimable.labels(topic=topic).set(0)
+            if self.last_snapshot is not None:
+                for backlog in (self.last_snapshot.total, *self.last_snapshot.topics.values(),
+                                *self.last_snapshot.lanes.values()):
+                    backlog.claimable = 0
 
     def published_total(self) -> float:
         return sum(sample.value for metric in self.published.collect() for sample in metric.samples

@@ -432,6 +432,10 @@ def test_the_oldest_claimable_age_stays_live_while_a_costly_backlog_count_waits_
         conn.execute(text(set_state_sql("sent", "e.topic = 'orders'")))  # the relay caught up
     relay._measure_backlog()
     assert relay.metrics.oldest_age._value.get() == 0  # nothing claimable now: the alert clears
+    # ...and nothing claimable means no topic has a claimable event: OutboxRelayNotPublishing (claimable > 0 and
+    # nothing published for 5 minutes) must not page for a drained backlog whose count waits its turn.
+    assert relay.metrics.claimable.labels(topic="orders")._value.get() == 0
+    assert relay.metrics.last_snapshot.total.claimable == 0
     assert relay.metrics.last_snapshot is not None and relay.metrics.last_snapshot.total.oldest_claimable_age_s is None
     assert relay.metrics.pending.labels(topic="orders")._value.get() == 5  # the counts wait for their turn
     relay._monitor.close()
