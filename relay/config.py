@@ -266,7 +266,12 @@ def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: l
         path = Path(config_file)
         if not path.is_file():
             raise ConfigurationError(f"Kafka config file {config_file!r} does not exist")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"Kafka config file {config_file!r} is not UTF-8 text (byte {exc.start})"
+                                     ) from None
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

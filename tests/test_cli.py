@@ -95,6 +95,12 @@ def test_a_revision_newer_than_this_relay_says_upgrade_the_relay_not_migrate(eng
             " 0010_autovacuum): upgrade outbox-relay") in line, line
 
 
+def test_a_lane_count_that_is_not_a_number_names_its_variable(empty_database_url: str) -> None:
+    result = cli(empty_database_url, "migrate", OUTBOX_LANES="four")
+    assert result.returncode == 2
+    assert one_line(result) == "outbox-relay: error: OUTBOX_LANES='four' is not a whole number (the lane count)"
+
+
 def test_run_on_an_unmigrated_database_stops_with_one_line(empty_database_url: str) -> None:
     result = cli(empty_database_url, "run", timeout=30)
     assert result.returncode == 5

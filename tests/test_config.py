@@ -153,3 +153,10 @@ def test_an_unknown_log_level_names_the_setting() -> None:
 
     with pytest.raises(ConfigurationError, match=r"log level 'bogus' .*choose DEBUG, INFO, WARNING or ERROR"):
         logs.configure("bogus")
+
+
+def test_a_kafka_config_file_that_is_not_text_is_named(tmp_path: Path) -> None:
+    binary = tmp_path / "kafka.properties"
+    binary.write_bytes(b"linger.ms=5\n\xff\xfe=1\n")  # was "'utf-8' codec can't decode byte 0xff", no file named
+    with pytest.raises(ConfigurationError, match=f"Kafka config file '{binary}' is not UTF-8 text"):
+        Settings.from_sources({}, {**BASE, "OUTBOX_KAFKA_CONFIG_FILE": str(binary)})
