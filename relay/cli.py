@@ -326,7 +326,10 @@ def _migrate(args: argparse.Namespace) -> int:
 
     settings = _settings(args, kafka=False)
     lanes_given = args.lanes if args.lanes is not None else os.environ.get("OUTBOX_LANES")
-    lanes = int(lanes_given) if lanes_given is not None else 4
+    try:
+        lanes = int(lanes_given) if lanes_given is not None else 4
+    except ValueError:  # only the variable can be text here: argparse reads --lanes as an int
+        raise ConfigurationError(f"OUTBOX_LANES={lanes_given!r} is not a whole number (the lane count)") from None
     with _connect(settings, check_schema=False) as conn:
         current_lanes = migrate.current_lane_count(conn)
         drops = args.downgrade and migrate.drops_outbox(conn, args.revision)

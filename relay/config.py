@@ -11,6 +11,7 @@ underscores (``OUTBOX_KAFKA_SASL_MECHANISM=PLAIN`` is ``sasl.mechanism``), a pro
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from outbox_relay.models.names import EVENTS_TABLE, SCHEMA
 from outbox_relay.progress import MAX_RECORD_IDS
 
 KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
+MAX_FLOAT = 1e9  # seconds (31 years) or hours: any interval, timeout or retention fits in a timedelta
 _SECRET = re.compile(r"password|secret|token|credential|oauthbearer\.config|ssl\.key\.pem|keystore|private", re.I)
 
 # What a transactional, idempotent, ordered relay needs; users may tune but not weaken these.
@@ -155,6 +157,8 @@ class Settings:
                      "backoff_max", "shutdown_timeout", "backlog_interval", "retention_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.retention_hours < 0:
+            raise ConfigurationError(f"retention_hours must be >= 0 (0: keep), got {self.retention_hours}")
         for key, value in REQUIRED_KAFKA.items():
             given = self.kafka_properties.get(key)
             if given is not None and str(given).lower() != str(value).lower():
@@ -221,6 +225,9 @@ def _convert(field: dataclasses.Field[Any], raw: Any, source: str) -> Any:
         value = kind(raw)
     except (TypeError, ValueError):
         raise ConfigurationError(f"{source}={raw!r} is not a valid {kind.__name__}") from None
+    # float() reads 'nan', 'inf' and 1e300, which pass `> 0` and break the scheduler or a timedelta later.
+    if kind is float and not (math.isfinite(value) and abs(value) <= MAX_FLOAT):
+        raise ConfigurationError(f"{source}={raw!r} is not a finite number (at most {MAX_FLOAT:,.0f})")
     choices = field.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigurationError(f"{source}={raw!r}: choose one of {', '.join(choices)}")
@@ -259,7 +266,12 @@ def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: l
         path = Path(config_file)
         if not path.is_file():
             raise ConfigurationError(f"Kafka config file {config_file!r} does not exist")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"Kafka config file {config_file!r} is not UTF-8 text (byte {exc.start})"
+                                     ) from None
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -350,6 +362,8 @@ class InboxSettings:
         for name in ("backoff_initial", "backoff_max", "poll_interval", "retention_interval", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.retention_hours < 0:
+            raise ConfigurationError(f"retention_hours must be >= 0 (0: keep), got {self.retention_hours}")
         if not need_kafka:
             return
         if "bootstrap.servers" not in self.kafka_properties:

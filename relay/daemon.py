@@ -6,7 +6,8 @@ Jobs:
   full batch came back (drain) or a commit was announced, after ``poll_interval`` when idle.
   A lane never ticks twice at once.
 - ``backlog`` (every ``backlog_interval``): measure the backlog for metrics and the status page; a
-  measurement that took d seconds is not repeated for d / ``BACKLOG_BUDGET`` seconds.
+  measurement that took d seconds is not repeated for d / ``BACKLOG_BUDGET`` seconds, but the oldest
+  claimable age (one row) is measured on every run meanwhile.
 - ``retention`` (every ``retention_interval``): delete old sent and discarded events in small batches.
 """
 
@@ -33,7 +34,7 @@ from outbox_relay.config import KafkaNames, Settings
 from outbox_relay.db.connection import HeldConnection, connect
 from outbox_relay.db.lanes import OutboxState, Store
 from outbox_relay.db.retention import delete_expired, delete_orphans
-from outbox_relay.errors import DatabaseError, DatabaseUnavailable
+from outbox_relay.errors import DatabaseError, DatabaseUnavailable, StatementCancelled
 from outbox_relay.lane import LaneWorker, SpareConnection
 from outbox_relay.metrics import Metrics
 from outbox_relay.progress import LibrdkafkaLogger
@@ -331,6 +332,7 @@ class Relay:
     def _measure_backlog(self) -> None:
         started = time.monotonic()
         if started < self._backlog_due:
+            self._measure_oldest()
             return
         try:
             with self._monitor.use() as conn:
@@ -338,14 +340,34 @@ class Relay:
                 # for. A bound: a statement that runs on holds back vacuum of the tables the lanes walk.
                 conn.execute(MONITOR_SESSION)
                 snap = monitor.snapshot(conn, hold=self.settings.failed_key_policy == "hold")
+        except StatementCancelled as exc:  # before DatabaseUnavailable, a kind of which it is
+            self._backlog_not_measured(exc, started)
+            return
         except DatabaseUnavailable:
             return
         except DatabaseError as exc:
-            log.warning("backlog not measured: %s", exc, extra={"action": "backlog"})
+            self._backlog_not_measured(exc, started)
             return
         finally:
             self._backlog_due = started + (time.monotonic() - started) / BACKLOG_BUDGET
         self.metrics.observe_backlog(snap)
+
+    def _measure_oldest(self) -> None:
+        """Between measurements, the oldest claimable age (cheap): the alert on it must not read a value from
+        minutes ago. Trouble goes unsaid here: the next measurement says it."""
+        try:
+            with self._monitor.use() as conn:
+                conn.execute(MONITOR_SESSION)
+                age = monitor.oldest_claimable_age(conn, hold=self.settings.failed_key_policy == "hold")
+        except DatabaseError:
+            return
+        self.metrics.observe_oldest(age)
+
+    def _backlog_not_measured(self, exc: DatabaseError, started: float) -> None:
+        """Said once per try: the gauges keep the last measurement's values until the next one."""
+        wait = (time.monotonic() - started) / BACKLOG_BUDGET
+        log.warning("backlog not measured: %s; the backlog gauges keep their last values until the next try in"
+                    " %.0f s", exc, max(wait, self.settings.backlog_interval), extra={"action": "backlog"})
 
     def _retention(self) -> None:
         try:

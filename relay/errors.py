@@ -70,5 +70,9 @@ class DatabaseUnavailable(ConnectionTrouble, DatabaseError):
     """PostgreSQL could not be reached."""
 
 
+class StatementCancelled(DatabaseUnavailable):
+    """PostgreSQL cancelled a statement of the relay (its statement_timeout, or an operator)."""
+
+
 class BrokerUnavailable(ConnectionTrouble):
     """Kafka could not be reached."""

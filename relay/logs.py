@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from outbox_relay.errors import ConfigurationError
+
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and is structured data.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -42,6 +44,9 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ConfigurationError(f"log level {level!r} (OUTBOX_LOG_LEVEL or --log-level): choose DEBUG, INFO, WARNING"
+                                 " or ERROR")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -56,6 +56,7 @@ class Metrics:
         # (unix time, pending, published total): the status page's chart of the last hour.
         self.history: deque[tuple[float, int, float]] = deque(maxlen=HISTORY_SECONDS // 2)
         self.last_snapshot: Snapshot | None = None
+        self.measured_at: float | None = None  # unix time of last_snapshot's counts
         self._topics: set[str] = set()
 
     def observe_published(self, lane: int, created_at: Iterable[float], started: float, committed: float) -> None:
@@ -81,6 +82,22 @@ class Metrics:
         self.backlog_refreshed.set(now)
         self.history.append((now, snap.total.pending, self.published_total()))
         self.last_snapshot = snap
+        self.measured_at = now
+
+    def observe_oldest(self, age: float | None) -> None:
+        """The oldest claimable age measured alone, between two backlog measurements that wait their turn:
+        the gauge the paging alert reads, and the status page's total, stay live; and once nothing is
+        claimable, the claimable counts say so (OutboxRelayNotPublishing must not page for a drained backlog)."""
+        self.oldest_age.set(age or 0)
+        if self.last_snapshot is not None:
+            self.last_snapshot.total.oldest_claimable_age_s = age
+        if age is None:  # no claimable event at all: every topic's claimable count is 0, whatever it was
+            for topic in self._topics:
+                self.claimable.labels(topic=topic).set(0)
+            if self.last_snapshot is not None:
+                for backlog in (self.last_snapshot.total, *self.last_snapshot.topics.values(),
+                                *self.last_snapshot.lanes.values()):
+                    backlog.claimable = 0
 
     def published_total(self) -> float:
         return sum(sample.value for metric in self.published.collect() for sample in metric.samples

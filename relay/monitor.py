@@ -102,6 +102,12 @@ def snapshot(conn: Connection, cap: int = DEFAULT_CAP, *, hold: bool = True) -> 
                     capped, queries.instance_troubles(conn))
 
 
+def oldest_claimable_age(conn: Connection, *, hold: bool = True) -> float | None:
+    """The snapshot's exact age of the oldest claimable event alone: one row in id order, cheap whatever the
+    backlog (the counts read every unsent row)."""
+    return queries.oldest_claimable_age(conn, hold)
+
+
 def _backlog(kind: str, figures: list[Any]) -> Backlog:
     if kind == "pending":
         pending, claimable, delayed, held, age = figures

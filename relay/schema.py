@@ -101,8 +101,19 @@ def problems(conn: Connection) -> list[str]:
         return missing
     managed, current = catalog.managed_revision(conn)
     if managed and current != HEAD_REVISION:
+        if _number(current) > _number(HEAD_REVISION):
+            return [f"{NEWER}revision {current}, this relay knows up to {HEAD_REVISION}"]
         return [f"revision {current or '(none)'}, this relay needs {HEAD_REVISION}"]
     return []
+
+
+NEWER = "newer: "  # marks the one problem `migrate` cannot fix
+
+
+def _number(revision: str | None) -> int:
+    """A revision's place in the history: every revision id starts with its number (0010_autovacuum)."""
+    digits = (revision or "").partition("_")[0]
+    return int(digits) if digits.isdigit() else -1
 
 
 def disabled_triggers(conn: Connection, *, listening: bool) -> list[tuple[int, str]]:
@@ -129,6 +140,9 @@ def check(conn: Connection) -> None:
     if found[0].startswith("no outbox"):
         raise SchemaError(f"{found[0]} in this database: run `outbox-relay migrate` (or check --database-url, "
                           "OUTBOX_SCHEMA and OUTBOX_TABLE)")
+    if found[0].startswith(NEWER):  # a later release migrated the database: Alembic here cannot go back
+        raise SchemaError(f"the outbox schema is newer than this relay ({found[0].removeprefix(NEWER)}): upgrade"
+                          " outbox-relay to the release that migrated it")
     functions = sorted({_ADDED_BY[item] for item in found if item in _ADDED_BY})
     own_history = (f"; if your application's Alembic history owns the outbox, add a revision calling "
                    f"outbox_relay.models.migration.{'(), '.join(functions)}()" if functions else "")

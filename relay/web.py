@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -24,9 +25,12 @@ def parse_address(value: str) -> tuple[str, int]:
     """'9466' -> ('127.0.0.1', 9466); '0.0.0.0:9466' -> as given."""
     host, _, port = value.rpartition(":")
     try:
-        return host or "127.0.0.1", int(port)
+        number = int(port)
     except ValueError:
         raise ConfigurationError(f"OUTBOX_HTTP={value!r}: expected PORT or HOST:PORT") from None
+    if not 0 <= number < 65536:  # bind() would raise an OverflowError (0: any free port)
+        raise ConfigurationError(f"OUTBOX_HTTP={value!r}: the port must be 0 to 65535")
+    return host or "127.0.0.1", number
 
 
 class StatusServer:
@@ -58,9 +62,11 @@ class StatusServer:
 
     def status(self) -> dict[str, Any]:
         ready, problems = self.readiness()
-        snap = self.metrics.last_snapshot
+        snap, measured_at = self.metrics.last_snapshot, self.metrics.measured_at
+        # Told by this server's clock, not the browser's: a large backlog is counted minutes apart.
+        measured_age = time.time() - measured_at if measured_at is not None else None
         return {"ready": ready, "problems": problems, "snapshot": snap.to_json() if snap else None,
-                "history": list(self.metrics.history)}
+                "measured_age_s": measured_age, "history": list(self.metrics.history)}
 
 
 class _Handler(BaseHTTPRequestHandler):

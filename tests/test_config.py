@@ -47,6 +47,12 @@ def test_librdkafka_properties_pass_through_from_env_file_and_flags(tmp_path: Pa
     ({"OUTBOX_KAFKA_TRANSACTIONAL_ID": "x"}, "transactional.id .*is set per lane"),
     ({"OUTBOX_DATABASE_URL": ""}, "no database"),
     ({"OUTBOX_KAFKA_CONFIG_FILE": "/nonexistent"}, "does not exist"),
+    # float() reads these, and the scheduler then failed with a traceback (OverflowError) or not at all
+    ({"OUTBOX_BACKLOG_INTERVAL": "inf"}, "OUTBOX_BACKLOG_INTERVAL='inf' is not a finite number"),
+    ({"OUTBOX_POLL_INTERVAL": "nan"}, "OUTBOX_POLL_INTERVAL='nan' is not a finite number"),
+    ({"OUTBOX_INSTANCE_TIMEOUT": "NaN"}, "OUTBOX_INSTANCE_TIMEOUT='NaN' is not a finite number"),
+    ({"OUTBOX_LANE_INTERVAL": "1e300"}, "OUTBOX_LANE_INTERVAL='1e300' is not a finite number"),
+    ({"OUTBOX_RETENTION_HOURS": "-1"}, "retention_hours must be >= 0"),
 ])
 def test_bad_settings_name_the_problem(change: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
@@ -132,3 +138,25 @@ def test_a_weakened_guarantee_names_where_it_was_set() -> None:
         Settings.from_sources({"kafka_property": ["acks=1"]}, BASE)
     with pytest.raises(ConfigurationError, match=r"enable.idempotence=false \(from OUTBOX_KAFKA_ENABLE_IDEMPOTENCE\)"):
         Settings.from_sources({}, {**BASE, "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE": "false"})
+
+
+@pytest.mark.parametrize("value", ["99999", "0.0.0.0:-1", "127.0.0.1:65536"])
+def test_an_http_port_out_of_range_is_one_line(value: str) -> None:
+    from outbox_relay.web import parse_address
+
+    with pytest.raises(ConfigurationError, match=f"OUTBOX_HTTP={value!r}: the port must be 0 to 65535"):
+        parse_address(value)  # was an OverflowError from bind() when the daemon started
+
+
+def test_an_unknown_log_level_names_the_setting() -> None:
+    from outbox_relay import logs
+
+    with pytest.raises(ConfigurationError, match=r"log level 'bogus' .*choose DEBUG, INFO, WARNING or ERROR"):
+        logs.configure("bogus")
+
+
+def test_a_kafka_config_file_that_is_not_text_is_named(tmp_path: Path) -> None:
+    binary = tmp_path / "kafka.properties"
+    binary.write_bytes(b"linger.ms=5\n\xff\xfe=1\n")  # was "'utf-8' codec can't decode byte 0xff", no file named
+    with pytest.raises(ConfigurationError, match=f"Kafka config file '{binary}' is not UTF-8 text"):
+        Settings.from_sources({}, {**BASE, "OUTBOX_KAFKA_CONFIG_FILE": str(binary)})

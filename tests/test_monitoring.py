@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -343,6 +344,7 @@ def test_status_page_shows_database_text_as_text_and_labels_its_chart(engine: En
 
     wait_until(ready_to_look, 30, "the markup owner to hold the lane, and some history")
     dom = browse(url, "--dump-dom").stdout
+    measured_age = json.loads(get(url + "api/status")[1])["measured_age_s"]
     heads = {path: head(url + path) for path in ("", "metrics", "readyz", "nowhere")}
     gets = {path: get(url + path) for path in ("", "metrics")}
     relay.stop()
@@ -353,6 +355,9 @@ def test_status_page_shows_database_text_as_text_and_labels_its_chart(engine: En
     title = re.search(r'<h2 id="chart-title">Backlog and throughput, last (\d+) s</h2>', dom)
     assert title and 0 < int(title.group(1)) < 120, dom
     assert '>events</text>' in dom and '>events/s</text>' in dom and '>now</text>' in dom
+    # The counts say when they were measured: a large backlog is counted minutes apart (BACKLOG_BUDGET).
+    assert 0 <= measured_age < 30
+    assert re.search(r'<p id="measured">counts measured [0-9.]+ s ago</p>', dom), dom
     # HEAD answers as GET would, without a body.
     assert heads[""] == (200, str(len(gets[""][1])), b"") and heads["metrics"][:2] == (200, heads["metrics"][1])
     assert heads["readyz"][0] == 503 and heads["nowhere"][0] == 404
@@ -377,3 +382,60 @@ def test_librdkafka_lines_follow_the_json_log_format(database_url: str, relays: 
     relay.stop()
     for line in relay.log().splitlines():
         assert line.startswith("{") and json.loads(line)["logger"], f"not a JSON log line: {line}"
+
+
+def test_a_backlog_measurement_cancelled_by_its_timeout_is_a_warning_naming_the_next_try(
+        engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL cancels the statement (the monitor session's statement_timeout, here 0.3 s instead of 60 s so the
+    test is short); psycopg calls that an OperationalError, like a lost connection. It must not pass as one: the
+    gauges keep their old values until the next try, 1/BACKLOG_BUDGET times the timeout later, and the on-call
+    person needs a line saying so."""
+    from outbox_relay import daemon
+    from outbox_relay.config import Settings
+
+    seed(engine, "orders")
+    monkeypatch.setattr(daemon, "MONITOR_SESSION", daemon.MONITOR_SESSION.replace("60000", "300"))
+    relay = daemon.Relay(Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
+                                                    "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}))
+    with connect(database_url, "test: holds the events table") as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute(f"LOCK TABLE {EVENTS} IN ACCESS EXCLUSIVE MODE")  # the measurement waits, then times out
+        with caplog.at_level(logging.WARNING, logger="outbox_relay.daemon"):
+            relay._measure_backlog()
+        blocker.execute("ROLLBACK")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "backlog not measured" in warnings[0] and "statement timeout" in warnings[0], warnings
+    assert "next try in" in warnings[0], warnings
+    assert relay.metrics.last_snapshot is None  # nothing measured, and nothing pretends it was
+    relay._backlog_due = 0.0
+    relay._measure_backlog()  # the next try reconnects and measures
+    assert relay.metrics.last_snapshot is not None and relay.metrics.last_snapshot.total.pending == 5
+    relay._monitor.close()
+
+
+def test_the_oldest_claimable_age_stays_live_while_a_costly_backlog_count_waits_its_turn(
+        engine: Engine, database_url: str) -> None:
+    """The counts of a huge backlog are repeated only at BACKLOG_BUDGET of the time (minutes apart, 20 after a
+    measurement cancelled at 60 s), but the paging alert (docs/alerts.yml, OutboxBacklogOld) reads the oldest
+    claimable age: one row in id order, cheap whatever the backlog. It must not freeze at an old value."""
+    from outbox_relay import daemon
+    from outbox_relay.config import Settings
+
+    seed(engine, "orders")  # two claimable events 2 minutes old
+    relay = daemon.Relay(Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
+                                                    "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}))
+    relay._measure_backlog()
+    assert relay.metrics.oldest_age._value.get() > 110
+    relay._backlog_due = daemon.time.monotonic() + 3600  # as after a measurement of 3 minutes
+    with engine.begin() as conn:
+        conn.execute(text(set_state_sql("sent", "e.topic = 'orders'")))  # the relay caught up
+    relay._measure_backlog()
+    assert relay.metrics.oldest_age._value.get() == 0  # nothing claimable now: the alert clears
+    # ...and nothing claimable means no topic has a claimable event: OutboxRelayNotPublishing (claimable > 0 and
+    # nothing published for 5 minutes) must not page for a drained backlog whose count waits its turn.
+    assert relay.metrics.claimable.labels(topic="orders")._value.get() == 0
+    assert relay.metrics.last_snapshot.total.claimable == 0
+    assert relay.metrics.last_snapshot is not None and relay.metrics.last_snapshot.total.oldest_claimable_age_s is None
+    assert relay.metrics.pending.labels(topic="orders")._value.get() == 5  # the counts wait for their turn
+    relay._monitor.close()

@@ -15,7 +15,7 @@ from sqlalchemy.exc import ProgrammingError as SQLAlchemyProgrammingError
 
 from outbox_relay.db import connection
 from outbox_relay.db.connection import connect, translate_errors, translated
-from outbox_relay.errors import ConnectionTrouble, DatabaseError, DatabaseUnavailable, OutboxError
+from outbox_relay.errors import ConnectionTrouble, DatabaseError, DatabaseUnavailable, OutboxError, StatementCancelled
 
 RELAY = Path(__file__).resolve().parent.parent.parent / "relay"
 
@@ -23,7 +23,8 @@ RELAY = Path(__file__).resolve().parent.parent.parent / "relay"
 @pytest.mark.parametrize(("raised", "expected", "message"), [
     (psycopg.OperationalError("server closed the connection unexpectedly"), DatabaseUnavailable,
      "PostgreSQL: server closed the connection unexpectedly"),
-    (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), DatabaseUnavailable,
+    # still a DatabaseUnavailable (lanes reconnect after it), but one the backlog job can name
+    (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), StatementCancelled,
      "PostgreSQL: canceling statement due to statement timeout"),
     (psycopg.errors.RaiseException("a trigger refused the mark"), DatabaseError,
      "PostgreSQL refused: a trigger refused the mark"),
@@ -38,6 +39,8 @@ def test_postgresql_errors_become_the_relays_own(raised: Exception, expected: ty
         raise raised
     assert type(caught.value) is expected and str(caught.value) == message
     assert caught.value.__cause__ is raised  # the driver's error stays visible as the cause
+    if isinstance(raised, psycopg.OperationalError):
+        assert isinstance(caught.value, DatabaseUnavailable)
 
 
 def test_the_error_tree() -> None:
