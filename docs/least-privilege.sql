@@ -11,3 +11,5 @@ GRANT SELECT, INSERT, DELETE, UPDATE (sent_at) ON outbox.events_sent TO outbox_r
 GRANT SELECT, INSERT, UPDATE ON outbox.events_lanes TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.events_instances TO outbox_relay;
 GRANT SELECT ON outbox.events_settings TO outbox_relay;
+-- Lanes asleep until a commit wakes them: commits notify only while one is.
+GRANT SELECT, INSERT, DELETE ON outbox.events_idle_lanes TO outbox_relay;

@@ -320,14 +320,14 @@ class LaneWorker:
             self._found_nothing = not rows
             if not rows or stopping.is_set():
                 return False
-            if self._asleep:
-                self.store.wake(conn, self.lane)  # busy: it claims again on its own, commits need not notify
-                self._asleep = self._second_look = False
             outcome = self._publish(conn, publisher, rows, overlap=True)
             if outcome is _Outcome.POISONED:
                 return True  # the rest of the batch goes again at once, in a new transaction
             if outcome is _Outcome.PUBLISHED:
                 self._active_until = time.monotonic() + LINGER_SECONDS
+                if self._asleep:  # after the batch, so that its latency pays for no extra commit
+                    self.store.wake(conn, self.lane)  # busy: it claims again on its own, commits need not notify
+                    self._asleep = self._second_look = False
             # Claim again at once after any batch: while the lane is awake no commit tells it of more.
             return outcome is _Outcome.PUBLISHED
         except DatabaseUnavailable as exc:

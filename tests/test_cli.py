@@ -85,14 +85,15 @@ def test_a_revision_behind_with_the_same_structure_is_named(engine: Engine, data
 def test_a_revision_newer_than_this_relay_says_upgrade_the_relay_not_migrate(engine: Engine, database_url: str) -> None:
     """A relay of this release, restarted after a later release migrated the database: `migrate` cannot help
     (Alembic would not find the revision); the relay must be upgraded."""
+    later = f"{int(schema.HEAD_REVISION.partition('_')[0]) + 1:04d}_from_a_later_release"
     with engine.begin() as conn:
-        conn.execute(text(f"UPDATE {SCHEMA}.{VERSION_TABLE} SET version_num = '0011_from_a_later_release'"))
+        conn.execute(text(f"UPDATE {SCHEMA}.{VERSION_TABLE} SET version_num = '{later}'"))
     result = cli(database_url, "status")
     assert result.returncode == 5
     line = one_line(result)
     assert "behind" not in line and "run `outbox-relay migrate`" not in line, line
-    assert ("the outbox schema is newer than this relay (revision 0011_from_a_later_release, this relay knows up to"
-            " 0010_autovacuum): upgrade outbox-relay") in line, line
+    assert (f"the outbox schema is newer than this relay (revision {later}, this relay knows up to"
+            f" {schema.HEAD_REVISION}): upgrade outbox-relay") in line, line
 
 
 def test_a_lane_count_that_is_not_a_number_names_its_variable(empty_database_url: str) -> None:
