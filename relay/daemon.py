@@ -2,9 +2,9 @@
 
 Jobs:
 - ``lanes`` (every ``lane_interval``): register, take this instance's share of the lanes, heartbeat.
-- ``lane-N`` (one per owned lane): one tick, then the job re-schedules itself: at once while a
-  full batch came back (drain) or a commit was announced, after ``poll_interval`` when idle.
-  A lane never ticks twice at once.
+- ``lane-N`` (one per owned lane): one tick, then the job re-schedules itself: at once while the
+  tick left work or a commit was announced, every 10 ms for a moment after it published, after
+  ``poll_interval`` once it sleeps (commits then wake it). A lane never ticks twice at once.
 - ``backlog`` (every ``backlog_interval``): measure the backlog for metrics and the status page; a
   measurement that took d seconds is not repeated for d / ``BACKLOG_BUDGET`` seconds, but the oldest
   claimable age (one row) is measured on every run meanwhile.

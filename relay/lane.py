@@ -273,9 +273,9 @@ class LaneWorker:
         """Drain batch after batch for up to one time slice. True when more work is waiting.
 
         Draining inside the tick saves a scheduler round trip per batch; the slice keeps the lane
-        responsive to ownership changes and shutdown (checked between batches). Events committed
-        while a batch went to Kafka (a notification came) are claimed in the same tick: under a
-        steady load the lane goes from one Kafka transaction to the next with its marks overlapped.
+        responsive to ownership changes and shutdown (checked between batches). After every batch
+        the lane claims again until a claim comes back empty: under a steady load it goes from one
+        Kafka transaction to the next with its marks overlapped, and no commit needs to notify it.
         """
         if not self._ticking.acquire(blocking=False):
             return False

@@ -119,17 +119,22 @@ def test_listen_notify_wakes_the_relay_at_commit_and_polling_remains(engine: Eng
     assert len(kafkatools.consume([topic], expected=10, quiet=0.5)) == 10
 
 
+def _notified_by_one_commit(engine: Engine, database_url: str, topic: str) -> bool:
+    """Whether committing one event sent a notification on the outbox's channel within a second."""
+    with connect(database_url, "test listener") as listener:
+        listen(listener)
+        with engine.begin() as conn:
+            enqueue(conn, topic, {"probe": True}, key="probe")
+        return any(True for _ in notifications(listener, timeout=1.0))
+
+
 def test_wake_ups_turned_off_in_the_database_writers_do_not_notify_and_polling_sends(
         engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
     # The README's switch for write-heavy databases: a notifying commit holds an instance-wide lock
     # until it is durable (bench/write_overhead.py measures the cost). Without the trigger, commits
     # notify nobody and the relay (still listening) sends by polling alone.
     def notified_by_one_commit() -> bool:
-        with connect(database_url, "test listener") as listener:
-            listen(listener)
-            with engine.begin() as conn:
-                enqueue(conn, topic, {"probe": True}, key="probe")
-            return any(True for _ in notifications(listener, timeout=1.0))
+        return _notified_by_one_commit(engine, database_url, topic)
 
     with engine.begin() as conn:
         conn.execute(text(f'INSERT INTO "{SCHEMA}"."{IDLE_LANES_TABLE}" (lane) VALUES (0)'))  # a lane asleep
@@ -175,11 +180,7 @@ def test_commits_notify_only_while_a_lane_sleeps(engine: Engine, database_url: s
             return {row[0] for row in conn.execute(text(f'SELECT lane FROM "{SCHEMA}"."{IDLE_LANES_TABLE}"'))}
 
     def notified_by_one_commit() -> bool:
-        with connect(database_url, "test listener") as listener:
-            listen(listener)
-            with engine.begin() as conn:
-                enqueue(conn, topic, {"probe": True}, key="probe")
-            return any(True for _ in notifications(listener, timeout=1.0))
+        return _notified_by_one_commit(engine, database_url, topic)
 
     assert not notified_by_one_commit()  # no relay, no lane asleep: nobody to wake
     # With a 10-minute poll interval, only a notification can get an event out of a sleeping lane.
@@ -218,7 +219,7 @@ def test_a_transaction_open_while_its_lane_fell_asleep_is_found_by_the_second_lo
     # and once more 50 ms later; with a 10-minute poll interval nothing else could send the event.
     def asleep() -> bool:
         with engine.begin() as conn:
-            return conn.execute(text(f'SELECT count(*) FROM "{SCHEMA}"."{IDLE_LANES_TABLE}"')).scalar_one() == 1
+            return bool(conn.execute(text(f'SELECT count(*) FROM "{SCHEMA}"."{IDLE_LANES_TABLE}"')).scalar_one() == 1)
 
     relay = relays.start(database_url, "second-look", OUTBOX_POLL_INTERVAL="600")
     wait_until(asleep, 30, "the idle lane to sleep")
