@@ -133,16 +133,13 @@ def test_wake_ups_turned_off_in_the_database_writers_do_not_notify_and_polling_s
     # The README's switch for write-heavy databases: a notifying commit holds an instance-wide lock
     # until it is durable (bench/write_overhead.py measures the cost). Without the trigger, commits
     # notify nobody and the relay (still listening) sends by polling alone.
-    def notified_by_one_commit() -> bool:
-        return _notified_by_one_commit(engine, database_url, topic)
-
     with engine.begin() as conn:
         conn.execute(text(f'INSERT INTO "{SCHEMA}"."{IDLE_LANES_TABLE}" (lane) VALUES (0)'))  # a lane asleep
-    assert notified_by_one_commit()
+    assert _notified_by_one_commit(engine, database_url, topic)
     with engine.begin() as conn:
         conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" DISABLE TRIGGER "{NOTIFY_TRIGGER}"'))
     try:
-        assert not notified_by_one_commit()
+        assert not _notified_by_one_commit(engine, database_url, topic)
         polled = _commit_to_sent(engine, database_url, topic, relays, "on", poll_interval=1)
         print(f"\nmedian commit-to-sent with wake-ups off in the database, polling every 1 s: {polled * 1000:.0f} ms")
         # The relay, told to listen, said at start why no commit will wake it.
@@ -152,7 +149,7 @@ def test_wake_ups_turned_off_in_the_database_writers_do_not_notify_and_polling_s
             conn.execute(text(f'ALTER TABLE "{SCHEMA}"."{EVENTS_TABLE}" ENABLE TRIGGER "{NOTIFY_TRIGGER}"'))
     with engine.begin() as conn:
         conn.execute(text(f'INSERT INTO "{SCHEMA}"."{IDLE_LANES_TABLE}" (lane) VALUES (0) ON CONFLICT DO NOTHING'))
-    assert notified_by_one_commit()  # its event stays unsent: the relay has stopped
+    assert _notified_by_one_commit(engine, database_url, topic)  # its event stays unsent: the relay has stopped
     assert len(kafkatools.consume([topic], expected=7, quiet=0.5)) == 7
 
 
@@ -179,14 +176,11 @@ def test_commits_notify_only_while_a_lane_sleeps(engine: Engine, database_url: s
         with engine.begin() as conn:
             return {row[0] for row in conn.execute(text(f'SELECT lane FROM "{SCHEMA}"."{IDLE_LANES_TABLE}"'))}
 
-    def notified_by_one_commit() -> bool:
-        return _notified_by_one_commit(engine, database_url, topic)
-
-    assert not notified_by_one_commit()  # no relay, no lane asleep: nobody to wake
+    assert not _notified_by_one_commit(engine, database_url, topic)  # no relay, no lane asleep: nobody to wake
     # With a 10-minute poll interval, only a notification can get an event out of a sleeping lane.
     relay = relays.start(database_url, "on-demand", OUTBOX_POLL_INTERVAL="600")
     wait_until(lambda: idle_lanes() == {0}, 30, "the idle lane to sleep")
-    assert notified_by_one_commit()
+    assert _notified_by_one_commit(engine, database_url, topic)
     wait_until(lambda: pending(engine) == 0, 60, "the sleeping lane to be woken")
     # Writers committing every 10 ms keep the lane awake: it claims on its own and leaves the table.
     stop = threading.Event()

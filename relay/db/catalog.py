@@ -17,13 +17,9 @@ _COLUMNS = (
     " WHERE n.nspname = %s AND c.relkind IN ('r', 'p')"
 )
 _INDEXES = "SELECT indexname FROM pg_indexes WHERE schemaname = %s"
+# tgenabled: 'O' fires in ordinary sessions, 'A' always; 'D' is disabled, 'R' fires only while replicating.
 _TRIGGER = (
-    "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s AND t.tgname = %s"
-)
-# 'O' fires in ordinary sessions, 'A' always; 'D' is disabled, 'R' fires only while replicating.
-_TRIGGER_FIRES = (
-    "SELECT t.tgenabled IN ('O', 'A') FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+    "SELECT t.tgenabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
     " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s AND t.tgname = %s"
 )
 _VERSION_READABLE = "SELECT has_table_privilege(to_regclass(%s), 'SELECT')"
@@ -46,15 +42,14 @@ def indexes(conn: Connection) -> set[str]:
 @translated()
 def has_trigger(conn: Connection, name: str) -> bool:
     """Whether the events table has this trigger."""
-    row = conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, name)).fetchone()
-    return bool(row and row[0])
+    return conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, name)).fetchone() is not None
 
 
 @translated()
 def trigger_fires(conn: Connection, name: str) -> bool:
     """Whether the events table's trigger fires when an application inserts (not disabled by ALTER TABLE)."""
-    row = conn.execute(_TRIGGER_FIRES, (SCHEMA, EVENTS_TABLE, name)).fetchone()
-    return bool(row and row[0])
+    row = conn.execute(_TRIGGER, (SCHEMA, EVENTS_TABLE, name)).fetchone()
+    return row is not None and row[0] in ("O", "A")
 
 
 @translated()

@@ -212,9 +212,10 @@ class HeldConnection:
     closes and forgets it (and propagates), so the next use connects again.
     """
 
-    def __init__(self, database_url: str, application_name: str) -> None:
+    def __init__(self, database_url: str, application_name: str, session: str = "") -> None:
         self.database_url = database_url
         self.application_name = application_name
+        self.session = session  # SET statements for the session, run once each time it connects
         self._conn: Connection | None = None
         self._lock = threading.RLock()  # jobs run on the scheduler's threads
 
@@ -227,7 +228,15 @@ class HeldConnection:
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
-                    self._conn = connect(self.database_url, self.application_name)
+                    conn = connect(self.database_url, self.application_name)
+                    try:
+                        if self.session:
+                            with translated():
+                                conn.execute(self.session)
+                    except BaseException:
+                        conn.close()
+                        raise
+                    self._conn = conn  # only with its session set
                 yield self._conn
             except DatabaseUnavailable:
                 self._forget()

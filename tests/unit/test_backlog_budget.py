@@ -33,11 +33,17 @@ class FakeConnection:
 
 
 class FakeHeld:
-    def __init__(self) -> None:
-        self.conn = FakeConnection()
+    """HeldConnection without a database: its session statements run once, when it first connects."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.conn: FakeConnection | None = None
 
     @contextlib.contextmanager
     def use(self) -> Iterator[FakeConnection]:
+        if self.conn is None:
+            self.conn = FakeConnection()
+            self.conn.execute(self.session)
         yield self.conn
 
 
@@ -52,7 +58,7 @@ def test_a_slow_snapshot_is_not_repeated_until_it_is_a_small_share_of_the_time(m
 
     monkeypatch.setattr(daemon.monitor, "snapshot", slow_snapshot)
     relay = daemon.Relay(SETTINGS)
-    relay._monitor = FakeHeld()  # type: ignore[assignment]
+    relay._monitor = FakeHeld(relay._monitor.session)  # type: ignore[assignment]
     started = time.monotonic()
     while time.monotonic() - started < 1.0:  # the scheduler would call it every 10 ms
         relay._measure_backlog()
@@ -62,7 +68,7 @@ def test_a_slow_snapshot_is_not_repeated_until_it_is_a_small_share_of_the_time(m
     assert 1 <= len(taken) <= 3, taken
     assert all(later - earlier >= 0.02 / daemon.BACKLOG_BUDGET for earlier, later in itertools.pairwise(taken))
     # and without parallel workers, which would take the lanes' cores
-    assert relay._monitor.conn.statements[0] == daemon.MONITOR_SESSION
+    assert relay._monitor.conn is not None and relay._monitor.conn.statements[0] == daemon.MONITOR_SESSION
 
 
 def test_a_measurement_the_database_refuses_or_cancels_is_a_warning_not_a_job_error(
@@ -75,7 +81,7 @@ def test_a_measurement_the_database_refuses_or_cancels_is_a_warning_not_a_job_er
 
     monkeypatch.setattr(daemon.monitor, "snapshot", cancelled)
     relay = daemon.Relay(SETTINGS)
-    relay._monitor = FakeHeld()  # type: ignore[assignment]
+    relay._monitor = FakeHeld(relay._monitor.session)  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="outbox_relay.daemon"):
         relay._measure_backlog()
     assert "statement_timeout = 60000" in daemon.MONITOR_SESSION
