@@ -106,6 +106,9 @@ class LaneWorker:
         # Whether the lane's row is in the idle lanes table (commits notify), and until when the lane
         # claims on its own after it last published something.
         self._asleep = False
+        # Whether the lane asks for notifications at all: not when the relay does not listen, nor once
+        # its role turned out unable to write the idle lanes table (it polls then).
+        self._wake_ups = settings.listen == "on"
         self._active_until = 0.0
         self._found_nothing = False  # the last claim came back empty (not a failure)
         self._second_look = False  # fell asleep: one more look SECOND_LOOK_SECONDS later
@@ -196,11 +199,7 @@ class LaneWorker:
             self.store.name_session(conn, f"outbox-relay lane {self.lane}")
             # Asleep until its first claim finds events; a relay that does not listen never asks for
             # notifications (and clears what a listening owner before it left).
-            if self.settings.listen == "on":
-                self.store.sleep(conn, self.lane)
-            else:
-                self.store.wake(conn, self.lane)
-            self._asleep = self.settings.listen == "on"
+            self._set_idle(conn, asleep=self._wake_ups)
             self._conn, conn = conn, None  # the lane keeps it: it holds the lock
         except DatabaseUnavailable as exc:
             if conn is not None:
@@ -234,7 +233,7 @@ class LaneWorker:
             if self._conn is not None and not self._conn.closed:
                 if self.owned:
                     try:
-                        self.store.wake(self._conn, self.lane)  # whoever takes the lane asks again
+                        self._set_idle(self._conn, asleep=False)  # whoever takes the lane asks again
                         self.store.release_owner(self._conn, self.lane, self.owner)
                     except DatabaseError:
                         pass
@@ -298,16 +297,35 @@ class LaneWorker:
 
     def _fall_asleep(self) -> bool:
         """Ask commits to notify, once the lane found nothing for LINGER_SECONDS. True when it just did."""
-        if (self._asleep or not self._found_nothing or self.settings.listen != "on"
+        if (self._asleep or not self._found_nothing or not self._wake_ups
                 or time.monotonic() < self._active_until or not self.owned or self._conn is None):
             return False
         try:
-            self.store.sleep(self._conn, self.lane)
+            self._set_idle(self._conn, asleep=True)
         except DatabaseUnavailable as exc:
             self._lost_database(exc)
             return False
-        self._asleep = self._second_look = True
-        return True
+        self._second_look = self._asleep
+        return self._asleep
+
+    def _set_idle(self, conn: Connection, *, asleep: bool) -> None:
+        """Put the lane's row into the idle lanes table (commits notify) or take it out.
+
+        A role that may not write the table (granted from an earlier release's least-privilege SQL)
+        costs the lane its wake-ups, never its work: it says so once and polls from then on.
+        """
+        try:
+            (self.store.sleep if asleep else self.store.wake)(conn, self.lane)
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError as exc:
+            if self._wake_ups:
+                log.error("lane %d cannot write the idle lanes table (%s): commits will not wake it, it polls every "
+                          "OUTBOX_POLL_INTERVAL; grant what docs/least-privilege.sql grants on it", self.lane, exc,
+                          extra={**self._extra, "action": "idle_lanes_refused"})
+            self._wake_ups = self._asleep = False
+            return
+        self._asleep = asleep
 
     def _tick_owned(self, conn: Connection, stopping: threading.Event) -> bool:
         try:
@@ -326,8 +344,8 @@ class LaneWorker:
             if outcome is _Outcome.PUBLISHED:
                 self._active_until = time.monotonic() + LINGER_SECONDS
                 if self._asleep:  # after the batch, so that its latency pays for no extra commit
-                    self.store.wake(conn, self.lane)  # busy: it claims again on its own, commits need not notify
-                    self._asleep = self._second_look = False
+                    self._set_idle(conn, asleep=False)  # busy: it claims again on its own, commits need not notify
+                    self._second_look = False
             # Claim again at once after any batch: while the lane is awake no commit tells it of more.
             return outcome is _Outcome.PUBLISHED
         except DatabaseUnavailable as exc:

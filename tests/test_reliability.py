@@ -312,6 +312,30 @@ def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, da
     assert report.ok, report.summary()
 
 
+def test_a_relay_role_granted_before_the_idle_lanes_existed_still_publishes_and_says_what_is_missing(
+        engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
+    """After `migrate` to 0011, a role made from an earlier release's docs/least-privilege.sql cannot write
+    the idle lanes table. The lanes must still publish (by polling), and the relay must say what to grant."""
+    role = f"relay_{uuid.uuid4().hex[:8]}"
+    grants = "\n".join(line for line in (ROOT / "docs" / "least-privilege.sql").read_text().splitlines()
+                        if "events_idle_lanes" not in line).replace("outbox_relay", role)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(grants)
+        for n in range(20):
+            enqueue(conn, topic, {"n": n}, key=str(n % 4))
+    relay = relays.start(database_url.replace("://outbox@", f"://{role}@"), OUTBOX_HTTP="")
+    try:
+        wait_until(lambda: pending(engine) == 0, 60, "the relay without idle-lane grants to publish")
+        assert "events_idle_lanes" in relay.log() and "docs/least-privilege.sql" in relay.log()
+        relay.stop()
+    finally:
+        relay.stop()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    report = ledger(engine, [topic])
+    assert report.ok, report.summary()
+
+
 def test_a_broker_that_cannot_run_transactions_is_reported_and_waited_for(
     engine: Engine, database_url: str, tmp_path: Path, relays: Relays
 ) -> None:
