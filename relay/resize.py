@@ -4,7 +4,8 @@
 1. Announce the new count (``resize_to``) under the resize lock: relays release their lanes.
 2. Take every lane's lock, so no relay publishes with the old count.
 3. Settle each lane in Kafka: fence its producer, mark what its last transaction carried.
-4. Give the progress topic a partition per new lane, store the count, let go; drop the old index.
+4. Give the progress topic a partition per new lane, forget lanes that died asleep, store the count,
+   let go; drop the old index.
 If this dies half-way, its connection (and the resize lock) goes with it and relays carry on
 with the old count; running the command again finishes the change.
 """
@@ -16,9 +17,9 @@ import time
 
 from outbox_relay import progress
 from outbox_relay.config import Settings
-from outbox_relay.db.connection import connect
+from outbox_relay.db.connection import Connection, connect
 from outbox_relay.db.lanes import Store
-from outbox_relay.errors import OutboxError
+from outbox_relay.errors import DatabaseError, DatabaseUnavailable, OutboxError
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher
 from outbox_relay.recovery import recover
@@ -58,6 +59,7 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
             finally:
                 publisher.close()
         progress.ensure_topic(settings.producer_config(), names.progress_topic, lanes)
+        _forget_sleepers(store, conn)
         store.finish_resize(conn, lanes)
         for lane in range(current):
             store.release_lane_lock(conn, lane)
@@ -65,3 +67,13 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
             store.drop_lane_index(conn, current)
     log.info("lane count is now %d (was %d)", lanes, current, extra={"action": "resize_done"})
     return current, recovered
+
+
+def _forget_sleepers(store: Store, conn: Connection) -> None:
+    try:
+        store.forget_sleepers(conn)
+    except DatabaseUnavailable:
+        raise
+    except DatabaseError as exc:  # a role granted before 0011: only wake-ups cost more, the count still changes
+        log.warning("cannot clear the idle lanes table (%s): grant what docs/least-privilege.sql grants", exc,
+                    extra={"action": "resize_idle_lanes"})

@@ -13,7 +13,7 @@ from outbox_relay.db.connection import connect, listen, notifications
 from outbox_relay.db.names import ENQUEUE_TRIGGER, EVENTS_TABLE, NOTIFY_TRIGGER, SCHEMA
 from outbox_relay.models import IDLE_LANES_TABLE
 from tests import kafkatools
-from tests.relaytools import Relays, Writers, ledger, pending, states, wait_until
+from tests.relaytools import Relays, Writers, cli, ledger, pending, set_lane_count, states, wait_until
 
 
 def test_committed_events_arrive_once_in_key_order_and_rolled_back_ones_never(
@@ -201,6 +201,30 @@ def test_commits_notify_only_while_a_lane_sleeps(engine: Engine, database_url: s
         stop.set()
         writer.join()
     wait_until(lambda: pending(engine) == 0 and idle_lanes() == {0}, 60, "the lane to drain and sleep again")
+    relay.stop()
+    report = ledger(engine, [topic])
+    assert report.ok, report.summary()
+
+
+def test_a_lane_count_change_forgets_lanes_that_died_asleep(engine: Engine, database_url: str, topic: str,
+                                                           relays: Relays) -> None:
+    """A relay killed while its lanes slept leaves their rows: every commit notifies for nobody until a
+    relay takes those lanes again, and lanes beyond a smaller count are never taken again."""
+    def idle_lanes() -> set[int]:
+        with engine.begin() as conn:
+            return {row[0] for row in conn.execute(text(f'SELECT lane FROM "{SCHEMA}"."{IDLE_LANES_TABLE}"'))}
+
+    set_lane_count(engine, 4)
+    relay = relays.start(database_url, "dies-asleep", OUTBOX_POLL_INTERVAL="600")
+    wait_until(lambda: idle_lanes() == {0, 1, 2, 3}, 30, "the idle lanes to sleep")
+    relay.kill()
+    assert _notified_by_one_commit(engine, database_url, topic)
+    result = cli(database_url, "lanes", "set", "2")
+    assert result.returncode == 0, result.stderr
+    assert idle_lanes() == set()
+    assert not _notified_by_one_commit(engine, database_url, topic)  # no relay runs: nobody to wake
+    relay = relays.start(database_url, "after", OUTBOX_POLL_INTERVAL="600")
+    wait_until(lambda: pending(engine) == 0 and idle_lanes() == {0, 1}, 60, "the two lanes to drain and sleep")
     relay.stop()
     report = ledger(engine, [topic])
     assert report.ok, report.summary()

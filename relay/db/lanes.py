@@ -214,6 +214,12 @@ class Store:
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, RESIZE_LOCK))
 
     @staticmethod
+    def forget_sleepers(conn: psycopg.Connection[Any]) -> None:
+        """While every lane's lock is held, no lane sleeps: rows left by a relay that died asleep, or
+        numbered beyond a smaller count, would make commits notify for nobody."""
+        conn.execute(sql.SQL("DELETE FROM {}").format(_IDLE_LANES))
+
+    @staticmethod
     def try_lock_lane(conn: psycopg.Connection[Any], lane: int) -> bool:
         row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, lane)).fetchone()
         return bool(row and row[0])
