@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from outbox_relay.errors import (
     DatabaseUnavailable,
     OutboxError,
     SchemaError,
+    StatementCancelled,
 )
 
 EXIT_OK = 0
@@ -92,6 +94,16 @@ def _aware_datetime(text: str) -> dt.datetime:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86_400:  # nan fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return value
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -130,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
     migrate.add_argument("--yes", action="store_true",
                          help="confirm a downgrade that drops the outbox tables and every event in them")
+    migrate.add_argument("--lock-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                         help="give up, changing nothing, rather than wait longer for a table lock: while a"
+                              " migration waits for one, every writer of that table waits behind it (default 10)")
 
     run = command("run", "run the relay daemon")
     _add_settings(run)
@@ -143,12 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"exit {EXIT_THRESHOLD} if the oldest claimable event is older")
     status.add_argument("--max-pending", type=int, help=f"exit {EXIT_THRESHOLD} if more events are pending")
     status.add_argument("--max-failed", type=int, help=f"exit {EXIT_THRESHOLD} if more events have failed")
+    status.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                        help=f"exit {EXIT_UNAVAILABLE} if PostgreSQL has not answered within SECONDS (default 60)")
 
     lanes = commands.add_parser("lanes", help="show the lanes, or change their number")
     lanes_commands = lanes.add_subparsers(dest="lanes_command", required=True, metavar="ACTION")
     lanes_show = command("show", "lane count, owners and live instances", lanes_commands)
     _add_settings(lanes_show, only=_DB_ONLY)
     lanes_show.add_argument("--json", action="store_true", help="print JSON for scripts")
+    lanes_show.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                            help=f"exit {EXIT_UNAVAILABLE} if PostgreSQL has not answered within SECONDS (default 60)")
     lanes_set = command(
         "set", "change the lane count (takes every lane first, so no two counts are ever live at once)", lanes_commands)
     lanes_set.add_argument("count", type=int, help="the new number of lanes (1-1024)")
@@ -292,6 +311,10 @@ def _kafka_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+# Waiting cannot fix a wrong name, credentials or a connection setting libpq rejects (sslmode=bogus).
+_NOT_WORTH_WAITING_FOR = ("does not exist", "authentication", "pg_hba", "password", "invalid ")
+
+
 def _run(args: argparse.Namespace) -> int:
     """Check the configuration and the schema, then run the daemon. A database that cannot be reached
     yet is waited for (the daemon survives outages too); a missing or older schema stops here."""
@@ -308,8 +331,8 @@ def _run(args: argparse.Namespace) -> int:
             conn = _connect(settings)
             break
         except DatabaseUnavailable as exc:
-            if any(text in str(exc) for text in ("does not exist", "authentication", "pg_hba", "password")):
-                raise  # waiting cannot fix a wrong name or credentials
+            if any(text in str(exc) for text in _NOT_WORTH_WAITING_FOR):
+                raise
             if not waited:
                 log.warning("%s; waiting for it", exc, extra={"action": "wait_database"})
             waited = True
@@ -338,10 +361,10 @@ def _migrate(args: argparse.Namespace) -> int:
             print("outbox-relay: refusing to drop the outbox tables (and every event in them) without --yes",
                   file=sys.stderr)
             return EXIT_USAGE
-        migrate.downgrade(settings.database_url, args.revision)
+        migrate.downgrade(settings.database_url, args.revision, lock_timeout=args.lock_timeout)
         print(f"outbox schema at revision {args.revision}")
         return EXIT_OK
-    migrate.upgrade(settings.database_url, args.revision, lanes=lanes)
+    migrate.upgrade(settings.database_url, args.revision, lanes=lanes, lock_timeout=args.lock_timeout)
     print(f"outbox schema at {args.revision}")
     if current_lanes is not None and lanes_given is not None and lanes != current_lanes:
         print(f"outbox-relay: the outbox already exists with {_plural(current_lanes, 'lane')} and keeps its lane "
@@ -369,7 +392,7 @@ def _status(args: argparse.Namespace) -> int:
     settings = _settings(args, kafka=False)
     with _connect(settings) as conn:
         while True:
-            snap = monitor.snapshot(conn, hold=settings.failed_key_policy == "hold")
+            snap = _measure(conn, args.timeout, hold=settings.failed_key_policy == "hold")
             breaches = _breaches(args, snap)
             if args.json:
                 print(json.dumps({**snap.to_json(), "breaches": breaches}, indent=2))
@@ -382,6 +405,20 @@ def _status(args: argparse.Namespace) -> int:
             if not args.watch:
                 return EXIT_THRESHOLD if breaches else EXIT_OK
             time.sleep(args.watch)
+
+
+def _measure(conn: Any, timeout: float, **options: Any) -> Any:
+    """A snapshot that gives up after ``timeout`` seconds (a lock held on the outbox tables, an
+    overloaded server): a status check in a script must answer, if only to say it cannot."""
+    from outbox_relay import monitor
+    from outbox_relay.db.connection import translated
+
+    with translated():
+        conn.execute(monitor.session(timeout))
+    try:
+        return monitor.snapshot(conn, **options)
+    except StatementCancelled:
+        raise StatementCancelled(f"PostgreSQL did not answer within {timeout:g}s (--timeout)") from None
 
 
 def _breaches(args: argparse.Namespace, snap: Any) -> list[str]:
@@ -409,7 +446,7 @@ def _lanes(args: argparse.Namespace) -> int:
     from outbox_relay import monitor
 
     with _connect(_settings(args, kafka=False)) as conn:
-        snap = monitor.snapshot(conn, cap=1)
+        snap = _measure(conn, args.timeout, cap=1)
     if args.json:
         data = snap.to_json()
         print(json.dumps({key: data[key] for key in ("lane_count", "resizing", "instances", "owners")}, indent=2))

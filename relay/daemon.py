@@ -51,10 +51,7 @@ CONTROL_SESSION = "outbox-relay control"  # its application_name; `: <trouble>` 
 # this share of the time, so its gauges refresh less often while the backlog is huge (see
 # outbox_backlog_refreshed_timestamp_seconds), never more often than every ``backlog_interval``.
 BACKLOG_BUDGET = 0.05
-# The monitor's session, set when it connects. No parallel workers: they would take the cores the lanes
-# use, for an answer nobody waits for. A bound: a statement that runs on holds back vacuum of the tables
-# the lanes walk.
-MONITOR_SESSION = "SET max_parallel_workers_per_gather = 0; SET statement_timeout = 60000"
+MONITOR_TIMEOUT_S = 60.0  # a backlog measurement's statement is cancelled after this long
 
 
 def lane_share(lane_count: int, live: list[str], me: str) -> tuple[int, list[int]]:
@@ -79,7 +76,8 @@ class Relay:
         self.lane_count: int | None = None
         self.names: KafkaNames | None = None  # known once the database told us the outbox's identity
         self._control = HeldConnection(settings.database_url, CONTROL_SESSION)
-        self._monitor = HeldConnection(settings.database_url, "outbox-relay monitor", session=MONITOR_SESSION)
+        self._monitor = HeldConnection(settings.database_url, "outbox-relay monitor",
+                                       session=monitor.session(MONITOR_TIMEOUT_S))
         self._backlog_due = 0.0  # monotonic time before which a backlog measurement is not repeated
         self._orphans_after = 0  # where retention's next look for unsent rows without an event starts
         self._spare = SpareConnection(settings.database_url)  # lane locks are tried on it

@@ -74,5 +74,13 @@ class StatementCancelled(DatabaseUnavailable):
     """PostgreSQL cancelled a statement of the relay (its statement_timeout, or an operator)."""
 
 
+class LockTimeout(DatabaseUnavailable):
+    """PostgreSQL gave up waiting for a lock (the session's lock_timeout)."""
+
+
+class MigrationBlocked(ConnectionTrouble):
+    """A migration gave up waiting for a table lock another session holds; it changed nothing."""
+
+
 class BrokerUnavailable(ConnectionTrouble):
     """Kafka could not be reached."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic.config import Config
 
 from alembic import command
 from outbox_relay.db import catalog
-from outbox_relay.db.connection import Connection, translated
-from outbox_relay.errors import ConfigurationError
+from outbox_relay.db.connection import Connection, connect, translated
+from outbox_relay.errors import ConfigurationError, LockTimeout, MigrationBlocked
 
 
 def script_location() -> str:
@@ -23,24 +25,46 @@ def script_location() -> str:
     raise ConfigurationError("the outbox migrations were not found; reinstall outbox-relay")
 
 
-def alembic_config(database_url: str, *, lanes: int | None = None) -> Config:
+def alembic_config(database_url: str, *, lanes: int | None = None, lock_timeout: float | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", script_location())
     config.attributes["url"] = database_url
     if lanes is not None:
         config.attributes["lanes"] = lanes
+    if lock_timeout is not None:
+        config.attributes["lock_timeout_ms"] = round(lock_timeout * 1000)
     return config
 
 
-@translated()
-def upgrade(database_url: str, revision: str = "head", *, lanes: int | None = None) -> None:
-    """Upgrade the database to ``revision``; ``lanes`` sets the lane count when the table is created."""
-    command.upgrade(alembic_config(database_url, lanes=lanes), revision)
+def upgrade(database_url: str, revision: str = "head", *, lanes: int | None = None,
+            lock_timeout: float | None = None) -> None:
+    """Upgrade the database to ``revision``; ``lanes`` sets the lane count when the table is created.
+    ``lock_timeout``: give up rather than wait longer for a table lock."""
+    with _lock_wait_named(database_url, lock_timeout):
+        command.upgrade(alembic_config(database_url, lanes=lanes, lock_timeout=lock_timeout), revision)
 
 
-@translated()
-def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+def downgrade(database_url: str, revision: str, *, lock_timeout: float | None = None) -> None:
+    with _lock_wait_named(database_url, lock_timeout):
+        command.downgrade(alembic_config(database_url, lock_timeout=lock_timeout), revision)
+
+
+@contextlib.contextmanager
+def _lock_wait_named(database_url: str, lock_timeout: float | None) -> Iterator[None]:
+    """A migration that gave up waiting for a lock names who holds the outbox's tables. Each revision
+    is re-runnable from where such a stop left it (0009 commits its first part before it locks)."""
+    try:
+        with translated():
+            yield
+    except LockTimeout:
+        with connect(database_url, "outbox-relay migrate") as conn:
+            holders = catalog.lock_holders(conn)
+        waited = f" {lock_timeout:g}s" if lock_timeout else ""
+        raise MigrationBlocked(
+            f"migrate gave up waiting{waited} for a lock on the outbox's tables (held by"
+            f" {', '.join(holders) or 'a session that has ended since'}); while it waits, every writer of the"
+            " outbox waits behind it. Run it again when that transaction has ended, or raise --lock-timeout"
+        ) from None
 
 
 def current_lane_count(conn: Connection) -> int | None:

@@ -51,7 +51,7 @@ def consumer_from_now(bootstrap: str, partitions: int) -> Consumer:
 def main() -> int:
     url = os.environ["OUTBOX_DATABASE_URL"]
     bootstrap = os.environ["OUTBOX_KAFKA_BOOTSTRAP_SERVERS"]
-    cli = [sys.executable, "-m", "outbox_relay.cli"]
+    cli = [sys.executable, "-m", "outbox_relay"]
     migrated = subprocess.run([*cli, "migrate"], check=False)
     if migrated.returncode:
         print(f"\n== migrate failed (exit {migrated.returncode}); see its message above")
@@ -60,6 +60,7 @@ def main() -> int:
     consumer = consumer_from_now(bootstrap, partitions)
 
     log_path = ROOT / ".services" / "demo-relay.log"
+    log_path.parent.mkdir(exist_ok=True)  # the services may keep their files elsewhere (OUTBOX_SERVICES_DIR)
     print(f"\n== starting the relay (log: {log_path})")
     with open(log_path, "wb") as log_file:
         relay = subprocess.Popen([*cli, "run", "--poll-interval", "0.2"], stdout=log_file, stderr=log_file)

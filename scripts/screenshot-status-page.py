@@ -49,7 +49,7 @@ def write() -> None:
 
 env = {**os.environ, "OUTBOX_DATABASE_URL": url, "OUTBOX_HTTP": "18466", "OUTBOX_BACKLOG_INTERVAL": "2",
        "OUTBOX_INSTANCE": "relay-a", "OUTBOX_LOG_LEVEL": "WARNING"}
-relay = subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "run"], env=env)
+relay = subprocess.Popen([sys.executable, "-m", "outbox_relay", "run"], env=env)
 writer = threading.Thread(target=write)
 writer.start()
 try:

@@ -63,7 +63,7 @@ class RelayProcess:
         self.log_path = log_dir / f"{name}.log"
         self.env = {**os.environ, **tuning, "OUTBOX_DATABASE_URL": database_url, "OUTBOX_INSTANCE": name,
                     **{key: str(value) for key, value in settings.items()}}
-        self.command = [sys.executable, "-m", "outbox_relay.cli", "run"]
+        self.command = [sys.executable, "-m", "outbox_relay", "run"]
         self.exit_grace = EXIT_GRACE
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -174,7 +174,7 @@ class Relays:
         """`outbox-relay inbox run HANDLER` as a child process, stopped like a relay (its own log, same bounds)."""
         consumer = RelayProcess(consumer_url, self.log_dir, name, tuning={**INBOX_FAST, "OUTBOX_LOG_LEVEL": "INFO"},
                                 OUTBOX_INBOX_DATABASE_URL=consumer_url, **settings)
-        consumer.command = [sys.executable, "-m", "outbox_relay.cli", "inbox", "run", handler]
+        consumer.command = [sys.executable, "-m", "outbox_relay", "inbox", "run", handler]
         consumer.start()
         self.started.append(consumer)
         return consumer
@@ -189,7 +189,7 @@ class Relays:
 def cli(database_url: str, *args: str, check: bool = False, timeout: float = 120,
         env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`outbox-relay <args> --database-url <url>` in a subprocess, its output as text."""
-    return subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
+    return subprocess.run([sys.executable, "-m", "outbox_relay", *args, "--database-url", database_url],
                           capture_output=True, text=True, check=check, timeout=timeout, env=env)
 
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
 from outbox_relay import cli as cli_module
 from outbox_relay import enqueue, schema
+from outbox_relay.db.connection import conninfo
 from outbox_relay.db.names import NOTIFY_TRIGGER, VERSION_TABLE, lane_index_name
 from outbox_relay.migrate import script_location
 from outbox_relay.models import SCHEMA
-from tests.pgtools import EVENTS, set_state_sql, url_for
+from tests.pgtools import EVENTS, UNSENT, set_state_sql, url_for
 from tests.relaytools import ROOT
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
@@ -27,7 +30,7 @@ COMMANDS = [["status"], ["status", "--json"], ["failed", "list"], ["failed", "re
 
 
 def cli(database_url: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "outbox_relay.cli", *args, "--database-url", database_url],
+    return subprocess.run([sys.executable, "-m", "outbox_relay", *args, "--database-url", database_url],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **env})
 
 
@@ -119,9 +122,11 @@ def test_unreachable_or_misnamed_databases_are_one_line(database_url: str) -> No
         result = cli(refused, *command)
         assert result.returncode == 4, result.stderr
         assert "Connection refused" in one_line(result)
-    # A wrong name is not waited for, even by the daemon.
+    # A wrong name or a setting libpq rejects is not waited for, even by the daemon.
     result = cli(misnamed, "run", timeout=30)
     assert result.returncode == 4 and "does not exist" in one_line(result)
+    result = cli(f"{database_url}?sslmode=bogus", "run", timeout=30)
+    assert result.returncode == 4 and 'invalid sslmode value: "bogus"' in one_line(result)
 
 
 def test_unreachable_kafka_is_one_line(engine: Engine, database_url: str) -> None:
@@ -136,11 +141,29 @@ def test_unreachable_kafka_is_one_line(engine: Engine, database_url: str) -> Non
     assert "rdkafka" not in result.stderr and "init_transactions failed" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["lanes", "show"]])
+def test_status_answers_within_its_timeout_while_a_lock_blocks_the_outbox(engine: Engine, database_url: str,
+                                                                          command: list[str]) -> None:
+    """A status check in a pager script must answer, if only to say it cannot (a migration holding the
+    events table, a wedged server); without a bound it waited for as long as the lock was held."""
+    with engine.begin() as conn:
+        enqueue(conn, "orders", b"x")
+    with psycopg.connect(conninfo(database_url)) as blocker:
+        blocker.execute(f"LOCK TABLE {EVENTS}, {UNSENT} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = cli(database_url, *command, "--timeout", "2", timeout=45)
+        took = time.monotonic() - started
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE
+    assert one_line(result) == "outbox-relay: PostgreSQL did not answer within 2s (--timeout)"
+    assert took < 30
+    assert cli(database_url, *command, "--timeout", "2").returncode == 0  # the lock gone, it answers
+
+
 def test_a_closed_pipe_ends_quietly(engine: Engine, database_url: str) -> None:
     with engine.begin() as conn:
         for n in range(5):
             enqueue(conn, f"topic{n}", b"x")
-    process = subprocess.Popen([sys.executable, "-m", "outbox_relay.cli", "status", "--database-url", database_url],
+    process = subprocess.Popen([sys.executable, "-m", "outbox_relay", "status", "--database-url", database_url],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     assert process.stdout is not None and process.stderr is not None
     process.stdout.close()  # the reader is gone before the command prints, as with `status | head -0`
@@ -162,6 +185,26 @@ def test_migrate_on_an_existing_outbox_says_it_keeps_the_lane_count(database_url
     line = result.stderr.strip().splitlines()[-1]
     assert "already exists with 1 lane and keeps its lane count" in line and "outbox-relay lanes set 8" in line
     assert "already exists" not in cli(database_url, "migrate", "--lanes", "1").stderr  # nothing to say
+
+
+def test_migrate_gives_up_on_a_lock_held_by_a_long_transaction_and_names_it(empty_database_url: str) -> None:
+    """0009 rewrites the events table (ACCESS EXCLUSIVE). Queued behind an application's open transaction,
+    it would make every writer of the outbox queue behind it, for as long as that transaction lasts."""
+    assert cli(empty_database_url, "migrate", "--revision", "0008_claim_indexes").returncode == 0
+    with psycopg.connect(conninfo(empty_database_url), application_name="billing") as app:
+        app.execute(f"INSERT INTO {EVENTS} (topic, key, value) VALUES ('orders', 'k', 'v')")  # left open
+        pid = app.info.backend_pid
+        started = time.monotonic()
+        result = cli(empty_database_url, "migrate", "--lock-timeout", "2", timeout=45)
+        took = time.monotonic() - started
+        app.rollback()
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE and took < 30
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after Alembic's narration of the step it tried
+    assert line.startswith("outbox-relay: migrate gave up waiting 2s for a lock on the outbox's tables"
+                           f" (held by pid {pid} (billing, idle in transaction for "), line
+    assert cli(empty_database_url, "status").returncode == cli_module.EXIT_SCHEMA  # still behind: nothing changed
+    assert cli(empty_database_url, "migrate", "--lock-timeout", "2").returncode == 0  # the transaction gone
 
 
 def test_downgrade_to_base_needs_confirmation(engine: Engine, database_url: str) -> None:
@@ -189,7 +232,7 @@ def test_replay_refuses_a_naive_timestamp(database_url: str) -> None:
 def test_version(tmp_path: Path) -> None:
     from importlib.metadata import version
 
-    result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "--version"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "outbox_relay", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == f"outbox-relay {version('outbox-relay')}"
 
 

@@ -212,7 +212,7 @@ def test_a_relay_that_stalls_across_a_lane_count_change_never_publishes_under_th
                     OUTBOX_FAULT_INJECTION="before_lane_lock:1:stall=8")
     with Writers(engine, topic, threads=3, keys=30, limit=2400) as writers:
         wait_until(lambda: "stalled" in _instances(engine), 30, "the stalled relay to register")
-        result = subprocess.run([sys.executable, "-m", "outbox_relay.cli", "lanes", "set", "4", "--database-url",
+        result = subprocess.run([sys.executable, "-m", "outbox_relay", "lanes", "set", "4", "--database-url",
                                  database_url], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         relays.start(database_url, name="live", OUTBOX_BATCH_SIZE=25)

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, inspect
 from outbox_relay import migrate
 from outbox_relay.db.connection import connect, conninfo
 from outbox_relay.db.lanes import Store
+from outbox_relay.errors import MigrationBlocked
 from outbox_relay.models import (
     EVENTS_TABLE,
     IDLE_LANES_TABLE,
@@ -203,7 +204,7 @@ def test_an_upgrade_to_0009_interrupted_at_its_lock_runs_again(empty_database_ur
         open_writer.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id = 1")
         open_writer.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('t')")  # id 4, still open
         monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=1s")
-        with pytest.raises(Exception, match="lock timeout"):
+        with pytest.raises(MigrationBlocked, match=r"gave up waiting for a lock .*\(held by pid"):
             migrate.upgrade(empty_database_url, "head")
         monkeypatch.delenv("PGOPTIONS")
         open_writer.commit()

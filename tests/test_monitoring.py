@@ -394,7 +394,7 @@ def test_a_backlog_measurement_cancelled_by_its_timeout_is_a_warning_naming_the_
     from outbox_relay.config import Settings
 
     seed(engine, "orders")
-    monkeypatch.setattr(daemon, "MONITOR_SESSION", daemon.MONITOR_SESSION.replace("60000", "300"))
+    monkeypatch.setattr(daemon, "MONITOR_TIMEOUT_S", 0.3)
     relay = daemon.Relay(Settings.from_sources({}, {"OUTBOX_DATABASE_URL": database_url,
                                                     "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}))
     with connect(database_url, "test: holds the events table") as blocker:

@@ -71,3 +71,17 @@ def managed_revision(conn: Connection) -> tuple[bool, str | None]:
         return False, None
     row = conn.execute(sql.SQL("SELECT max(version_num) FROM {}").format(VERSION)).fetchone()
     return True, row[0] if row else None
+
+
+@translated()
+def lock_holders(conn: Connection) -> list[str]:
+    """Other sessions holding a lock on a table of the outbox's schema, oldest transaction first:
+    'pid 4242 (billing, idle in transaction for 95s)'."""
+    rows = conn.execute(
+        "SELECT DISTINCT a.pid, a.application_name, a.state, extract(epoch FROM now() - a.xact_start)"
+        " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE n.nspname = %s AND l.granted AND l.pid <> pg_backend_pid() ORDER BY 4 DESC NULLS LAST",
+        (SCHEMA,)).fetchall()
+    return [f"pid {pid} ({name or 'no application_name'}, {state or 'state unknown'}"
+            + (f" for {age:.0f}s)" if age is not None else ")") for pid, name, state, age in rows]

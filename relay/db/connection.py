@@ -1,7 +1,7 @@
 """Connections to PostgreSQL, and its errors turned into the relay's own at this boundary.
 
 Every query function of ``outbox_relay.db`` runs under :func:`translated`: a connection that
-broke (or a statement cancelled by a timeout: ``StatementCancelled``, a kind of it) raises
+broke (or a statement cancelled by a timeout: ``StatementCancelled`` or ``LockTimeout``, kinds of it) raises
 ``DatabaseUnavailable``, anything else PostgreSQL refuses raises ``DatabaseError``; the psycopg
 error stays as the cause. Nothing outside this package catches psycopg's exceptions.
 """
@@ -22,7 +22,13 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from outbox_relay.db.names import CHANNEL
-from outbox_relay.errors import ConfigurationError, DatabaseError, DatabaseUnavailable, StatementCancelled
+from outbox_relay.errors import (
+    ConfigurationError,
+    DatabaseError,
+    DatabaseUnavailable,
+    LockTimeout,
+    StatementCancelled,
+)
 
 Connection: TypeAlias = "psycopg.Connection[Any]"
 _Class = TypeVar("_Class", bound=type)
@@ -47,6 +53,8 @@ def translated(doing: str = "") -> Iterator[None]:
         cause = getattr(exc, "orig", exc)
         if isinstance(cause, psycopg.errors.QueryCanceled):  # an OperationalError too: callers may tell it apart
             raise StatementCancelled(f"{doing or 'PostgreSQL'}: {first_line(cause)}") from exc
+        if isinstance(cause, psycopg.errors.LockNotAvailable):  # the same
+            raise LockTimeout(f"{doing or 'PostgreSQL'}: {first_line(cause)}") from exc
         if isinstance(cause, psycopg.OperationalError):
             raise DatabaseUnavailable(f"{doing or 'PostgreSQL'}: {first_line(cause)}") from exc
         if isinstance(cause, psycopg.Error):

@@ -68,12 +68,12 @@ def test_a_slow_snapshot_is_not_repeated_until_it_is_a_small_share_of_the_time(m
     assert 1 <= len(taken) <= 3, taken
     assert all(later - earlier >= 0.02 / daemon.BACKLOG_BUDGET for earlier, later in itertools.pairwise(taken))
     # and without parallel workers, which would take the lanes' cores
-    assert relay._monitor.conn is not None and relay._monitor.conn.statements[0] == daemon.MONITOR_SESSION
+    assert relay._monitor.conn is not None and relay._monitor.conn.statements[0] == daemon.monitor.session()
 
 
 def test_a_measurement_the_database_refuses_or_cancels_is_a_warning_not_a_job_error(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The monitor session bounds its statements (MONITOR_SESSION): a statement left running would hold back
+    """The monitor session bounds its statements (monitor.session()): a statement left running would hold back
     vacuum of the tables every claim walks (seen in the retention bench: one ran 13 minutes). A cancelled one
     is said once, and the measurement is tried again later."""
     def cancelled(conn: FakeConnection, **kwargs: Any) -> Snapshot:
@@ -84,7 +84,7 @@ def test_a_measurement_the_database_refuses_or_cancels_is_a_warning_not_a_job_er
     relay._monitor = FakeHeld(relay._monitor.session)  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="outbox_relay.daemon"):
         relay._measure_backlog()
-    assert "statement_timeout = 60000" in daemon.MONITOR_SESSION
+    assert "statement_timeout = 60000" in relay._monitor.session
     [message] = [r.getMessage() for r in caplog.records]
     assert message.startswith("backlog not measured: PostgreSQL refused: canceling statement due to statement timeout;")
     assert message.endswith("the backlog gauges keep their last values until the next try in 0 s")  # 10 ms interval

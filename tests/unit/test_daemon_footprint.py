@@ -103,3 +103,12 @@ def test_the_command_names_a_bad_schema_or_table_name_in_one_line(variable: str)
     assert result.stderr.splitlines() == [
         f"outbox-relay: {variable}='Orders-Outbox' is not a plain lower-case SQL identifier ([a-z_][a-z0-9_]*, max 63)"
     ]
+
+
+def test_a_bad_schema_name_is_one_line_from_python_dash_m() -> None:
+    """OUTBOX_SCHEMA is read when the models are imported, before the CLI's error handling exists."""
+    result = subprocess.run([sys.executable, "-m", "outbox_relay", "status"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "OUTBOX_SCHEMA": "bad name;"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == ("outbox-relay: OUTBOX_SCHEMA='bad name;' is not a plain lower-case SQL"
+                                     " identifier ([a-z_][a-z0-9_]*, max 63)")
