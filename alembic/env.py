@@ -41,7 +41,7 @@ def run_migrations_online() -> None:
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
     # `outbox-relay migrate --lock-timeout`: a statement queued for a table lock makes every later
-    # writer of that table queue behind it, so it gives up (the whole history is one transaction).
+    # writer of that table queue behind it, so it gives up; run again, each revision carries on from there.
     lock_timeout_ms = config.attributes.get("lock_timeout_ms")
     if lock_timeout_ms:
         connection.execute(text(f"SET lock_timeout = {int(lock_timeout_ms)}"))

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--yes", action="store_true",
                          help="confirm a downgrade that drops the outbox tables and every event in them")
     migrate.add_argument("--lock-timeout", type=_seconds, default=10.0, metavar="SECONDS",
-                         help="give up, changing nothing, rather than wait longer for a table lock: while a"
+                         help="give up (run it again later) rather than wait longer for a table lock: while a"
                               " migration waits for one, every writer of that table waits behind it (default 10)")
 
     run = command("run", "run the relay daemon")

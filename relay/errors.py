@@ -79,7 +79,7 @@ class LockTimeout(DatabaseUnavailable):
 
 
 class MigrationBlocked(ConnectionTrouble):
-    """A migration gave up waiting for a table lock another session holds; it changed nothing."""
+    """A migration gave up waiting for a table lock another session holds; running it again carries on."""
 
 
 class BrokerUnavailable(ConnectionTrouble):
