@@ -350,7 +350,7 @@ def test_a_broker_that_cannot_run_transactions_is_reported_and_waited_for(
             return s.connect_ex(("127.0.0.1", port)) == 0
 
     java = shutil.which("java")
-    jars = ROOT / ".services" / "kafka" / "jars"
+    jars = Path(os.environ.get("OUTBOX_SERVICES_DIR", ROOT / ".services")) / "kafka" / "jars"  # as scripts/services
     assert java and jars.is_dir(), "the local Kafka jars are missing: run `scripts/services up` first"
     port, controller = free_port(), free_port()
     config = tmp_path / "server.properties"
