@@ -80,8 +80,8 @@ def create_topic(partitions: int = 6) -> str:
 
 def drop_topics() -> None:
     """Delete the topics the bench made (its events, and the progress topics of its relays): left behind,
-    they added ~10 GB and 200 partitions per run, and a broker carrying 21 GB over 1,800 partitions from
-    earlier runs spent a third of a core at rest and slowed every system measured after it."""
+    they piled up (21 GB over 1,800 partitions after a few days of runs), and such a broker spent a third
+    of a core at rest and slowed every system measured after it."""
     client = kafkatools.admin()
     names = [name for name in client.list_topics(timeout=30).topics
              if name.startswith(("bench-", "outbox-relay.bench_"))]
