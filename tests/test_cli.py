@@ -159,6 +159,16 @@ def test_status_answers_within_its_timeout_while_a_lock_blocks_the_outbox(engine
     assert cli(database_url, *command, "--timeout", "2").returncode == 0  # the lock gone, it answers
 
 
+def test_a_timeout_below_a_millisecond_still_bounds_the_wait(engine: Engine, database_url: str) -> None:
+    """PostgreSQL counts its timeouts in whole milliseconds, and 0 means no timeout at all: rounded down,
+    `--timeout 0.0004` waited for as long as the lock was held."""
+    with psycopg.connect(conninfo(database_url)) as blocker:
+        blocker.execute(f"LOCK TABLE {EVENTS}, {UNSENT} IN ACCESS EXCLUSIVE MODE")
+        result = cli(database_url, "status", "--timeout", "0.0004", timeout=45)
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE, result.stderr
+    assert one_line(result) == "outbox-relay: PostgreSQL did not answer within 0.0004s (--timeout)"
+
+
 def test_a_closed_pipe_ends_quietly(engine: Engine, database_url: str) -> None:
     with engine.begin() as conn:
         for n in range(5):
@@ -205,6 +215,17 @@ def test_migrate_gives_up_on_a_lock_held_by_a_long_transaction_and_names_it(empt
                            f" (held by pid {pid} (billing, idle in transaction for "), line
     assert cli(empty_database_url, "status").returncode == cli_module.EXIT_SCHEMA  # still behind: nothing changed
     assert cli(empty_database_url, "migrate", "--lock-timeout", "2").returncode == 0  # the transaction gone
+
+
+def test_a_lock_timeout_below_a_millisecond_still_gives_up(empty_database_url: str) -> None:
+    """Rounded down to 0 ms, `--lock-timeout 0.0004` set no lock timeout at all: migrate waited for ever."""
+    assert cli(empty_database_url, "migrate", "--revision", "0008_claim_indexes").returncode == 0
+    with psycopg.connect(conninfo(empty_database_url), application_name="billing") as app:
+        app.execute(f"INSERT INTO {EVENTS} (topic, key, value) VALUES ('orders', 'k', 'v')")  # left open
+        result = cli(empty_database_url, "migrate", "--lock-timeout", "0.0004", timeout=45)
+        app.rollback()
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE, result.stderr
+    assert "migrate gave up waiting 0.0004s for a lock on the outbox's tables" in result.stderr.strip().splitlines()[-1]
 
 
 def test_downgrade_to_base_needs_confirmation(engine: Engine, database_url: str) -> None:
