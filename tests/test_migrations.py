@@ -248,6 +248,44 @@ def test_migrations_that_index_the_events_table_never_block_its_writers(empty_da
     assert _diff(empty_database_url) == []
 
 
+def test_an_index_built_concurrently_outwaits_migrates_lock_timeout(empty_database_url: str) -> None:
+    """CREATE INDEX CONCURRENTLY waits for every older snapshot in the database (a pg_dump, a report on
+    another table) and blocks no writer meanwhile. Under `migrate --lock-timeout` it gave up instead, named
+    nobody (the snapshot's holder locks no outbox table) and left an INVALID index that the next run's
+    IF NOT EXISTS kept."""
+    migrate.upgrade(empty_database_url, "0003_commit_notify", lanes=2)
+    failures: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            migrate.upgrade(empty_database_url, "0008_claim_indexes", lock_timeout=0.5)
+        except BaseException as exc:  # the assertion below names it
+            failures.append(exc)
+
+    with psycopg.connect(conninfo(empty_database_url), application_name="pg_dump") as backup:
+        backup.execute("CREATE TABLE public.ledger (id int)")
+        backup.commit()
+        backup.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        backup.execute("SELECT count(*) FROM public.ledger")  # its snapshot stays until it commits
+        migration = threading.Thread(target=upgrade, daemon=True)
+        migration.start()
+        with psycopg.connect(conninfo(empty_database_url), autocommit=True) as observer:
+            wait_until(lambda: observer.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%%'"
+                " AND wait_event_type = 'Lock' AND datname = current_database()").fetchone()[0], 30,
+                "the index build to wait for the old snapshot")
+        migration.join(2)  # four times the lock timeout: before the fix it had given up by now
+        backup.commit()
+    migration.join(60)
+    assert not migration.is_alive() and failures == []
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT i.indisvalid",
+            (SCHEMA,)).fetchall() == []
+    assert _diff_from_models_at(empty_database_url, "0008_claim_indexes") == []
+
+
 def test_the_inbox_has_its_own_history_in_a_database_without_an_outbox(empty_database_url: str) -> None:
     """The consumer inbox migrates a database that has no outbox, leaves no drift from its models, and its
     version table is its own: the outbox's history (and its head check) never sees it."""
