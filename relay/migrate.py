@@ -58,7 +58,7 @@ def _lock_wait_named(database_url: str, lock_timeout: float | None) -> Iterator[
             yield
     except LockTimeout:
         with connect(database_url, "outbox-relay migrate") as conn:
-            holders = catalog.lock_holders(conn)
+            holders = catalog.lock_holders(conn, waited_s=lock_timeout or 0.0)
         waited = f" {lock_timeout:g}s" if lock_timeout else ""
         raise MigrationBlocked(
             f"migrate gave up waiting{waited} for a lock on the outbox's tables (held by"

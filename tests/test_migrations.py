@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from outbox_relay import migrate
+from outbox_relay.db import catalog
 from outbox_relay.db.connection import connect, conninfo
 from outbox_relay.db.lanes import Store
 from outbox_relay.errors import MigrationBlocked
@@ -30,7 +32,7 @@ from outbox_relay.models import (
     UNSENT_TABLE,
     metadata,
 )
-from tests.pgtools import EVENT_STATES, EVENTS, SETTINGS, create_database, drop_database
+from tests.pgtools import EVENT_STATES, EVENTS, LANES, SETTINGS, create_database, drop_database, scratch_database
 from tests.relaytools import cli, wait_until
 
 
@@ -284,6 +286,25 @@ def test_an_index_built_concurrently_outwaits_migrates_lock_timeout(empty_databa
             " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT i.indisvalid",
             (SCHEMA,)).fetchall() == []
     assert _diff_from_models_at(empty_database_url, "0008_claim_indexes") == []
+
+
+def test_migrate_names_only_sessions_that_can_have_blocked_it(template_database: str, database_url: str) -> None:
+    """Databases cloned from one template share their tables' oids: a lock in a sibling clone looked like
+    one on this outbox. And a transaction younger than the wait cannot be what migrate waited for: a
+    conflicting request queues behind migrate's (a relay's lane, busy at that moment, is not a blocker)."""
+    with scratch_database("outbox_sibling", template_database) as sibling, \
+            psycopg.connect(conninfo(sibling), application_name="sibling") as other, \
+            psycopg.connect(conninfo(database_url), application_name="billing") as blocker, \
+            psycopg.connect(conninfo(database_url), application_name="outbox-relay lane 0") as busy, \
+            connect(database_url, "outbox-relay migrate") as conn:
+        other.execute(f"LOCK TABLE {EVENTS} IN ACCESS SHARE MODE")
+        blocker.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('t')")  # left open
+        pid = blocker.info.backend_pid
+        time.sleep(1.5)  # the wait, longer than the lock timeout below
+        busy.execute(f"SELECT count(*) FROM {LANES}")  # a transaction begun while migrate waited
+        [holder] = catalog.lock_holders(conn, waited_s=1.0)
+        assert holder.startswith(f"pid {pid} (billing, idle in transaction for "), holder
+        assert len(catalog.lock_holders(conn)) == 2  # without a wait to go by: every holder here
 
 
 def test_the_inbox_has_its_own_history_in_a_database_without_an_outbox(empty_database_url: str) -> None:
