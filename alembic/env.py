@@ -4,7 +4,9 @@ The version table lives in the outbox schema under its own name, so this history
 collides with an application's own ``alembic_version``.
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from sqlalchemy import create_engine, pool, text
 
@@ -51,8 +53,27 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(connection=connection, target_metadata=metadata,
                       version_table=VERSION_TABLE, version_table_schema=SCHEMA, include_schemas=True,
                       include_name=lambda name, type_, parent: type_ != "schema" or name in (None, SCHEMA))
+    if lock_timeout_ms:
+        _autocommit_blocks_wait(context.get_context(), int(lock_timeout_ms))
     with context.begin_transaction():
         context.run_migrations()
+
+
+def _autocommit_blocks_wait(migration, lock_timeout_ms: int) -> None:  # type: ignore[no-untyped-def]
+    """A statement outside the migration's transaction (CREATE INDEX CONCURRENTLY, 0009's copy of the
+    sent history) blocks no writer while it waits, so it waits, as it did before --lock-timeout. Given up,
+    CONCURRENTLY (which waits for every older snapshot in the database, a pg_dump's too) left an INVALID
+    index behind, which the next run's IF NOT EXISTS kept."""
+    autocommit_block = migration.autocommit_block
+
+    @contextlib.contextmanager
+    def waiting_autocommit_block() -> Iterator[None]:
+        with autocommit_block():
+            migration.connection.execute(text("RESET lock_timeout"))  # the session's own setting
+            yield
+            migration.connection.execute(text(f"SET lock_timeout = {lock_timeout_ms}"))
+
+    migration.autocommit_block = waiting_autocommit_block
 
 
 if context.is_offline_mode():

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "the backlog per topic and lane, and who owns the lanes")
     _add_settings(status, only=[*_DB_ONLY, "failed_key_policy"])
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted")
+    status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="refresh every SECONDS until interrupted")
     status.add_argument("--max-age", type=float, metavar="SECONDS",
                         help=f"exit {EXIT_THRESHOLD} if the oldest claimable event is older")
     status.add_argument("--max-pending", type=int, help=f"exit {EXIT_THRESHOLD} if more events are pending")
@@ -392,7 +392,15 @@ def _status(args: argparse.Namespace) -> int:
     settings = _settings(args, kafka=False)
     with _connect(settings) as conn:
         while True:
-            snap = _measure(conn, args.timeout, hold=settings.failed_key_policy == "hold")
+            try:
+                snap = _measure(conn, args.timeout, hold=settings.failed_key_policy == "hold")
+            except StatementCancelled as exc:
+                if not args.watch:
+                    raise
+                # Someone is watching, often while a migration holds a lock: say so and look again.
+                print(f"outbox-relay: {exc}; looking again in {args.watch:g}s", file=sys.stderr, flush=True)
+                time.sleep(args.watch)
+                continue
             breaches = _breaches(args, snap)
             if args.json:
                 print(json.dumps({**snap.to_json(), "breaches": breaches}, indent=2))

@@ -11,7 +11,7 @@ from alembic.config import Config
 
 from alembic import command
 from outbox_relay.db import catalog
-from outbox_relay.db.connection import Connection, connect, translated
+from outbox_relay.db.connection import Connection, connect, milliseconds, translated
 from outbox_relay.errors import ConfigurationError, LockTimeout, MigrationBlocked
 
 
@@ -32,7 +32,7 @@ def alembic_config(database_url: str, *, lanes: int | None = None, lock_timeout:
     if lanes is not None:
         config.attributes["lanes"] = lanes
     if lock_timeout is not None:
-        config.attributes["lock_timeout_ms"] = round(lock_timeout * 1000)
+        config.attributes["lock_timeout_ms"] = milliseconds(lock_timeout)
     return config
 
 
@@ -58,7 +58,7 @@ def _lock_wait_named(database_url: str, lock_timeout: float | None) -> Iterator[
             yield
     except LockTimeout:
         with connect(database_url, "outbox-relay migrate") as conn:
-            holders = catalog.lock_holders(conn)
+            holders = catalog.lock_holders(conn, waited_s=lock_timeout or 0.0)
         waited = f" {lock_timeout:g}s" if lock_timeout else ""
         raise MigrationBlocked(
             f"migrate gave up waiting{waited} for a lock on the outbox's tables (held by"

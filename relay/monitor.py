@@ -17,7 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 from outbox_relay.db import monitor as queries
-from outbox_relay.db.connection import Connection
+from outbox_relay.db.connection import Connection, milliseconds
 from outbox_relay.db.lanes import Store
 
 DEFAULT_CAP = 1_000_000
@@ -27,7 +27,7 @@ def session(timeout_s: float = 60.0) -> str:
     """The SET statements of a connection that measures. No parallel workers: they would take the cores
     the lanes use, for an answer nobody waits for. A bound: a statement that runs on holds back vacuum
     of the tables the lanes walk, and an on-call script waiting on it learns nothing."""
-    return f"SET max_parallel_workers_per_gather = 0; SET statement_timeout = {round(timeout_s * 1000)}"
+    return f"SET max_parallel_workers_per_gather = 0; SET statement_timeout = {milliseconds(timeout_s)}"
 
 
 @dataclasses.dataclass

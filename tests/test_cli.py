@@ -21,7 +21,7 @@ from outbox_relay.db.names import NOTIFY_TRIGGER, VERSION_TABLE, lane_index_name
 from outbox_relay.migrate import script_location
 from outbox_relay.models import SCHEMA
 from tests.pgtools import EVENTS, UNSENT, set_state_sql, url_for
-from tests.relaytools import ROOT
+from tests.relaytools import ROOT, wait_until
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
 COMMANDS = [["status"], ["status", "--json"], ["failed", "list"], ["failed", "retry", "--all"],
@@ -159,6 +159,41 @@ def test_status_answers_within_its_timeout_while_a_lock_blocks_the_outbox(engine
     assert cli(database_url, *command, "--timeout", "2").returncode == 0  # the lock gone, it answers
 
 
+def test_a_timeout_below_a_millisecond_still_bounds_the_wait(engine: Engine, database_url: str) -> None:
+    """PostgreSQL counts its timeouts in whole milliseconds, and 0 means no timeout at all: rounded down,
+    `--timeout 0.0004` waited for as long as the lock was held."""
+    with psycopg.connect(conninfo(database_url)) as blocker:
+        blocker.execute(f"LOCK TABLE {EVENTS}, {UNSENT} IN ACCESS EXCLUSIVE MODE")
+        result = cli(database_url, "status", "--timeout", "0.0004", timeout=45)
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE, result.stderr
+    assert one_line(result) == "outbox-relay: PostgreSQL did not answer within 0.0004s (--timeout)"
+
+
+def test_a_watch_says_postgresql_did_not_answer_and_watches_on(database_url: str, tmp_path: Path) -> None:
+    """`status --watch` is someone watching, often while a migration holds a lock: the watch says it got no
+    answer and looks again, instead of ending at the first lock held longer than --timeout."""
+    out, err = tmp_path / "out", tmp_path / "err"
+    with psycopg.connect(conninfo(database_url)) as blocker, open(out, "w") as stdout, open(err, "w") as stderr:
+        blocker.execute(f"LOCK TABLE {EVENTS}, {UNSENT} IN ACCESS EXCLUSIVE MODE")
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "outbox_relay", "status", "--watch", "0.2", "--timeout", "0.5",
+             "--database-url", database_url], stdout=stdout, stderr=stderr, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_until(lambda: "did not answer within 0.5s" in err.read_text() or watch.poll() is not None, 30,
+                       "the watch to say PostgreSQL did not answer")
+            blocker.rollback()
+            wait_until(lambda: "all topics" in out.read_text() or watch.poll() is not None, 30,
+                       "the watch to show the outbox once the lock is gone")
+            assert watch.poll() is None, err.read_text()
+            assert "all topics" in out.read_text()
+            assert err.read_text().splitlines()[0] == (
+                "outbox-relay: PostgreSQL did not answer within 0.5s (--timeout); looking again in 0.2s")
+        finally:
+            watch.terminate()
+            watch.wait(30)
+
+
 def test_a_closed_pipe_ends_quietly(engine: Engine, database_url: str) -> None:
     with engine.begin() as conn:
         for n in range(5):
@@ -205,6 +240,17 @@ def test_migrate_gives_up_on_a_lock_held_by_a_long_transaction_and_names_it(empt
                            f" (held by pid {pid} (billing, idle in transaction for "), line
     assert cli(empty_database_url, "status").returncode == cli_module.EXIT_SCHEMA  # still behind: nothing changed
     assert cli(empty_database_url, "migrate", "--lock-timeout", "2").returncode == 0  # the transaction gone
+
+
+def test_a_lock_timeout_below_a_millisecond_still_gives_up(empty_database_url: str) -> None:
+    """Rounded down to 0 ms, `--lock-timeout 0.0004` set no lock timeout at all: migrate waited for ever."""
+    assert cli(empty_database_url, "migrate", "--revision", "0008_claim_indexes").returncode == 0
+    with psycopg.connect(conninfo(empty_database_url), application_name="billing") as app:
+        app.execute(f"INSERT INTO {EVENTS} (topic, key, value) VALUES ('orders', 'k', 'v')")  # left open
+        result = cli(empty_database_url, "migrate", "--lock-timeout", "0.0004", timeout=45)
+        app.rollback()
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE, result.stderr
+    assert "migrate gave up waiting 0.0004s for a lock on the outbox's tables" in result.stderr.strip().splitlines()[-1]
 
 
 def test_downgrade_to_base_needs_confirmation(engine: Engine, database_url: str) -> None:

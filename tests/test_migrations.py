@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from outbox_relay import migrate
+from outbox_relay.db import catalog
 from outbox_relay.db.connection import connect, conninfo
 from outbox_relay.db.lanes import Store
 from outbox_relay.errors import MigrationBlocked
@@ -30,7 +32,7 @@ from outbox_relay.models import (
     UNSENT_TABLE,
     metadata,
 )
-from tests.pgtools import EVENT_STATES, EVENTS, SETTINGS, create_database, drop_database
+from tests.pgtools import EVENT_STATES, EVENTS, LANES, SETTINGS, create_database, drop_database, scratch_database
 from tests.relaytools import cli, wait_until
 
 
@@ -246,6 +248,63 @@ def test_migrations_that_index_the_events_table_never_block_its_writers(empty_da
         migration.join(60)
     assert not migration.is_alive()
     assert _diff(empty_database_url) == []
+
+
+def test_an_index_built_concurrently_outwaits_migrates_lock_timeout(empty_database_url: str) -> None:
+    """CREATE INDEX CONCURRENTLY waits for every older snapshot in the database (a pg_dump, a report on
+    another table) and blocks no writer meanwhile. Under `migrate --lock-timeout` it gave up instead, named
+    nobody (the snapshot's holder locks no outbox table) and left an INVALID index that the next run's
+    IF NOT EXISTS kept."""
+    migrate.upgrade(empty_database_url, "0003_commit_notify", lanes=2)
+    failures: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            migrate.upgrade(empty_database_url, "0008_claim_indexes", lock_timeout=0.5)
+        except BaseException as exc:  # the assertion below names it
+            failures.append(exc)
+
+    with psycopg.connect(conninfo(empty_database_url), application_name="pg_dump") as backup:
+        backup.execute("CREATE TABLE public.ledger (id int)")
+        backup.commit()
+        backup.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        backup.execute("SELECT count(*) FROM public.ledger")  # its snapshot stays until it commits
+        migration = threading.Thread(target=upgrade, daemon=True)
+        migration.start()
+        with psycopg.connect(conninfo(empty_database_url), autocommit=True) as observer:
+            wait_until(lambda: observer.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%%'"
+                " AND wait_event_type = 'Lock' AND datname = current_database()").fetchone()[0], 30,
+                "the index build to wait for the old snapshot")
+        migration.join(2)  # four times the lock timeout: before the fix it had given up by now
+        backup.commit()
+    migration.join(60)
+    assert not migration.is_alive() and failures == []
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT i.indisvalid",
+            (SCHEMA,)).fetchall() == []
+    assert _diff_from_models_at(empty_database_url, "0008_claim_indexes") == []
+
+
+def test_migrate_names_only_sessions_that_can_have_blocked_it(template_database: str, database_url: str) -> None:
+    """Databases cloned from one template share their tables' oids: a lock in a sibling clone looked like
+    one on this outbox. And a transaction younger than the wait cannot be what migrate waited for: a
+    conflicting request queues behind migrate's (a relay's lane, busy at that moment, is not a blocker)."""
+    with scratch_database("outbox_sibling", template_database) as sibling, \
+            psycopg.connect(conninfo(sibling), application_name="sibling") as other, \
+            psycopg.connect(conninfo(database_url), application_name="billing") as blocker, \
+            psycopg.connect(conninfo(database_url), application_name="outbox-relay lane 0") as busy, \
+            connect(database_url, "outbox-relay migrate") as conn:
+        other.execute(f"LOCK TABLE {EVENTS} IN ACCESS SHARE MODE")
+        blocker.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('t')")  # left open
+        pid = blocker.info.backend_pid
+        time.sleep(1.5)  # the wait, longer than the lock timeout below
+        busy.execute(f"SELECT count(*) FROM {LANES}")  # a transaction begun while migrate waited
+        [holder] = catalog.lock_holders(conn, waited_s=1.0)
+        assert holder.startswith(f"pid {pid} (billing, idle in transaction for "), holder
+        assert len(catalog.lock_holders(conn)) == 2  # without a wait to go by: every holder here
 
 
 def test_the_inbox_has_its_own_history_in_a_database_without_an_outbox(empty_database_url: str) -> None:

@@ -74,14 +74,18 @@ def managed_revision(conn: Connection) -> tuple[bool, str | None]:
 
 
 @translated()
-def lock_holders(conn: Connection) -> list[str]:
+def lock_holders(conn: Connection, waited_s: float = 0.0) -> list[str]:
     """Other sessions holding a lock on a table of the outbox's schema, oldest transaction first:
-    'pid 4242 (billing, idle in transaction for 95s)'."""
+    'pid 4242 (billing, idle in transaction for 95s)'. After a wait of ``waited_s`` for a lock, only
+    transactions at least that old: a conflicting request made meanwhile queued behind the waiter."""
     rows = conn.execute(
         "SELECT DISTINCT a.pid, a.application_name, a.state, extract(epoch FROM now() - a.xact_start)"
         " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace"
         " JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE n.nspname = %s AND l.granted AND l.pid <> pg_backend_pid() ORDER BY 4 DESC NULLS LAST",
-        (SCHEMA,)).fetchall()
+        # A clone of the same template has the same oids: only this database's locks.
+        " WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND n.nspname = %s AND l.granted AND l.pid <> pg_backend_pid()"
+        " AND a.xact_start <= now() - make_interval(secs => %s) ORDER BY 4 DESC",
+        (SCHEMA, waited_s)).fetchall()
     return [f"pid {pid} ({name or 'no application_name'}, {state or 'state unknown'}"
             + (f" for {age:.0f}s)" if age is not None else ")") for pid, name, state, age in rows]

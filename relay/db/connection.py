@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 import sys
 import threading
@@ -38,6 +39,11 @@ def first_line(exc: BaseException) -> str:
     """libpq's message without its framing: 'connection to server at ... failed: FATAL:  database "x" ...'."""
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return line.rsplit(" failed: ", 1)[-1].replace("FATAL:  ", "").strip()
+
+
+def milliseconds(seconds: float) -> int:
+    """A PostgreSQL timeout setting (whole milliseconds) for ``seconds``, rounded up: 0 would mean none."""
+    return max(1, math.ceil(round(seconds * 1000, 6)))
 
 
 @contextlib.contextmanager
