@@ -229,6 +229,13 @@ def _diff_from_models_at(url: str, revision: str) -> list[object]:
         drop_database(name)
 
 
+def _index_builds_waiting(conn: psycopg.Connection[Any]) -> int:
+    """CREATE INDEX statements of this database waiting for a lock (an older transaction or snapshot)."""
+    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%%'"
+                       " AND wait_event_type = 'Lock' AND datname = current_database()").fetchone()
+    return int(row[0]) if row else 0
+
+
 def test_migrations_that_index_the_events_table_never_block_its_writers(empty_database_url: str) -> None:
     """A writer's transaction is open while the migration runs: a plain CREATE INDEX would queue behind it
     and every later writer behind the CREATE INDEX. Built CONCURRENTLY, later writers go on."""
@@ -238,10 +245,7 @@ def test_migrations_that_index_the_events_table_never_block_its_writers(empty_da
         migration = threading.Thread(target=migrate.upgrade, args=(empty_database_url, "head"), daemon=True)
         migration.start()
         with psycopg.connect(conninfo(empty_database_url), autocommit=True) as later_writer:
-            wait_until(lambda: later_writer.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%%'"
-                " AND wait_event IS NOT NULL AND datname = current_database()").fetchone()[0], 30,
-                "the migration to wait for the open writer")
+            wait_until(lambda: _index_builds_waiting(later_writer), 30, "the migration to wait for the open writer")
             later_writer.execute("SET lock_timeout = '2s'")
             later_writer.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('t')")  # LockNotAvailable if blocked
         open_writer.commit()
@@ -272,10 +276,7 @@ def test_an_index_built_concurrently_outwaits_migrates_lock_timeout(empty_databa
         migration = threading.Thread(target=upgrade, daemon=True)
         migration.start()
         with psycopg.connect(conninfo(empty_database_url), autocommit=True) as observer:
-            wait_until(lambda: observer.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%%'"
-                " AND wait_event_type = 'Lock' AND datname = current_database()").fetchone()[0], 30,
-                "the index build to wait for the old snapshot")
+            wait_until(lambda: _index_builds_waiting(observer), 30, "the index build to wait for the old snapshot")
         migration.join(2)  # four times the lock timeout: before the fix it had given up by now
         backup.commit()
     migration.join(60)
