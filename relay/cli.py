@@ -104,6 +104,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    """--timeout of the commands that measure the outbox (status, lanes show)."""
+    parser.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                        help=f"exit {EXIT_UNAVAILABLE} if PostgreSQL has not answered within SECONDS (default 60)")
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -158,16 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"exit {EXIT_THRESHOLD} if the oldest claimable event is older")
     status.add_argument("--max-pending", type=int, help=f"exit {EXIT_THRESHOLD} if more events are pending")
     status.add_argument("--max-failed", type=int, help=f"exit {EXIT_THRESHOLD} if more events have failed")
-    status.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
-                        help=f"exit {EXIT_UNAVAILABLE} if PostgreSQL has not answered within SECONDS (default 60)")
+    _add_timeout(status)
 
     lanes = commands.add_parser("lanes", help="show the lanes, or change their number")
     lanes_commands = lanes.add_subparsers(dest="lanes_command", required=True, metavar="ACTION")
     lanes_show = command("show", "lane count, owners and live instances", lanes_commands)
     _add_settings(lanes_show, only=_DB_ONLY)
     lanes_show.add_argument("--json", action="store_true", help="print JSON for scripts")
-    lanes_show.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
-                            help=f"exit {EXIT_UNAVAILABLE} if PostgreSQL has not answered within SECONDS (default 60)")
+    _add_timeout(lanes_show)
     lanes_set = command(
         "set", "change the lane count (takes every lane first, so no two counts are ever live at once)", lanes_commands)
     lanes_set.add_argument("count", type=int, help="the new number of lanes (1-1024)")

@@ -23,7 +23,7 @@ from outbox_relay.db.lanes import Store
 DEFAULT_CAP = 1_000_000
 
 
-def session(timeout_s: float = 60.0) -> str:
+def session(timeout_s: float) -> str:
     """The SET statements of a connection that measures. No parallel workers: they would take the cores
     the lanes use, for an answer nobody waits for. A bound: a statement that runs on holds back vacuum
     of the tables the lanes walk, and an on-call script waiting on it learns nothing."""

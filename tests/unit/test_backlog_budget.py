@@ -68,12 +68,13 @@ def test_a_slow_snapshot_is_not_repeated_until_it_is_a_small_share_of_the_time(m
     assert 1 <= len(taken) <= 3, taken
     assert all(later - earlier >= 0.02 / daemon.BACKLOG_BUDGET for earlier, later in itertools.pairwise(taken))
     # and without parallel workers, which would take the lanes' cores
-    assert relay._monitor.conn is not None and relay._monitor.conn.statements[0] == daemon.monitor.session()
+    assert relay._monitor.conn is not None
+    assert relay._monitor.conn.statements[0] == daemon.monitor.session(daemon.MONITOR_TIMEOUT_S)
 
 
 def test_a_measurement_the_database_refuses_or_cancels_is_a_warning_not_a_job_error(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The monitor session bounds its statements (monitor.session()): a statement left running would hold back
+    """The monitor session bounds its statements (monitor.session): a statement left running would hold back
     vacuum of the tables every claim walks (seen in the retention bench: one ran 13 minutes). A cancelled one
     is said once, and the measurement is tried again later."""
     def cancelled(conn: FakeConnection, **kwargs: Any) -> Snapshot:
