@@ -31,7 +31,10 @@ already has an Alembic history adds one revision of its own instead::
         drop_scale_out_v2()
         drop_outbox_v1()
 
-Each function is frozen once released: later schema changes get new functions.
+Each function is frozen once released: later schema changes get new functions. Each can run again
+after an interrupted run: one revision that calls them all commits part-way (a step that builds an
+index CONCURRENTLY commits what came before it) and has no version stamp until its end, so the next run
+starts from ``create_outbox_v1`` again; every step skips what is already there.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def create_outbox_v1(lanes: int = 4) -> None:
     """Create the outbox schema, the events table and the relay's state tables."""
     if not 1 <= lanes <= 1024:
         raise ValueError(f"lanes must be between 1 and 1024, got {lanes}")
+    if _has_table(EVENTS_TABLE):  # committed by an earlier run that stopped later on
+        return
     op.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
     op.create_table(
         EVENTS_TABLE,
@@ -127,6 +132,8 @@ def drop_outbox_v1() -> None:
 
 def add_scale_out_v2() -> None:
     """Relay instances register themselves (to share lanes); lane-count changes are announced."""
+    if _has_table(INSTANCES_TABLE):
+        return
     op.create_table(
         INSTANCES_TABLE,
         sa.Column("name", sa.Text, nullable=False),
@@ -152,6 +159,8 @@ def add_commit_notify_v3() -> None:
     Postgres folds identical notifications of one transaction into one, delivered at commit, so
     a transaction costs one notification however many events it writes.
     """
+    if _has_trigger(_NOTIFY_FUNCTION):
+        return
     op.execute(sa.text(
         f'''CREATE FUNCTION "{SCHEMA}"."{_NOTIFY_FUNCTION}"() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
@@ -176,6 +185,8 @@ def add_discarded_index_v4() -> None:
     Built CONCURRENTLY (outside the migration's transaction): the events table may be large and busy,
     and a plain CREATE INDEX would block every writer until it finished.
     """
+    if _state_moved():
+        return
     with op.get_context().autocommit_block():
         op.create_index(f"ix_{EVENTS_TABLE}_discarded", EVENTS_TABLE, ["created_at"], schema=SCHEMA,
                         postgresql_where=sa.text("state = 'discarded'"), postgresql_concurrently=True,
@@ -192,6 +203,8 @@ def add_lane_index_v5() -> None:
 
     Built CONCURRENTLY, as add_discarded_index_v4 is: writers go on while it is built.
     """
+    if _state_moved():
+        return
     if op.get_context().as_sql:  # offline (--sql): the count is only known to the database
         op.execute(sa.text(
             f"""DO $$ DECLARE n integer; BEGIN
@@ -227,6 +240,8 @@ def add_outbox_identity_v6() -> None:
     It is part of the default transactional.id prefix and progress topic and of every progress
     record: two outboxes whose databases share a name never fence or "recover" each other.
     """
+    if _has_column(SETTINGS_TABLE, "outbox_id"):  # an identity, once made, is kept
+        return
     op.add_column(SETTINGS_TABLE, sa.Column("outbox_id", postgresql.UUID(as_uuid=True), nullable=False,
                                             server_default=sa.text("gen_random_uuid()")), schema=SCHEMA)
 
@@ -237,6 +252,8 @@ def drop_outbox_identity_v6() -> None:
 
 def add_instance_sessions_v7() -> None:
     """Instances record their control session: a dead instance stops counting as soon as it is gone."""
+    if _has_column(INSTANCES_TABLE, "backend_pid"):
+        return
     op.add_column(INSTANCES_TABLE, sa.Column("backend_pid", sa.Integer, nullable=True), schema=SCHEMA)
 
 
@@ -256,6 +273,8 @@ def add_claim_indexes_v8() -> None:
     ready = "available_at <= created_at"  # frozen here: READY_PREDICATE in the models must stay equal
     delayed = (f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "ix_{EVENTS_TABLE}_delayed" ON "{SCHEMA}"."{EVENTS_TABLE}"'
                f" (available_at, id) WHERE state = 'pending' AND NOT ({ready})")
+    if _state_moved():
+        return
     if op.get_context().as_sql:  # offline (--sql): the count is only known to the database
         op.execute(sa.text(delayed.replace(" CONCURRENTLY", "")))
         op.execute(sa.text(
@@ -309,6 +328,8 @@ def add_unsent_table_v9() -> None:
     """
     events, unsent, sent = _v9_tables()
     trigger = f"{EVENTS_TABLE}_enqueue"
+    if _state_moved():
+        return  # done (the DROP below would lose every pending event)
     # The first part commits before the lock (the sent history is copied with writers going on): a run
     # stopped after it (a lock timeout, ^C while a writer's transaction was open) left these two
     # tables behind, still at 0008. Start over rather than fail with "already exists" for ever.
@@ -489,6 +510,8 @@ def add_idle_lanes_v11() -> None:
     writer role that may only insert events needs no grant on the idle lanes table.
     """
     idle = f'"{SCHEMA}"."{EVENTS_TABLE}_idle_lanes"'
+    if _has_table(f"{EVENTS_TABLE}_idle_lanes"):
+        return
     op.execute(sa.text(
         f'CREATE TABLE {idle} (lane smallint NOT NULL, since timestamptz NOT NULL DEFAULT now(),'
         f' CONSTRAINT "pk_{EVENTS_TABLE}_idle_lanes" PRIMARY KEY (lane))'
@@ -533,3 +556,32 @@ def _v9_ready_lane_index(table: str, prefix: str, where: str) -> None:
         EXECUTE format('CREATE INDEX %I ON {table} ((lane_key %% %s), id) WHERE {where}', '{prefix}' || n, n);
         END $$"""
     ))
+
+
+# Whether a step is already in the database. Offline (--sql) there is no database to ask: every step is
+# written out, as for an empty one.
+
+def _state_moved() -> bool:
+    """v9 is done: the events table has no state column. v4, v5 and v8 indexed it; v9 dropped those indexes."""
+    return _has_table(EVENTS_TABLE) and not _has_column(EVENTS_TABLE, "state")
+
+
+def _has_table(name: str) -> bool:
+    return _ask("SELECT to_regclass(:name) IS NOT NULL", name=f'"{SCHEMA}"."{name}"')
+
+
+def _has_column(table: str, column: str) -> bool:
+    return _ask("SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(:table)"
+                " AND attname = :column AND attnum > 0 AND NOT attisdropped)",
+                table=f'"{SCHEMA}"."{table}"', column=column)
+
+
+def _has_trigger(name: str) -> bool:
+    return _ask("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(:table) AND tgname = :name)",
+                table=f'"{SCHEMA}"."{EVENTS_TABLE}"', name=name)
+
+
+def _ask(query: str, **params: str) -> bool:
+    if op.get_context().as_sql:
+        return False
+    return bool(op.get_bind().execute(sa.text(query), params).scalar_one())

@@ -32,7 +32,17 @@ from outbox_relay.models import (
     UNSENT_TABLE,
     metadata,
 )
-from tests.pgtools import EVENT_STATES, EVENTS, LANES, SETTINGS, create_database, drop_database, scratch_database
+from tests.pgtools import (
+    EVENT_STATES,
+    EVENTS,
+    LANES,
+    SENT,
+    SETTINGS,
+    UNSENT,
+    create_database,
+    drop_database,
+    scratch_database,
+)
 from tests.relaytools import cli, wait_until
 
 
@@ -215,6 +225,26 @@ def test_an_upgrade_to_0009_interrupted_at_its_lock_runs_again(empty_database_ur
         assert conn.execute(f"SELECT id, state FROM {EVENT_STATES} ORDER BY id").fetchall() == [
             (1, "sent"), (2, "pending"), (3, "pending"), (4, "pending")]
     assert _diff(empty_database_url) == []
+
+
+def test_every_migration_function_run_again_on_a_complete_outbox_changes_nothing(empty_database_url: str) -> None:
+    """An application that adopts an outbox `migrate` made into its own history, or whose revision is run
+    again after it stopped part-way, calls every function on what is already there. 0009 would drop the
+    unsent table (every pending event) if it ran again; each function must skip what it finds done."""
+    migrate.upgrade(empty_database_url, lanes=2)
+    with psycopg.connect(conninfo(empty_database_url)) as conn:
+        conn.execute(f"INSERT INTO {EVENTS} (topic) SELECT 't' FROM generate_series(1, 3)")
+        conn.execute(f"DELETE FROM {UNSENT} WHERE id = 1")  # as a mark does
+        conn.execute(f"INSERT INTO {SENT} (first_id, last_id, ids) VALUES (1, 1, '{{1}}')")
+        outbox_id = conn.execute(f"SELECT outbox_id FROM {SETTINGS}").fetchone()
+        conn.execute(f'DELETE FROM "{SCHEMA}".outbox_relay_version')  # every revision runs again
+    before = _catalog(empty_database_url)
+    migrate.upgrade(empty_database_url, "head")
+    assert _catalog(empty_database_url) == before and _diff(empty_database_url) == []
+    with psycopg.connect(conninfo(empty_database_url)) as conn:
+        assert conn.execute(f"SELECT id, state FROM {EVENT_STATES} ORDER BY id").fetchall() == [
+            (1, "sent"), (2, "pending"), (3, "pending")]
+        assert conn.execute(f"SELECT outbox_id FROM {SETTINGS}").fetchone() == outbox_id
 
 
 def _diff_from_models_at(url: str, revision: str) -> list[object]:

@@ -388,6 +388,44 @@ def test_an_application_that_adopted_0_1_0_upgrades_with_the_readme_revision(
     assert "No new upgrade operations detected" in run(["alembic", "check"], app, env)
 
 
+# Appended to the README's revision: STOP_BEFORE=<function> makes the run fail where that function would
+# start, as ^C, a lost connection or a lock timeout would, with whatever it committed so far left behind.
+INTERRUPT = '''
+import os
+
+if os.environ.get("STOP_BEFORE"):
+    def _interrupted(*args, **kwargs):
+        raise RuntimeError(f"interrupted before {os.environ['STOP_BEFORE']}")
+
+    globals()[os.environ["STOP_BEFORE"]] = _interrupted
+'''
+
+
+def test_the_readme_revision_runs_again_after_an_interrupted_run(
+        venv: Venv, tmp_path: Path, empty_database_url: str, second_database: str) -> None:
+    """One revision calling every function commits part-way (each CONCURRENTLY index build commits what
+    came before it) and is stamped only at its end: the next run calls create_outbox_v1 again. Stopped
+    after each commit, a writer's event written meanwhile, the run is repeated until it is done: it must
+    make what `migrate` makes and keep every event."""
+    app = make_app(venv, tmp_path / "app", empty_database_url,
+                   [readme_python("### Using your own Alembic history") + INTERRUPT])
+    env = venv.env(PYTHONPATH=".")
+    run(["alembic", "upgrade", "0001"], app, env)
+    written = 0
+    for stop in ("add_lane_index_v5", "add_outbox_identity_v6", "add_unsent_table_v9",
+                 "add_autovacuum_settings_v10"):
+        failed = subprocess.run(["alembic", "upgrade", "head"], cwd=app, env={**env, "STOP_BEFORE": stop},
+                                capture_output=True, text=True, timeout=180)
+        assert failed.returncode != 0 and f"interrupted before {stop}" in failed.stderr, failed.stderr
+        with psycopg.connect(conninfo(empty_database_url)) as conn:  # the outbox exists: applications write
+            conn.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('orders')".encode())
+            written += 1
+    run(["alembic", "upgrade", "head"], app, env)
+    run(["outbox-relay", "migrate", "--lanes", "4", "--database-url", second_database], app, env)
+    assert outbox_schema(empty_database_url) == outbox_schema(second_database)
+    assert _pending(empty_database_url) == written == 4
+
+
 def _stdout(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
