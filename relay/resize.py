@@ -33,7 +33,9 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         raise OutboxError(f"the lane count must be between 1 and 1024, got {lanes}")
     store = Store()
     with connect(settings.database_url, "outbox-relay lanes") as conn:
-        store.create_lane_index(conn, lanes)
+        if store.create_lane_index(conn, lanes):
+            log.warning("rebuilt the lane index for %d lanes: an earlier change to %d stopped while building it"
+                        " and left it invalid", lanes, lanes, extra={"action": "resize_invalid_index"})
         if not store.begin_resize(conn, lanes):
             raise OutboxError("another lane-count change is under way; try again when it is done")
         state = store.outbox_state(conn)

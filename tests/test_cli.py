@@ -141,6 +141,27 @@ def test_unreachable_kafka_is_one_line(engine: Engine, database_url: str) -> Non
     assert "rdkafka" not in result.stderr and "init_transactions failed" in result.stderr.strip().splitlines()[-1]
 
 
+def test_lanes_set_rebuilds_a_lane_index_an_interrupted_change_left_invalid(engine: Engine, database_url: str) -> None:
+    """`lanes set 8` stopped while building its index (^C, a lost connection) leaves it INVALID: claims cannot
+    use it, writers maintain it, and CREATE INDEX IF NOT EXISTS kept it for the next `lanes set 8`."""
+    name = lane_index_name(8)
+    with engine.begin() as conn:
+        enqueue(conn, "orders", b"x", key="same")
+        enqueue(conn, "orders", b"y", key="same")
+    # A build that fails half-way leaves its index INVALID, as a stopped one does.
+    with psycopg.connect(conninfo(database_url), autocommit=True) as conn, \
+            pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute(f'CREATE UNIQUE INDEX CONCURRENTLY "{name}" ON {UNSENT} (lane_key)'.encode())
+    result = cli(database_url, "lanes", "set", "8")
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt the lane index for 8 lanes" in result.stderr
+    with psycopg.connect(conninfo(database_url)) as conn:
+        assert conn.execute("SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+                            " WHERE i.indexrelid = to_regclass(%s)", (f'"{SCHEMA}"."{name}"',)).fetchone() == (
+            True, f"CREATE INDEX {name} ON {UNSENT} USING btree (((lane_key % 8)), id)"
+                  " WHERE ((state = 'pending'::text) AND (due_at IS NULL))")
+
+
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["lanes", "show"]])
 def test_status_answers_within_its_timeout_while_a_lock_blocks_the_outbox(engine: Engine, database_url: str,
                                                                           command: list[str]) -> None:

@@ -114,13 +114,26 @@ class Store:
         return self._claims[lanes]
 
     @staticmethod
-    def create_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:
-        """The index each lane's claim walks, for this lane count (built without blocking writers)."""
+    def create_lane_index(conn: psycopg.Connection[Any], lanes: int) -> bool:
+        """The index each lane's claim walks, for this lane count (built without blocking writers).
+
+        True when an invalid index of that name was dropped first."""
+        # A build that was stopped (^C, a lost connection) leaves an INVALID index, which claims cannot use
+        # and writers still maintain, and which IF NOT EXISTS would keep for ever: drop it, unless another
+        # `lanes set` is building it right now.
+        leftover = conn.execute(
+            "SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass(%s)"
+            " AND NOT i.indisvalid AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p"
+            " WHERE p.index_relid = i.indexrelid)", (f'"{SCHEMA}"."{lane_index_name(lanes)}"',)).fetchone()
+        if leftover:
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(SCHEMA, lane_index_name(lanes))))
         conn.execute(sql.SQL(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {unsent} ((lane_key % {lanes}), id)"
             " WHERE state = 'pending' AND {ready}"
         ).format(name=sql.Identifier(lane_index_name(lanes)), unsent=_UNSENT, lanes=sql.Literal(int(lanes)),
                  ready=sql.SQL(READY_PREDICATE)))
+        return leftover is not None
 
     @staticmethod
     def drop_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:
