@@ -122,9 +122,10 @@ class Store:
         # and writers still maintain, and which IF NOT EXISTS would keep for ever: drop it, unless another
         # `lanes set` is building it right now.
         leftover = conn.execute(
-            "SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass(%s)"
-            " AND NOT i.indisvalid AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p"
-            " WHERE p.index_relid = i.indexrelid)", (f'"{SCHEMA}"."{lane_index_name(lanes)}"',)).fetchone()
+            "SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass(%s) AND NOT i.indisvalid"
+            " AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p"
+            " WHERE p.index_relid = i.indexrelid AND p.datname = current_database())",
+            (f'"{SCHEMA}"."{lane_index_name(lanes)}"',)).fetchone()
         if leftover:
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
                 sql.Identifier(SCHEMA, lane_index_name(lanes))))
