@@ -7,17 +7,21 @@
 4. Give the progress topic a partition per new lane, forget lanes that died asleep, store the count,
    let go; drop the old index.
 If this dies half-way, its connection (and the resize lock) goes with it and relays carry on
-with the old count; running the command again finishes the change.
+with the old count; running the command again finishes the change. If it hangs (stopped, frozen), relays
+end its session once it has shown no sign of life for their OUTBOX_INSTANCE_TIMEOUT: the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 
-from outbox_relay import progress
+from outbox_relay import faults, progress
 from outbox_relay.config import Settings
-from outbox_relay.db.connection import Connection, connect
+from outbox_relay.db.connection import Connection, connect, translated
 from outbox_relay.db.lanes import Store
 from outbox_relay.errors import DatabaseError, DatabaseUnavailable, OutboxError
 from outbox_relay.progress import LibrdkafkaLogger
@@ -38,37 +42,84 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
                         " and left it invalid", lanes, lanes, extra={"action": "resize_invalid_index"})
         if not store.begin_resize(conn, lanes):
             raise OutboxError("another lane-count change is under way; try again when it is done")
-        state = store.outbox_state(conn)
-        current, names = state.lane_count, settings.kafka_names(state.outbox_id)
-        log.info("changing the lane count from %d to %d: waiting for relays to release their lanes",
-                 current, lanes, extra={"action": "resize_start"})
-        waiting = set(range(current))
-        deadline = time.monotonic() + timeout
-        while waiting:
-            waiting = {lane for lane in waiting if not store.try_lock_lane(conn, lane)}
-            if waiting and time.monotonic() > deadline:
-                raise OutboxError(f"lanes {sorted(waiting)} were not released within {timeout:.0f}s; "
-                                  "is a relay of an older version running? Nothing was changed")
-            if waiting:
-                time.sleep(0.2)
-        recovered = 0
-        for lane in range(current):
-            scope = progress.Scope(state.outbox_id, lane, current)
-            publisher = LanePublisher.for_lane(settings, names, scope, logger=LibrdkafkaLogger(quiet=True))
-            try:
-                publisher.start()
-                recovered += recover(store, conn, publisher.committed_records(), scope)
-            finally:
-                publisher.close()
-        progress.ensure_topic(settings.producer_config(), names.progress_topic, lanes)
-        _forget_sleepers(store, conn)
-        store.finish_resize(conn, lanes)
+        with _showing_life(store, conn), _abandoned_if_lost(lanes):
+            current, recovered = _settle(settings, store, conn, lanes, timeout)
         for lane in range(current):
             store.release_lane_lock(conn, lane)
+        faults.hit("resize_finished")
         if current != lanes:
             store.drop_lane_index(conn, current)
     log.info("lane count is now %d (was %d)", lanes, current, extra={"action": "resize_done"})
     return current, recovered
+
+
+def _settle(settings: Settings, store: Store, conn: Connection, lanes: int, timeout: float) -> tuple[int, int]:
+    """Steps 1 to 4 under the resize lock, up to the new count stored; returns (old count, recovered)."""
+    state = store.outbox_state(conn)
+    current, names = state.lane_count, settings.kafka_names(state.outbox_id)
+    log.info("changing the lane count from %d to %d: waiting for relays to release their lanes",
+             current, lanes, extra={"action": "resize_start"})
+    faults.hit("resize_announced")
+    waiting = set(range(current))
+    deadline = time.monotonic() + timeout
+    while waiting:
+        waiting = {lane for lane in waiting if not store.try_lock_lane(conn, lane)}
+        if waiting and time.monotonic() > deadline:
+            raise OutboxError(f"lanes {sorted(waiting)} were not released within {timeout:.0f}s; "
+                              "is a relay of an older version running? Nothing was changed")
+        if waiting:
+            time.sleep(0.2)
+    faults.hit("resize_lanes_locked")
+    recovered = 0
+    for lane in range(current):
+        scope = progress.Scope(state.outbox_id, lane, current)
+        publisher = LanePublisher.for_lane(settings, names, scope, logger=LibrdkafkaLogger(quiet=True))
+        try:
+            publisher.start()
+            recovered += recover(store, conn, publisher.committed_records(), scope)
+        finally:
+            publisher.close()
+    progress.ensure_topic(settings.producer_config(), names.progress_topic, lanes)
+    _forget_sleepers(store, conn)
+    faults.hit("resize_settled")
+    store.finish_resize(conn, lanes)
+    return current, recovered
+
+
+@contextlib.contextmanager
+def _showing_life(store: Store, conn: Connection, every: float = 1.0) -> Iterator[None]:
+    """A statement every second while this process lives, also while it waits on Kafka: relays end the
+    session of a change that shows no sign of life (``Store.end_hung_resize``)."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            try:
+                store.show_life(conn)
+            except DatabaseError:  # Store translates psycopg errors
+                if conn.closed:  # the session is gone: the main thread finds out at its next statement
+                    return
+
+    thread = threading.Thread(target=beat, name="resize-life", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def _abandoned_if_lost(lanes: int) -> Iterator[None]:
+    """The session lost before the new count was stored: nothing changed, say so (not a traceback)."""
+    try:
+        with translated("lanes set"):
+            yield
+    except DatabaseUnavailable as exc:
+        raise OutboxError(
+            f"the change to {lanes} lanes was abandoned: its database session was lost (PostgreSQL went away,"
+            " or relays ended it after it showed no sign of life for OUTBOX_INSTANCE_TIMEOUT: was this process"
+            f" stopped?); the lane count is unchanged: run `outbox-relay lanes set {lanes}` again") from exc
 
 
 def _forget_sleepers(store: Store, conn: Connection) -> None:

@@ -220,6 +220,29 @@ class Store:
         return True
 
     @staticmethod
+    def show_life(conn: psycopg.Connection[Any]) -> None:
+        """A statement, so that the session's state_change says its process is alive (see end_hung_resize)."""
+        conn.execute("SELECT 1")
+
+    @staticmethod
+    def end_hung_resize(conn: psycopg.Connection[Any], timeout_s: float) -> list[int]:
+        """End the session of a lane-count change that has shown no sign of life for the timeout.
+
+        A stopped or frozen `lanes set` keeps its session, so the resize lock, and relays step back for
+        ever. A live one runs a statement every second (``show_life``); one busy in a statement is
+        alive. Its end is its death: relays carry on with the old count. Returns the pids ended.
+        """
+        rows = conn.execute(
+            "SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 2"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.pid <> pg_backend_pid() AND a.state <> 'active'"
+            " AND a.state_change < now() - make_interval(secs => %s)",
+            (LOCK_CLASS, RESIZE_LOCK, timeout_s),
+        ).fetchall()
+        return [row[0] for row in rows if row[1]]
+
+    @staticmethod
     def finish_resize(conn: psycopg.Connection[Any], lanes: int) -> None:
         conn.execute(
             sql.SQL("UPDATE {} SET lane_count = %s, resize_to = NULL WHERE id = 1").format(_SETTINGS), (lanes,)
