@@ -1,11 +1,12 @@
 """`outbox-relay lanes set N`: change the lane count without two counts ever being live at once.
 
-0. Build the new count's lane index while relays keep publishing (CREATE INDEX CONCURRENTLY).
-1. Announce the new count (``resize_to``) under the resize lock: relays release their lanes.
+0. Take the resize lock; build the new count's lane index while relays keep publishing (CREATE INDEX
+   CONCURRENTLY).
+1. Announce the new count (``resize_to``): relays release their lanes.
 2. Take every lane's lock, so no relay publishes with the old count.
 3. Settle each lane in Kafka: fence its producer, mark what its last transaction carried.
 4. Give the progress topic a partition per new lane, forget lanes that died asleep, store the count,
-   let go; drop the old index.
+   drop every other count's lane index; let go.
 If this dies half-way, its connection (and the resize lock) goes with it and relays carry on
 with the old count; running the command again finishes the change. If it hangs (stopped, frozen), relays
 end its session once it has shown no sign of life for their OUTBOX_INSTANCE_TIMEOUT: the same.
@@ -23,6 +24,7 @@ from outbox_relay import faults, progress
 from outbox_relay.config import Settings
 from outbox_relay.db.connection import Connection, connect, translated
 from outbox_relay.db.lanes import Store
+from outbox_relay.db.names import lane_index_name
 from outbox_relay.errors import DatabaseError, DatabaseUnavailable, OutboxError
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher
@@ -37,18 +39,26 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         raise OutboxError(f"the lane count must be between 1 and 1024, got {lanes}")
     store = Store()
     with connect(settings.database_url, "outbox-relay lanes") as conn:
+        # The lock first: a second change could otherwise see this one's build under way, wait behind it in
+        # CREATE INDEX, keep what a stopped build left (IF NOT EXISTS) and switch to an INVALID index, or
+        # build an index this one then drops. Relays do not step back until the announce.
+        if not store.lock_resize(conn):
+            raise OutboxError("another lane-count change is under way; try again when it is done")
         if store.create_lane_index(conn, lanes):
             log.warning("rebuilt the lane index for %d lanes: an earlier change to %d stopped while building it"
                         " and left it invalid", lanes, lanes, extra={"action": "resize_invalid_index"})
-        if not store.begin_resize(conn, lanes):
-            raise OutboxError("another lane-count change is under way; try again when it is done")
+        store.announce_resize(conn, lanes)
         with _showing_life(store, conn), _abandoned_if_lost(lanes):
             current, recovered = _settle(settings, store, conn, lanes, timeout)
         for lane in range(current):
             store.release_lane_lock(conn, lane)
         faults.hit("resize_finished")
-        if current != lanes:
-            store.drop_lane_index(conn, current)
+        # Still under the lock, so no other change is building one of these.
+        leftovers = [name for name in store.drop_lane_indexes_except(conn, lanes) if name != lane_index_name(current)]
+        if leftovers:
+            log.info("dropped lane indexes that an earlier change, stopped, left behind: %s", ", ".join(leftovers),
+                     extra={"action": "resize_leftover_index"})
+        store.unlock_resize(conn)
     log.info("lane count is now %d (was %d)", lanes, current, extra={"action": "resize_done"})
     return current, recovered
 

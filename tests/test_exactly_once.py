@@ -18,6 +18,7 @@ from sqlalchemy import Engine, text
 
 from outbox_relay import enqueue_many
 from outbox_relay.faults import POINTS, RESIZE_POINTS
+from outbox_relay.models.names import READY_INDEX_PREFIX, SCHEMA
 from outbox_relay.write import Event
 from tests.pgtools import SETTINGS
 from tests.relaytools import (
@@ -141,7 +142,8 @@ def test_a_lanes_set_that_hangs_or_dies_at_each_point_stops_no_relay(
     A stopped one keeps its session and so the resize lock (its kernel answers keepalives): the relays, which
     step back while a change is under way, waited for it for ever. They end its session once it shows no sign
     of life for OUTBOX_INSTANCE_TIMEOUT and carry on with the old count; continued, it stops with one line.
-    Every event is published exactly once, in order per key; the next `lanes set` works."""
+    Every event is published exactly once, in order per key; the next `lanes set` works and leaves no lane
+    index of another count behind (one killed after storing the count left the old count's for good)."""
     set_lane_count(engine, 2)
     for name in ("a", "b"):
         relays.start(database_url, name, OUTBOX_BATCH_SIZE=25, OUTBOX_INSTANCE_TIMEOUT="3")
@@ -175,6 +177,11 @@ def test_a_lanes_set_that_hangs_or_dies_at_each_point_stops_no_relay(
     result = cli(database_url, "lanes", "set", "3")
     assert result.returncode == 0, result.stderr
     wait_until(lambda: len(lane_owners(engine)) == 3, 30, "relays to take the 3 lanes")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes"
+                                 " WHERE schemaname = :schema AND indexname LIKE :pattern"),
+                            {"schema": SCHEMA, "pattern": f"{READY_INDEX_PREFIX}%"}).scalar_one() == [
+            f"{READY_INDEX_PREFIX}3"]
     relays.stop_all()
     report = ledger(engine, [topic])
     print(f"\nlanes set given SIG{action.upper()} at {point}, under load: {report.summary()}")
