@@ -367,11 +367,13 @@ def test_an_application_with_its_own_models_relay_and_alembic_uses_the_wheel(
 
 def test_an_application_that_adopted_0_1_0_upgrades_with_the_readme_revision(
         venv: Venv, tmp_path: Path, empty_database_url: str, second_database: str) -> None:
-    """0.1.0's recipe stopped at v4 (v6 and v7 came in order after it, say); the README's upgrade revision
+    """0.1.0's recipe stopped at v4 (v5 to v7 came after 0.1.0's recipe); the README's upgrade revision
     brings it to what `migrate` makes."""
     recipe = readme_python("### Using your own Alembic history")
     old = recipe
-    for step in ("add_lane_index_v5", "drop_lane_index_v5", "add_claim_indexes_v8", "drop_claim_indexes_v8",
+    for step in ("add_lane_index_v5", "drop_lane_index_v5", "add_outbox_identity_v6", "drop_outbox_identity_v6",
+                 "add_instance_sessions_v7", "drop_instance_sessions_v7", "add_claim_indexes_v8",
+                 "drop_claim_indexes_v8",
                  "add_unsent_table_v9", "drop_unsent_table_v9", "add_autovacuum_settings_v10",
                  "drop_autovacuum_settings_v10", "add_idle_lanes_v11", "drop_idle_lanes_v11"):
         old = old.replace(f"    {step}()\n", "")
