@@ -428,6 +428,22 @@ def test_the_readme_revision_runs_again_after_an_interrupted_run(
     assert _pending(empty_database_url) == written == 4
 
 
+def test_the_readme_revision_as_offline_sql_makes_what_migrate_makes(
+        venv: Venv, tmp_path: Path, empty_database_url: str, second_database: str) -> None:
+    """`alembic upgrade head --sql` writes the script a DBA runs later: no step may query (there is no
+    database to ask), and the script must make what `migrate` makes."""
+    app = make_app(venv, tmp_path / "app", empty_database_url, [readme_python("### Using your own Alembic history")])
+    env = venv.env(PYTHONPATH=".")
+    script = _stdout(["alembic", "upgrade", "head", "--sql"], app, env)
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        for statement in script.split(";\n\n"):
+            lines = [line for line in statement.strip().splitlines() if not line.startswith("--")]
+            if lines:  # BEGIN and COMMIT too: the script's transactions are its own
+                conn.execute("\n".join(lines).encode())
+    run(["outbox-relay", "migrate", "--lanes", "4", "--database-url", second_database], app, env)
+    assert outbox_schema(empty_database_url) == outbox_schema(second_database)
+
+
 def _stdout(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
