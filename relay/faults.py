@@ -14,6 +14,7 @@ the variable, ``hit`` is a dictionary lookup that finds nothing. Points:
 
 and of ``outbox-relay lanes set`` (``RESIZE_POINTS``):
 
+- ``resize_locked``: the resize lock taken, the new count's index not built, nothing announced
 - ``resize_announced``: the new count announced under the resize lock, no lane taken yet
 - ``resize_lanes_locked``: every lane of the old count locked, none settled in Kafka
 - ``resize_settled``: every lane settled, the new count not stored
@@ -28,7 +29,7 @@ import threading
 import time
 
 POINTS = ("before_produce", "before_commit", "after_commit", "during_mark")  # the points of a tick
-RESIZE_POINTS = ("resize_announced", "resize_lanes_locked", "resize_settled", "resize_finished")
+RESIZE_POINTS = ("resize_locked", "resize_announced", "resize_lanes_locked", "resize_settled", "resize_finished")
 ENV = "OUTBOX_FAULT_INJECTION"
 
 

@@ -42,25 +42,41 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         # The lock first: a second change could otherwise see this one's build under way, wait behind it in
         # CREATE INDEX, keep what a stopped build left (IF NOT EXISTS) and switch to an INVALID index, or
         # build an index this one then drops. Relays do not step back until the announce.
-        if not store.lock_resize(conn):
-            raise OutboxError("another lane-count change is under way; try again when it is done")
-        if store.create_lane_index(conn, lanes):
-            log.warning("rebuilt the lane index for %d lanes: an earlier change to %d stopped while building it"
-                        " and left it invalid", lanes, lanes, extra={"action": "resize_invalid_index"})
-        store.announce_resize(conn, lanes)
-        with _showing_life(store, conn), _abandoned_if_lost(lanes):
-            current, recovered = _settle(settings, store, conn, lanes, timeout)
-        for lane in range(current):
-            store.release_lane_lock(conn, lane)
-        faults.hit("resize_finished")
-        # Still under the lock, so no other change is building one of these.
-        leftovers = [name for name in store.drop_lane_indexes_except(conn, lanes) if name != lane_index_name(current)]
-        if leftovers:
-            log.info("dropped lane indexes that an earlier change, stopped, left behind: %s", ", ".join(leftovers),
-                     extra={"action": "resize_leftover_index"})
-        store.unlock_resize(conn)
+        _lock_resize(settings, store, conn)
+        with _showing_life(store, conn):
+            faults.hit("resize_locked")
+            if store.create_lane_index(conn, lanes):
+                log.warning("rebuilt the lane index for %d lanes: an earlier change to %d stopped while building"
+                            " it and left it invalid", lanes, lanes, extra={"action": "resize_invalid_index"})
+            store.announce_resize(conn, lanes)
+            with _abandoned_if_lost(lanes):
+                current, recovered = _settle(settings, store, conn, lanes, timeout)
+            for lane in range(current):
+                store.release_lane_lock(conn, lane)
+            faults.hit("resize_finished")
+            # Still under the lock, so no other change is building one of these.
+            leftovers = [name for name in store.drop_lane_indexes_except(conn, lanes)
+                         if name != lane_index_name(current)]
+            if leftovers:
+                log.info("dropped lane indexes that an earlier change, stopped, left behind: %s",
+                         ", ".join(leftovers), extra={"action": "resize_leftover_index"})
+            store.unlock_resize(conn)
     log.info("lane count is now %d (was %d)", lanes, current, extra={"action": "resize_done"})
     return current, recovered
+
+
+def _lock_resize(settings: Settings, store: Store, conn: Connection) -> None:
+    """The resize lock. Its holder may be a `lanes set` stopped before its announce, which no relay ends (they
+    carry on): wait up to OUTBOX_INSTANCE_TIMEOUT for it to show a sign of life, and end its session if not."""
+    deadline = time.monotonic() + settings.instance_timeout + 2  # a live one shows life every second
+    while not store.lock_resize(conn):
+        if store.end_hung_resize(conn, settings.instance_timeout):
+            log.warning("the lane-count change holding the lock showed no sign of life for %gs (a stopped"
+                        " `lanes set`?): ended its session", settings.instance_timeout,
+                        extra={"action": "hung_resize"})
+        elif time.monotonic() > deadline:
+            raise OutboxError("another lane-count change is under way; try again when it is done")
+        time.sleep(0.2)
 
 
 def _settle(settings: Settings, store: Store, conn: Connection, lanes: int, timeout: float) -> tuple[int, int]:

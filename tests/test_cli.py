@@ -4,6 +4,7 @@ every command checks the schema it needs, and the first hour's surprises are gon
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -210,6 +211,31 @@ def test_a_second_lanes_set_never_switches_to_the_index_a_first_one_was_building
     with psycopg.connect(conninfo(database_url)) as conn:
         assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
                             (f'"{SCHEMA}"."{name}"',)).fetchone() == (True,)
+
+
+def test_lanes_set_ends_a_lanes_set_that_hangs_holding_the_lock_before_its_announce(database_url: str) -> None:
+    """A `lanes set` stopped after it took the resize lock, before its announce: relays carry on (nothing is
+    announced), so none ends it, and every later `lanes set` was refused for as long as it hung. The next one
+    ends a holder that has shown no sign of life for OUTBOX_INSTANCE_TIMEOUT and goes on."""
+    hung = subprocess.Popen([sys.executable, "-m", "outbox_relay", "lanes", "set", "8", "--database-url", database_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OUTBOX_FAULT_INJECTION": "resize_locked:1:stop"})
+    try:
+        wait_until(lambda: Path(f"/proc/{hung.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 60,
+                   "the first lanes set to hang holding the lock")
+        result = cli(database_url, "lanes", "set", "4", OUTBOX_INSTANCE_TIMEOUT="1")
+        assert result.returncode == 0 and "lane count changed from 1 to 4" in result.stdout, result.stderr
+        assert "showed no sign of life for 1s" in result.stderr, result.stderr
+        hung.send_signal(signal.SIGCONT)
+        _, err = hung.communicate(timeout=60)
+        assert hung.returncode != 0 and "Traceback" not in err and err.strip(), err
+    finally:
+        if hung.poll() is None:
+            hung.kill()
+            hung.communicate(timeout=30)
+    with psycopg.connect(conninfo(database_url)) as conn:
+        assert conn.execute(f"SELECT lane_count, resize_to FROM {SCHEMA}.{SETTINGS_TABLE}".encode()).fetchone() == (
+            4, None)
 
 
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["lanes", "show"]])
