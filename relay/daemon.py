@@ -275,6 +275,9 @@ class Relay:
                 ended = self.store.end_hung_resize(conn, self.settings.instance_timeout)
         except DatabaseUnavailable:
             return
+        except DatabaseError as exc:  # not allowed to end another role's session: its idle timeout will
+            log.debug("cannot end a hung lane-count change: %s", exc, extra={"action": "hung_resize"})
+            return
         if ended:
             log.warning("the lane-count change under way showed no sign of life for %gs (a stopped `lanes set`?):"
                         " ended its session; carrying on with %d lanes", self.settings.instance_timeout, count,

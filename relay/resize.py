@@ -8,8 +8,8 @@
 4. Give the progress topic a partition per new lane, forget lanes that died asleep, store the count,
    drop every other count's lane index; let go.
 If this dies half-way, its connection (and the resize lock) goes with it and relays carry on
-with the old count; running the command again finishes the change. If it hangs (stopped, frozen), relays
-end its session once it has shown no sign of life for their OUTBOX_INSTANCE_TIMEOUT: the same.
+with the old count; running the command again finishes the change. If it hangs (stopped, frozen), PostgreSQL
+ends its session once it has been idle for OUTBOX_INSTANCE_TIMEOUT (and relays of its role do too): the same.
 """
 
 from __future__ import annotations
@@ -39,28 +39,35 @@ def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[i
         raise OutboxError(f"the lane count must be between 1 and 1024, got {lanes}")
     store = Store()
     with connect(settings.database_url, "outbox-relay lanes") as conn:
+        # Hung (stopped, frozen), this process would keep its session and so its locks: PostgreSQL ends the
+        # session after OUTBOX_INSTANCE_TIMEOUT idle; alive, it runs a statement every second (_showing_life).
+        store.end_session_when_idle(conn, settings.instance_timeout)
         # The lock first: a second change could otherwise see this one's build under way, wait behind it in
         # CREATE INDEX, keep what a stopped build left (IF NOT EXISTS) and switch to an INVALID index, or
         # build an index this one then drops. Relays do not step back until the announce.
         _lock_resize(settings, store, conn)
         with _showing_life(store, conn):
-            faults.hit("resize_locked")
-            if store.create_lane_index(conn, lanes):
-                log.warning("rebuilt the lane index for %d lanes: an earlier change to %d stopped while building"
-                            " it and left it invalid", lanes, lanes, extra={"action": "resize_invalid_index"})
-            store.announce_resize(conn, lanes)
-            with _abandoned_if_lost(lanes):
+            with _lost(f"the change to {lanes} lanes was abandoned", "the lane count is unchanged: run"
+                       f" `outbox-relay lanes set {lanes}` again"):
+                faults.hit("resize_locked")
+                if store.create_lane_index(conn, lanes):
+                    log.warning("rebuilt the lane index for %d lanes: an earlier change to %d stopped while"
+                                " building it and left it invalid", lanes, lanes,
+                                extra={"action": "resize_invalid_index"})
+                store.announce_resize(conn, lanes)
                 current, recovered = _settle(settings, store, conn, lanes, timeout)
-            for lane in range(current):
-                store.release_lane_lock(conn, lane)
-            faults.hit("resize_finished")
-            # Still under the lock, so no other change is building one of these.
-            leftovers = [name for name in store.drop_lane_indexes_except(conn, lanes)
-                         if name != lane_index_name(current)]
-            if leftovers:
-                log.info("dropped lane indexes that an earlier change, stopped, left behind: %s",
-                         ", ".join(leftovers), extra={"action": "resize_leftover_index"})
-            store.unlock_resize(conn)
+            with _lost(f"the lane count is now {lanes} (was {current})", "the next `outbox-relay lanes set`"
+                       " drops the lane indexes of other counts this one could not"):
+                for lane in range(current):
+                    store.release_lane_lock(conn, lane)
+                faults.hit("resize_finished")
+                # Still under the lock, so no other change is building one of these.
+                leftovers = [name for name in store.drop_lane_indexes_except(conn, lanes)
+                             if name != lane_index_name(current)]
+                if leftovers:
+                    log.info("dropped lane indexes that an earlier change, stopped, left behind: %s",
+                             ", ".join(leftovers), extra={"action": "resize_leftover_index"})
+                store.unlock_resize(conn)
     log.info("lane count is now %d (was %d)", lanes, current, extra={"action": "resize_done"})
     return current, recovered
 
@@ -136,16 +143,15 @@ def _showing_life(store: Store, conn: Connection, every: float = 1.0) -> Iterato
 
 
 @contextlib.contextmanager
-def _abandoned_if_lost(lanes: int) -> Iterator[None]:
-    """The session lost before the new count was stored: nothing changed, say so (not a traceback)."""
+def _lost(outcome: str, advice: str) -> Iterator[None]:
+    """The session lost (PostgreSQL went away, or ended a hung change): say where that left the change."""
     try:
         with translated("lanes set"):
             yield
     except DatabaseUnavailable as exc:
         raise OutboxError(
-            f"the change to {lanes} lanes was abandoned: its database session was lost (PostgreSQL went away,"
-            " or relays ended it after it showed no sign of life for OUTBOX_INSTANCE_TIMEOUT: was this process"
-            f" stopped?); the lane count is unchanged: run `outbox-relay lanes set {lanes}` again") from exc
+            f"{outcome}: its database session was lost (PostgreSQL went away, or ended it after"
+            f" OUTBOX_INSTANCE_TIMEOUT without a sign of life: was this process stopped?); {advice}") from exc
 
 
 def _forget_sleepers(store: Store, conn: Connection) -> None:

@@ -23,7 +23,7 @@ from outbox_relay.migrate import script_location
 from outbox_relay.models import SCHEMA
 from outbox_relay.models.names import SETTINGS_TABLE
 from tests.pgtools import EVENTS, UNSENT, set_state_sql, url_for
-from tests.relaytools import ROOT, wait_until
+from tests.relaytools import ROOT, stopped, wait_until
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
 COMMANDS = [["status"], ["status", "--json"], ["failed", "list"], ["failed", "retry", "--all"],
@@ -221,8 +221,7 @@ def test_lanes_set_ends_a_lanes_set_that_hangs_holding_the_lock_before_its_annou
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OUTBOX_FAULT_INJECTION": "resize_locked:1:stop"})
     try:
-        wait_until(lambda: Path(f"/proc/{hung.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 60,
-                   "the first lanes set to hang holding the lock")
+        wait_until(lambda: stopped(hung.pid), 60, "the first lanes set to hang holding the lock")
         result = cli(database_url, "lanes", "set", "4", OUTBOX_INSTANCE_TIMEOUT="1")
         assert result.returncode == 0 and "lane count changed from 1 to 4" in result.stdout, result.stderr
         assert "showed no sign of life for 1s" in result.stderr, result.stderr

@@ -253,6 +253,14 @@ class Store:
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, RESIZE_LOCK))
 
     @staticmethod
+    def end_session_when_idle(conn: psycopg.Connection[Any], timeout_s: float) -> None:
+        """PostgreSQL (14+) ends this session once it has been idle for the timeout: the bound on a hung
+        `lanes set` that needs no privilege (relays of another role can neither see nor end its session)."""
+        if conn.info.server_version >= 140000:
+            conn.execute("SELECT set_config('idle_session_timeout', %s, false)",
+                         (f"{max(1, round(timeout_s * 1000))}ms",))
+
+    @staticmethod
     def show_life(conn: psycopg.Connection[Any]) -> None:
         """A statement, so that the session's state_change says its process is alive (see end_hung_resize)."""
         conn.execute("SELECT 1")
