@@ -207,6 +207,7 @@ class Relay:
                 log.warning("the lane count is being changed: releasing every lane until it is done",
                             extra={"action": "resize_wait"})
             self._release(list(self.workers.values()))
+            self._end_hung_resize(count)
             return
         if self.names is None or self.names.outbox_id != state.outbox_id:
             self._release(list(self.workers.values()))
@@ -263,6 +264,24 @@ class Relay:
         if freed:
             log.warning("lanes %s: their owner showed no heartbeat for %gs; ended its sessions to take them over",
                         freed, self.settings.instance_timeout, extra={"action": "hung_owner"})
+
+    def _end_hung_resize(self, count: int) -> None:
+        """A lane-count change that shows no sign of life for instance_timeout ends: a stopped `lanes set`
+        keeps its session and the resize lock, and every relay would step back for ever."""
+        if not self._control.is_open:
+            return
+        try:
+            with self._control.use() as conn:
+                ended = self.store.end_hung_resize(conn, self.settings.instance_timeout)
+        except DatabaseUnavailable:
+            return
+        except DatabaseError as exc:  # not allowed to end another role's session: its idle timeout will
+            log.debug("cannot end a hung lane-count change: %s", exc, extra={"action": "hung_resize"})
+            return
+        if ended:
+            log.warning("the lane-count change under way showed no sign of life for %gs (a stopped `lanes set`?):"
+                        " ended its session; carrying on with %d lanes", self.settings.instance_timeout, count,
+                        extra={"action": "hung_resize"})
 
     def _release(self, workers: list[LaneWorker]) -> None:
         for worker in workers:

@@ -205,6 +205,11 @@ def service(*args: str, check: bool = True) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "services"), *args], check=check, capture_output=True)
 
 
+def stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP): state T in /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

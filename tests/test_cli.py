@@ -4,6 +4,7 @@ every command checks the schema it needs, and the first hour's surprises are gon
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,8 +21,9 @@ from outbox_relay.db.connection import conninfo
 from outbox_relay.db.names import NOTIFY_TRIGGER, VERSION_TABLE, lane_index_name
 from outbox_relay.migrate import script_location
 from outbox_relay.models import SCHEMA
+from outbox_relay.models.names import SETTINGS_TABLE
 from tests.pgtools import EVENTS, UNSENT, set_state_sql, url_for
-from tests.relaytools import ROOT, wait_until
+from tests.relaytools import ROOT, stopped, wait_until
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
 COMMANDS = [["status"], ["status", "--json"], ["failed", "list"], ["failed", "retry", "--all"],
@@ -160,6 +162,79 @@ def test_lanes_set_rebuilds_a_lane_index_an_interrupted_change_left_invalid(engi
                             " WHERE i.indexrelid = to_regclass(%s)", (f'"{SCHEMA}"."{name}"',)).fetchone() == (
             True, f"CREATE INDEX {name} ON {UNSENT} USING btree (((lane_key % 8)), id)"
                   " WHERE ((state = 'pending'::text) AND (due_at IS NULL))")
+
+
+def test_a_second_lanes_set_never_switches_to_the_index_a_first_one_was_building(engine: Engine,
+                                                                                   database_url: str) -> None:
+    """Two `lanes set 8` at once, the first stopped while building the index (^C, a lost connection). The
+    second saw the build under way (not a leftover to drop), then its CREATE INDEX IF NOT EXISTS waited for
+    it and kept what it left: 8 lanes went live on an INVALID index (claims cannot use it, nothing rebuilds
+    it). The first now builds under the resize lock: the second is refused at once, and the next one
+    rebuilds the leftover."""
+    name = lane_index_name(8)
+    building = ("SELECT p.pid FROM pg_stat_progress_create_index p JOIN pg_class c ON c.oid = p.index_relid"
+                " WHERE c.relname = %s AND p.datname = current_database()")
+    count_is_8 = f"SELECT lane_count = 8 FROM {SCHEMA}.{SETTINGS_TABLE}".encode()
+    command = [sys.executable, "-m", "outbox_relay", "lanes", "set", "8", "--database-url", database_url]
+    started: list[subprocess.Popen[str]] = []
+    try:
+        with psycopg.connect(conninfo(database_url)) as writer, \
+                psycopg.connect(conninfo(database_url), autocommit=True) as probe:
+            writer.execute(f"INSERT INTO {EVENTS} (topic) VALUES ('orders')".encode())  # the build waits for it
+            started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            builder = wait_until(lambda: probe.execute(building, (name,)).fetchone(), 60, "the first build")[0]
+            started.append(second := subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                      text=True))
+            wait_until(lambda: second.poll() is not None or probe.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'outbox-relay lanes' AND pid <> %s"
+                " AND wait_event_type = 'Lock'", (builder,)).fetchone(), 60, "the second to end or wait")
+            probe.execute("SELECT pg_terminate_backend(%s)", (builder,))  # the first stops mid-build
+            wait_until(lambda: second.poll() is not None or probe.execute(count_is_8).fetchone() == (True,),
+                       120, "the second lanes set to end or switch")
+            valid = probe.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                                  (f'"{SCHEMA}"."{name}"',)).fetchone()
+            assert probe.execute(count_is_8).fetchone() == (False,) or valid == (True,), \
+                "8 lanes went live on an INVALID index"
+            writer.commit()
+            _, err = second.communicate(timeout=120)
+            assert second.returncode == 1 and "another lane-count change is under way" in err, err
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+    result = cli(database_url, "lanes", "set", "8")
+    assert result.returncode == 0 and "rebuilt the lane index for 8 lanes" in result.stderr, result.stderr
+    with psycopg.connect(conninfo(database_url)) as conn:
+        assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                            (f'"{SCHEMA}"."{name}"',)).fetchone() == (True,)
+
+
+def test_lanes_set_ends_a_lanes_set_that_hangs_holding_the_lock_before_its_announce(database_url: str) -> None:
+    """A `lanes set` stopped after it took the resize lock, before its announce: relays carry on (nothing is
+    announced), so none ends it, and every later `lanes set` was refused for as long as it hung. The next one
+    ends a holder that has shown no sign of life for OUTBOX_INSTANCE_TIMEOUT and goes on."""
+    hung = subprocess.Popen([sys.executable, "-m", "outbox_relay", "lanes", "set", "8", "--database-url", database_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OUTBOX_FAULT_INJECTION": "resize_locked:1:stop"})
+    try:
+        wait_until(lambda: stopped(hung.pid), 60, "the first lanes set to hang holding the lock")
+        result = cli(database_url, "lanes", "set", "4", OUTBOX_INSTANCE_TIMEOUT="1")
+        assert result.returncode == 0 and "lane count changed from 1 to 4" in result.stdout, result.stderr
+        assert "showed no sign of life for 1s" in result.stderr, result.stderr
+        hung.send_signal(signal.SIGCONT)
+        _, err = hung.communicate(timeout=60)
+        assert hung.returncode != 0 and "Traceback" not in err and err.strip(), err
+    finally:
+        if hung.poll() is None:
+            hung.kill()
+            hung.communicate(timeout=30)
+    with psycopg.connect(conninfo(database_url)) as conn:
+        assert conn.execute(f"SELECT lane_count, resize_to FROM {SCHEMA}.{SETTINGS_TABLE}".encode()).fetchone() == (
+            4, None)
 
 
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["lanes", "show"]])

@@ -367,11 +367,13 @@ def test_an_application_with_its_own_models_relay_and_alembic_uses_the_wheel(
 
 def test_an_application_that_adopted_0_1_0_upgrades_with_the_readme_revision(
         venv: Venv, tmp_path: Path, empty_database_url: str, second_database: str) -> None:
-    """0.1.0's recipe stopped at v4 (v6 and v7 came in order after it, say); the README's upgrade revision
+    """0.1.0's recipe stopped at v4 (v5 to v7 came after 0.1.0's recipe); the README's upgrade revision
     brings it to what `migrate` makes."""
     recipe = readme_python("### Using your own Alembic history")
     old = recipe
-    for step in ("add_lane_index_v5", "drop_lane_index_v5", "add_claim_indexes_v8", "drop_claim_indexes_v8",
+    for step in ("add_lane_index_v5", "drop_lane_index_v5", "add_outbox_identity_v6", "drop_outbox_identity_v6",
+                 "add_instance_sessions_v7", "drop_instance_sessions_v7", "add_claim_indexes_v8",
+                 "drop_claim_indexes_v8",
                  "add_unsent_table_v9", "drop_unsent_table_v9", "add_autovacuum_settings_v10",
                  "drop_autovacuum_settings_v10", "add_idle_lanes_v11", "drop_idle_lanes_v11"):
         old = old.replace(f"    {step}()\n", "")
@@ -424,6 +426,22 @@ def test_the_readme_revision_runs_again_after_an_interrupted_run(
     run(["outbox-relay", "migrate", "--lanes", "4", "--database-url", second_database], app, env)
     assert outbox_schema(empty_database_url) == outbox_schema(second_database)
     assert _pending(empty_database_url) == written == 4
+
+
+def test_the_readme_revision_as_offline_sql_makes_what_migrate_makes(
+        venv: Venv, tmp_path: Path, empty_database_url: str, second_database: str) -> None:
+    """`alembic upgrade head --sql` writes the script a DBA runs later: no step may query (there is no
+    database to ask), and the script must make what `migrate` makes."""
+    app = make_app(venv, tmp_path / "app", empty_database_url, [readme_python("### Using your own Alembic history")])
+    env = venv.env(PYTHONPATH=".")
+    script = _stdout(["alembic", "upgrade", "head", "--sql"], app, env)
+    with psycopg.connect(conninfo(empty_database_url), autocommit=True) as conn:
+        for statement in script.split(";\n\n"):
+            lines = [line for line in statement.strip().splitlines() if not line.startswith("--")]
+            if lines:  # BEGIN and COMMIT too: the script's transactions are its own
+                conn.execute("\n".join(lines).encode())
+    run(["outbox-relay", "migrate", "--lanes", "4", "--database-url", second_database], app, env)
+    assert outbox_schema(empty_database_url) == outbox_schema(second_database)
 
 
 def _stdout(command: list[str], cwd: Path, env: dict[str, str]) -> str:

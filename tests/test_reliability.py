@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +40,7 @@ from tests.relaytools import (
     service,
     set_lane_count,
     states,
+    stopped,
     wait_until,
 )
 
@@ -310,6 +313,49 @@ def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, da
             conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
     report = ledger(engine, [topic])
     assert report.ok, report.summary()
+
+
+def test_relays_under_the_least_privilege_role_carry_on_when_a_lanes_set_hangs(
+        engine: Engine, database_url: str, topic: str, relays: Relays) -> None:
+    """`lanes set` runs as the owner, relays as the documented least-privilege role: they can neither see
+    the state of the owner's sessions nor end them, so a `lanes set` stopped after its announce stopped
+    them for good. Its session now bounds its own idleness (idle_session_timeout): PostgreSQL ends it."""
+    set_lane_count(engine, 2)
+    role = f"relay_{uuid.uuid4().hex[:8]}"
+    grants = (ROOT / "docs" / "least-privilege.sql").read_text().replace("outbox_relay", role)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(grants)
+        for n in range(200):
+            enqueue(conn, topic, {"n": n}, key=str(n % 8))
+    limited = database_url.replace("://outbox@", f"://{role}@")
+    hung: subprocess.Popen[str] | None = None
+    try:
+        for name in ("a", "b"):
+            relays.start(limited, name, OUTBOX_HTTP="", OUTBOX_INSTANCE_TIMEOUT="3")
+        wait_until(lambda: pending(engine) == 0, 60, "the limited relays to publish")
+        hung = subprocess.Popen([sys.executable, "-m", "outbox_relay", "lanes", "set", "4", "--database-url",
+                                 database_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OUTBOX_FAULT_INJECTION": "resize_announced:1:stop",
+                                     "OUTBOX_INSTANCE_TIMEOUT": "3"})
+        wait_until(lambda: stopped(hung.pid), 60, "lanes set to hang after its announce")
+        wait_until(lambda: lane_owners(engine) == {}, 30, "the relays to step back for the change")
+        with engine.begin() as conn:
+            for n in range(200):
+                enqueue(conn, topic, {"n": 200 + n}, key=str(n % 8))
+        wait_until(lambda: pending(engine) == 0, 60, "the limited relays to publish while lanes set hangs")
+        hung.send_signal(signal.SIGCONT)
+        _, err = hung.communicate(timeout=60)
+        assert hung.returncode == 1 and "the change to 4 lanes was abandoned" in err, err
+        relays.stop_all()  # before the role is dropped
+    finally:
+        if hung is not None and hung.poll() is None:
+            hung.kill()
+            hung.communicate(timeout=30)
+        relays.stop_all()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    report = ledger(engine, [topic])
+    assert report.ok and report.received == 400, report.summary()
 
 
 def test_a_relay_role_granted_before_the_idle_lanes_existed_still_publishes_and_says_what_is_missing(

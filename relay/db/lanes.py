@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import uuid
 from typing import Any
 
@@ -25,7 +26,14 @@ from outbox_relay.db.names import LOCK_CLASS, RESIZE_LOCK, lane_index_name
 from outbox_relay.db.names import SENT as _SENT
 from outbox_relay.db.names import SETTINGS as _SETTINGS
 from outbox_relay.db.names import UNSENT as _UNSENT
-from outbox_relay.models import EVENTS_READY_INDEX_PREFIX, LANE_INDEX_PREFIX, READY_PREDICATE, SCHEMA, SETTINGS_TABLE
+from outbox_relay.models import (
+    EVENTS_READY_INDEX_PREFIX,
+    LANE_INDEX_PREFIX,
+    READY_INDEX_PREFIX,
+    READY_PREDICATE,
+    SCHEMA,
+    SETTINGS_TABLE,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -137,10 +145,24 @@ class Store:
         return leftover is not None
 
     @staticmethod
-    def drop_lane_index(conn: psycopg.Connection[Any], lanes: int) -> None:
-        # Also the indexes of the same count that releases before 0009 made on the events table.
-        for name in (lane_index_name(lanes), f"{EVENTS_READY_INDEX_PREFIX}{lanes}", f"{LANE_INDEX_PREFIX}{lanes}"):
+    def drop_lane_indexes_except(conn: psycopg.Connection[Any], lanes: int) -> list[str]:
+        """Drop the lane indexes of every other count; returns their names.
+
+        The previous count's, and any that a change stopped before it dropped them left behind (writers
+        maintain them for nothing). Also those of releases before 0009 on the events table. An index some
+        session is building right now is not this change's to drop."""
+        keep = {lane_index_name(lanes), f"{EVENTS_READY_INDEX_PREFIX}{lanes}", f"{LANE_INDEX_PREFIX}{lanes}"}
+        pattern = "^(" + "|".join(re.escape(prefix) for prefix in
+                                  (READY_INDEX_PREFIX, EVENTS_READY_INDEX_PREFIX, LANE_INDEX_PREFIX)) + ")[0-9]+$"
+        rows = conn.execute(
+            "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname ~ %s"
+            " AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.index_relid = i.indexrelid"
+            " AND p.datname = current_database()) ORDER BY 1", (SCHEMA, pattern)).fetchall()
+        dropped = [name for (name,) in rows if name not in keep]
+        for name in dropped:
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
+        return dropped
 
     @staticmethod
     def outbox_state(conn: psycopg.Connection[Any]) -> OutboxState:
@@ -212,20 +234,61 @@ class Store:
         conn.execute(sql.SQL("DELETE FROM {} WHERE name = %s").format(_INSTANCES), (name,))
 
     @staticmethod
-    def begin_resize(conn: psycopg.Connection[Any], lanes: int) -> bool:
-        """Announce a new lane count (relays step back); False if another resize holds the lock."""
+    def lock_resize(conn: psycopg.Connection[Any]) -> bool:
+        """Take the resize lock; False if another lane-count change holds it. Under it, only this change
+        builds or drops lane indexes. Clears the announce of a change that died (nobody holds the lock)."""
         row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, RESIZE_LOCK)).fetchone()
         if not (row and row[0]):
             return False
-        conn.execute(sql.SQL("UPDATE {} SET resize_to = %s WHERE id = 1").format(_SETTINGS), (lanes,))
+        conn.execute(sql.SQL("UPDATE {} SET resize_to = NULL WHERE id = 1 AND resize_to IS NOT NULL").format(
+            _SETTINGS))
         return True
+
+    @staticmethod
+    def announce_resize(conn: psycopg.Connection[Any], lanes: int) -> None:
+        """Announce the new lane count, under the resize lock: relays step back."""
+        conn.execute(sql.SQL("UPDATE {} SET resize_to = %s WHERE id = 1").format(_SETTINGS), (lanes,))
+
+    @staticmethod
+    def unlock_resize(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, RESIZE_LOCK))
+
+    @staticmethod
+    def end_session_when_idle(conn: psycopg.Connection[Any], timeout_s: float) -> None:
+        """PostgreSQL (14+) ends this session once it has been idle for the timeout: the bound on a hung
+        `lanes set` that needs no privilege (relays of another role can neither see nor end its session)."""
+        if conn.info.server_version >= 140000:
+            conn.execute("SELECT set_config('idle_session_timeout', %s, false)",
+                         (f"{max(1, round(timeout_s * 1000))}ms",))
+
+    @staticmethod
+    def show_life(conn: psycopg.Connection[Any]) -> None:
+        """A statement, so that the session's state_change says its process is alive (see end_hung_resize)."""
+        conn.execute("SELECT 1")
+
+    @staticmethod
+    def end_hung_resize(conn: psycopg.Connection[Any], timeout_s: float) -> list[int]:
+        """End the session of a lane-count change that has shown no sign of life for the timeout.
+
+        A stopped or frozen `lanes set` keeps its session, so the resize lock, and relays step back for
+        ever. A live one runs a statement every second (``show_life``); one busy in a statement is
+        alive. Its end is its death: relays carry on with the old count. Returns the pids ended.
+        """
+        rows = conn.execute(
+            "SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 2"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.pid <> pg_backend_pid() AND a.state <> 'active'"
+            " AND a.state_change < now() - make_interval(secs => %s)",
+            (LOCK_CLASS, RESIZE_LOCK, timeout_s),
+        ).fetchall()
+        return [row[0] for row in rows if row[1]]
 
     @staticmethod
     def finish_resize(conn: psycopg.Connection[Any], lanes: int) -> None:
         conn.execute(
             sql.SQL("UPDATE {} SET lane_count = %s, resize_to = NULL WHERE id = 1").format(_SETTINGS), (lanes,)
         )
-        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, RESIZE_LOCK))
 
     @staticmethod
     def forget_sleepers(conn: psycopg.Connection[Any]) -> None:
