@@ -286,15 +286,20 @@ def test_no_secret_in_status_output_or_metrics_and_http_is_local_by_default(engi
     assert "outbox:***@" in relay.log()
 
 
+def _least_privileged(engine: Engine, database_url: str) -> tuple[str, str]:
+    """A new role granted what docs/least-privilege.sql grants, and the database URL that logs in as it."""
+    role = f"relay_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql((ROOT / "docs" / "least-privilege.sql").read_text().replace("outbox_relay", role))
+    return role, database_url.replace("://outbox@", f"://{role}@")
+
+
 def test_relay_runs_under_the_documented_least_privilege_role(engine: Engine, database_url: str, topic: str,
                                                               relays: Relays) -> None:
-    role = f"relay_{uuid.uuid4().hex[:8]}"
-    grants = (ROOT / "docs" / "least-privilege.sql").read_text().replace("outbox_relay", role)
+    role, limited = _least_privileged(engine, database_url)
     with engine.begin() as conn:
-        conn.exec_driver_sql(grants)
         for n in range(50):
             enqueue(conn, topic, {"n": n}, key=str(n % 4))
-    limited = database_url.replace("://outbox@", f"://{role}@")
     relay = relays.start(limited, OUTBOX_RETENTION_INTERVAL="1", OUTBOX_HTTP="")
     try:
         wait_until(lambda: pending(engine) == 0, 30, "the limited relay to publish")
@@ -321,13 +326,10 @@ def test_relays_under_the_least_privilege_role_carry_on_when_a_lanes_set_hangs(
     the state of the owner's sessions nor end them, so a `lanes set` stopped after its announce stopped
     them for good. Its session now bounds its own idleness (idle_session_timeout): PostgreSQL ends it."""
     set_lane_count(engine, 2)
-    role = f"relay_{uuid.uuid4().hex[:8]}"
-    grants = (ROOT / "docs" / "least-privilege.sql").read_text().replace("outbox_relay", role)
+    role, limited = _least_privileged(engine, database_url)
     with engine.begin() as conn:
-        conn.exec_driver_sql(grants)
         for n in range(200):
             enqueue(conn, topic, {"n": n}, key=str(n % 8))
-    limited = database_url.replace("://outbox@", f"://{role}@")
     hung: subprocess.Popen[str] | None = None
     try:
         for name in ("a", "b"):
