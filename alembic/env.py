@@ -24,8 +24,11 @@ if not url:
 
 
 def run_migrations_offline() -> None:
+    """`outbox-relay migrate --sql`: the script, for a DBA to read and run (psql -f)."""
     context.configure(url=url, target_metadata=metadata, literal_binds=True,
+                      dialect_opts={"paramstyle": "named"},  # a literal % stays one % (the DO blocks' format())
                       version_table=VERSION_TABLE, version_table_schema=SCHEMA)
+    context.execute(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"')  # the version table's home, before it is made
     with context.begin_transaction():
         context.run_migrations()
 

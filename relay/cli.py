@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
     migrate.add_argument("--yes", action="store_true",
                          help="confirm a downgrade that drops the outbox tables and every event in them")
+    migrate.add_argument("--sql", action="store_true",
+                         help="print the SQL of the upgrade from the database's current revision instead of"
+                              " running it, for review (run it with psql -f)")
     migrate.add_argument("--lock-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                          help="give up (run it again later) rather than wait longer for a table lock: while a"
                               " migration waits for one, every writer of that table waits behind it (default 10)")
@@ -357,6 +360,11 @@ def _migrate(args: argparse.Namespace) -> int:
         lanes = int(lanes_given) if lanes_given is not None else 4
     except ValueError:  # only the variable can be text here: argparse reads --lanes as an int
         raise ConfigurationError(f"OUTBOX_LANES={lanes_given!r} is not a whole number (the lane count)") from None
+    if args.sql:
+        if args.downgrade:
+            raise ConfigurationError("--sql prints upgrades only; a downgrade runs with `migrate --downgrade`")
+        print(migrate.upgrade_sql(settings.database_url, args.revision, lanes=lanes), end="")
+        return EXIT_OK
     with _connect(settings, check_schema=False) as conn:
         current_lanes = migrate.current_lane_count(conn)
         drops = args.downgrade and migrate.drops_outbox(conn, args.revision)

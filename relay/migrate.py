@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,22 @@ def upgrade(database_url: str, revision: str = "head", *, lanes: int | None = No
     ``lock_timeout``: give up rather than wait longer for a table lock."""
     with _lock_wait_named(database_url, lock_timeout):
         command.upgrade(alembic_config(database_url, lanes=lanes, lock_timeout=lock_timeout), revision)
+
+
+def upgrade_sql(database_url: str, revision: str = "head", *, lanes: int | None = None) -> str:
+    """The SQL that ``upgrade`` would run on this database, from its current revision: the script a DBA
+    reviews and runs (``psql -f``) where schema changes go through review."""
+    with connect(database_url, "outbox-relay migrate") as conn:
+        managed, current = catalog.managed_revision(conn)
+        exists = catalog.lane_count(conn) is not None
+    if exists and not managed:
+        raise ConfigurationError("this outbox has no `outbox-relay migrate` version table: your application's own"
+                                 " Alembic history manages it (`alembic upgrade head --sql` writes its SQL)")
+    config = alembic_config(database_url, lanes=lanes)
+    config.output_buffer = script = io.StringIO()
+    with translated():
+        command.upgrade(config, f"{current}:{revision}" if current else revision, sql=True)
+    return script.getvalue()
 
 
 def downgrade(database_url: str, revision: str, *, lock_timeout: float | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -94,6 +95,53 @@ def test_cli_migrate_sets_the_lane_count(empty_database_url: str) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql(f"SELECT lane_count FROM {SETTINGS}").scalar_one() == 8
     engine.dispose()
+
+
+def _psql(url: str, script: str) -> None:
+    """Run a script as a DBA would: psql, stopping at the first error."""
+    result = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo(url)], input=script,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_migrate_sql_prints_the_upgrade_a_dba_runs_from_the_current_revision(empty_database_url: str) -> None:
+    """`migrate --sql` writes the upgrade from where the database is, for review; run with psql it makes what
+    `migrate` makes. Alembic's offline mode had two faults here: every % of the DO blocks doubled, and the
+    version table created before its schema."""
+    script = cli(empty_database_url, "migrate", "--sql", "--lanes", "3", check=True).stdout
+    assert "CONCURRENTLY" in script
+    with psycopg.connect(conninfo(empty_database_url)) as conn:  # printed, not run
+        assert conn.execute("SELECT to_regclass(%s)", (EVENTS,)).fetchone() == (None,)
+    _psql(empty_database_url, script)
+    assert _diff(empty_database_url) == [] and _diff_from_models_at(empty_database_url, "head") == []
+    with psycopg.connect(conninfo(empty_database_url)) as conn:
+        assert conn.execute(f"SELECT lane_count FROM {SETTINGS}").fetchone() == (3,)
+        assert conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                            (f'"{SCHEMA}"."{READY_INDEX_PREFIX}3"',)).fetchone() == (True,)
+    assert cli(empty_database_url, "status", check=True).returncode == 0  # the version stamp is head
+    # From a middle revision, with events in it: only what is missing, and nothing lost.
+    migrate.downgrade(empty_database_url, "0008_claim_indexes")
+    with psycopg.connect(conninfo(empty_database_url)) as conn:
+        conn.execute(f"INSERT INTO {EVENTS} (topic) SELECT 't' FROM generate_series(1, 3)")
+        conn.execute(f"UPDATE {EVENTS} SET state = 'sent', sent_at = now() WHERE id = 1")
+    script = cli(empty_database_url, "migrate", "--sql", check=True).stdout
+    assert "0008_claim_indexes -> 0009_unsent_table" in script and "-> 0001_outbox" not in script
+    _psql(empty_database_url, script)
+    assert _diff(empty_database_url) == []
+    with psycopg.connect(conninfo(empty_database_url)) as conn:
+        assert conn.execute(f"SELECT id, state FROM {EVENT_STATES} ORDER BY id").fetchall() == [
+            (1, "sent"), (2, "pending"), (3, "pending")]
+
+
+def test_migrate_sql_refuses_a_downgrade_and_an_outbox_its_application_manages(empty_database_url: str) -> None:
+    result = cli(empty_database_url, "migrate", "--sql", "--downgrade", "--revision", "base")
+    assert result.returncode != 0 and "--sql prints upgrades only" in result.stderr.strip().splitlines()[-1]
+    migrate.upgrade(empty_database_url)
+    with psycopg.connect(conninfo(empty_database_url)) as conn:
+        conn.execute(f'DROP TABLE "{SCHEMA}".outbox_relay_version')
+    result = cli(empty_database_url, "migrate", "--sql")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "your application's own Alembic history manages it" in result.stderr.strip().splitlines()[-1]
 
 
 def _catalog(url: str) -> dict[str, list[tuple[object, ...]]]:
