@@ -17,7 +17,7 @@ import psycopg
 from psycopg import generators, pq, sql
 
 from outbox_relay import faults
-from outbox_relay.db.connection import translate_errors, translated
+from outbox_relay.db.connection import milliseconds, translate_errors, translated
 from outbox_relay.db.names import EVENTS as _EVENTS
 from outbox_relay.db.names import IDLE_LANES as _IDLE_LANES
 from outbox_relay.db.names import INSTANCES as _INSTANCES
@@ -259,7 +259,7 @@ class Store:
         `lanes set` that needs no privilege (relays of another role can neither see nor end its session)."""
         if conn.info.server_version >= 140000:
             conn.execute("SELECT set_config('idle_session_timeout', %s, false)",
-                         (f"{max(1, round(timeout_s * 1000))}ms",))
+                         (f"{milliseconds(timeout_s)}ms",))
 
     @staticmethod
     def show_life(conn: psycopg.Connection[Any]) -> None:
