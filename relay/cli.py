@@ -428,15 +428,16 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _measure(conn: Any, timeout: float, **options: Any) -> Any:
-    """A snapshot that gives up after ``timeout`` seconds (a lock held on the outbox tables, an
+    """A snapshot that gives up after ``timeout`` seconds in all (a lock held on the outbox tables, an
     overloaded server): a status check in a script must answer, if only to say it cannot."""
     from outbox_relay import monitor
-    from outbox_relay.db.connection import translated
+    from outbox_relay.db.connection import cancelled_after, translated
 
     with translated():
         conn.execute(monitor.session(timeout))
     try:
-        return monitor.snapshot(conn, **options)
+        with cancelled_after(conn, timeout):
+            return monitor.snapshot(conn, **options)
     except StatementCancelled:
         raise StatementCancelled(f"PostgreSQL did not answer within {timeout:g}s (--timeout)") from None
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from sqlalchemy import Engine, text
 
 from outbox_relay import cli as cli_module
 from outbox_relay import enqueue, schema
-from outbox_relay.db.connection import conninfo
+from outbox_relay.db.connection import cancelled_after, connect, conninfo, translated
 from outbox_relay.db.names import NOTIFY_TRIGGER, VERSION_TABLE, lane_index_name
+from outbox_relay.errors import StatementCancelled
 from outbox_relay.migrate import script_location
 from outbox_relay.models import SCHEMA
 from outbox_relay.models.names import SETTINGS_TABLE
-from tests.pgtools import EVENTS, UNSENT, set_state_sql, url_for
+from tests.pgtools import EVENTS, INSTANCES, LANES, SENT, SETTINGS, UNSENT, set_state_sql, url_for
 from tests.relaytools import ROOT, stopped, wait_until
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
@@ -253,6 +255,47 @@ def test_status_answers_within_its_timeout_while_a_lock_blocks_the_outbox(engine
     assert one_line(result) == "outbox-relay: PostgreSQL did not answer within 2s (--timeout)"
     assert took < 30
     assert cli(database_url, *command, "--timeout", "2").returncode == 0  # the lock gone, it answers
+
+
+def test_status_timeout_bounds_the_whole_check_not_each_statement(engine: Engine, database_url: str) -> None:
+    """A status check runs about eight statements. A server slow on each one (here: a lock taken again and
+    again for 1 s, less than --timeout) made `status --timeout 2.5` answer after 8 s, with exit 0: a pager
+    script waited up to eight timeouts. Now the check as a whole gives up after --timeout."""
+    with engine.begin() as conn:
+        enqueue(conn, "orders", b"x")
+    stop = threading.Event()
+
+    def take_the_tables_again_and_again() -> None:
+        with psycopg.connect(conninfo(database_url), autocommit=True) as blocker:
+            while not stop.is_set():
+                with blocker.transaction():
+                    blocker.execute(f"LOCK TABLE {SETTINGS}, {EVENTS}, {UNSENT}, {SENT}, {LANES}, {INSTANCES}"
+                                    " IN ACCESS EXCLUSIVE MODE")
+                    time.sleep(1.0)
+
+    blocker = threading.Thread(target=take_the_tables_again_and_again)
+    blocker.start()
+    try:
+        result = cli(database_url, "status", "--timeout", "2.5", timeout=60)
+    finally:
+        stop.set()
+        blocker.join()
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE, result.stdout + result.stderr
+    assert one_line(result) == "outbox-relay: PostgreSQL did not answer within 2.5s (--timeout)"
+
+
+def test_the_whole_check_cancel_leaves_the_connection_usable_and_spares_a_fast_check(database_url: str) -> None:
+    """What `status --watch` relies on: a check cut off at its deadline leaves the connection ready for the
+    next one, and a check that ends in time is never cancelled afterwards."""
+    with connect(database_url) as conn:
+        with pytest.raises(StatementCancelled), cancelled_after(conn, 0.2):
+            conn.execute("SELECT 1").fetchone()
+            with translated():
+                conn.execute("SELECT pg_sleep(30)")
+        with cancelled_after(conn, 0.2):
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+        time.sleep(0.4)  # past the deadline of the block that ended
+        assert conn.execute("SELECT 3, pg_sleep(0.3)").fetchone() == (3, "")
 
 
 def test_a_timeout_below_a_millisecond_still_bounds_the_wait(engine: Engine, database_url: str) -> None:

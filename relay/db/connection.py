@@ -46,6 +46,46 @@ def milliseconds(seconds: float) -> int:
     return max(1, math.ceil(round(seconds * 1000, 6)))
 
 
+# How often a statement that began after the deadline is cancelled again (one cancel between
+# statements is lost: it finds nothing running).
+_CANCEL_AGAIN_S = 0.05
+
+
+@contextlib.contextmanager
+def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
+    """Cancel whatever ``conn`` runs once ``seconds`` have passed, until the block ends.
+
+    statement_timeout bounds each statement; this bounds them together: a check made of several
+    statements answers within its timeout, not within one timeout per statement. A cancelled
+    statement raises ``StatementCancelled`` where it ran (under :func:`translated`).
+    """
+    done = threading.Event()
+    cancelling = threading.Lock()  # the block does not end while a cancel is on its way
+
+    def cancel_until_done() -> None:
+        if done.wait(seconds):
+            return
+        while True:
+            with cancelling:
+                if done.is_set():
+                    return
+                try:
+                    conn.cancel()
+                except psycopg.Error:
+                    return  # the connection broke: the statement ends without us
+            if done.wait(_CANCEL_AGAIN_S):
+                return
+
+    watcher = threading.Thread(target=cancel_until_done, name="outbox-relay cancel", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        with cancelling:
+            done.set()
+        watcher.join()
+
+
 @contextlib.contextmanager
 def translated(doing: str = "") -> Iterator[None]:
     """psycopg's errors as the relay's (usable as a decorator); ``doing`` prefixes the message.
