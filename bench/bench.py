@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' helpers (databases, topics, relay processes) serve the bench too
 sys.path.insert(0, str(ROOT / "bench"))
 import debezium  # noqa: E402
-from watchdog import ProcessDied, Watched, cpu_seconds, peak_rss_mib, tree_cpu_seconds, wait_until  # noqa: E402
+from watchdog import MeasurementFailed, Watched, cpu_seconds, peak_rss_mib, stalled, tree_cpu_seconds, wait_until  # noqa: E402
 
 from tests import kafkatools  # noqa: E402
 from tests.pgtools import EVENTS, SENT, SETTINGS, UNSENT, admin, drop_database, url_for  # noqa: E402
@@ -429,6 +429,8 @@ def measure_latency(url: str, topic: str, rate: int, seconds: float, watched: It
         stop.set()
         reader.join()
     latencies = sorted((received[e] - t) * 1000 for e, t in committed.items() if e in received)
+    if not latencies:  # alive, yet nothing came through (a relay failing every batch): no figure to give
+        raise stalled(watched, f"none of {len(committed)} events reached the consumer within 30 s of the last commit")
     return {"rate_asked": rate, "events_per_commit": per_commit, "rate_achieved": len(committed) / seconds,
             "missing": len(committed) - len(latencies),
             "p50_ms": statistics.median(latencies), "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
@@ -843,7 +845,7 @@ def main() -> int:
     results: dict[str, Any] = {"postgres": settings}
     try:
         measure(args, results)
-    except (ProcessDied, debezium.DebeziumError) as exc:  # a dead relay or Connect: which, its log, stop
+    except (MeasurementFailed, debezium.DebeziumError) as exc:  # a dead or stalled relay or Connect: its log, stop
         print(f"\nbench stopped: {exc}", file=sys.stderr)
         return 1
     finally:

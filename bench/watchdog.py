@@ -26,12 +26,26 @@ class Watched(Protocol):
     def log(self) -> str: ...
 
 
-class ProcessDied(RuntimeError):
+class MeasurementFailed(RuntimeError):
+    """A process the bench depends on failed it: the message says which, with its last log lines."""
+
+
+class ProcessDied(MeasurementFailed):
     """A process the bench depends on exited during a measurement."""
+
+
+class ProcessStalled(MeasurementFailed):
+    """Processes the bench depends on live but did nothing of what was measured (no event came through)."""
 
 
 def last_lines(text: str, count: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-count:])
+
+
+def stalled(processes: Iterable[Watched], what: str) -> ProcessStalled:
+    """The error for processes alive but idle: `what` did not happen; each one's last log lines."""
+    logs = "\n".join(f"--- {process.name}:\n{last_lines(process.log()) or '(empty log)'}" for process in processes)
+    return ProcessStalled(f"{what}; the last lines of their logs:\n{logs}")
 
 
 def check_alive(processes: Iterable[Watched]) -> None:

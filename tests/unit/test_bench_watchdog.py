@@ -59,6 +59,23 @@ def test_a_relay_that_dies_ends_the_wait_with_its_last_log_lines(tmp_path: Path)
         healthy.process.wait()
 
 
+def test_relays_alive_but_idle_give_an_error_with_each_ones_last_log_lines(tmp_path: Path) -> None:
+    """A relay that lives but fails every batch published nothing: the latency run had no figure to give and
+    stopped with a StatisticsError traceback. Now one error names what did not happen and shows the logs."""
+    watchdog = _watchdog()
+    failing = Child(tmp_path, "[print(f'line {n}') for n in range(50)]; print('ERROR: lane 0: tick failed')")
+    quiet = Child(tmp_path, "pass", name="relay-latency-1000-on-1")
+    failing.process.wait()
+    quiet.process.wait()
+    error = watchdog.stalled([failing, quiet], "none of 10 events reached the consumer")
+    assert isinstance(error, watchdog.MeasurementFailed)
+    message = str(error)
+    assert message.startswith("none of 10 events reached the consumer; the last lines of their logs:")
+    assert "--- relay-drain-1-0:\n" in message and "ERROR: lane 0: tick failed" in message
+    assert "line 49" in message and "line 10\n" not in message
+    assert message.endswith("--- relay-latency-1000-on-1:\n(empty log)")
+
+
 def test_the_wait_returns_when_done_and_everyone_lives(tmp_path: Path) -> None:
     watchdog = _watchdog()
     healthy = Child(tmp_path, "import time; time.sleep(30)")
