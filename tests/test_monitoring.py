@@ -128,7 +128,7 @@ def test_readiness_fails_when_kafka_is_unreachable(database_url: str, relays: Re
                          OUTBOX_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
     wait_until(lambda: get_or_none(f"http://127.0.0.1:{port}/healthz") == 200, 30, "the HTTP server")
     # Until its first lane-management pass ends, the relay also says "taking lanes": wait for that pass.
-    code, body = wait_until(lambda: (r := get(f"http://127.0.0.1:{port}/readyz")) and
+    code, _ = wait_until(lambda: (r := get(f"http://127.0.0.1:{port}/readyz")) and
                             json.loads(r[1])["problems"] == ["no Kafka producer for lanes [0]"] and r, 30,
                             "readiness to name the problem, and only it")
     assert code == 503
