@@ -47,8 +47,10 @@ def milliseconds(seconds: float) -> int:
 
 
 # How often a statement that began after the deadline is cancelled again (one cancel between
-# statements is lost: it finds nothing running).
+# statements is lost: it finds nothing running), and how long the block's end waits for a cancel
+# on its way.
 _CANCEL_AGAIN_S = 0.05
+_CANCEL_WAIT_S = 2.0
 
 
 @contextlib.contextmanager
@@ -60,7 +62,7 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
     statement raises ``StatementCancelled`` where it ran (under :func:`translated`).
     """
     done = threading.Event()
-    cancelling = threading.Lock()  # the block does not end while a cancel is on its way
+    cancelling = threading.Lock()  # held while a cancel is on its way
 
     def cancel_until_done() -> None:
         if done.wait(seconds):
@@ -76,14 +78,16 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
             if done.wait(_CANCEL_AGAIN_S):
                 return
 
-    watcher = threading.Thread(target=cancel_until_done, name="outbox-relay cancel", daemon=True)
-    watcher.start()
+    threading.Thread(target=cancel_until_done, name="outbox-relay cancel", daemon=True).start()
     try:
         yield
     finally:
-        with cancelling:
-            done.set()
-        watcher.join()
+        # A cancel on its way could hit a later statement: wait for it, though not for as long as
+        # a cancel to a server that vanished takes (until TCP gives up connecting).
+        sent = cancelling.acquire(timeout=_CANCEL_WAIT_S)
+        done.set()
+        if sent:
+            cancelling.release()
 
 
 @contextlib.contextmanager
