@@ -51,7 +51,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' helpers (databases, topics, relay processes) serve the bench too
 sys.path.insert(0, str(ROOT / "bench"))
 import debezium  # noqa: E402
-from watchdog import MeasurementFailed, Watched, cpu_seconds, peak_rss_mib, stalled, tree_cpu_seconds, wait_until  # noqa: E402
+from watchdog import (  # noqa: E402
+    MeasurementFailed,
+    Watched,
+    cpu_seconds,
+    peak_rss_mib,
+    stalled,
+    tree_cpu_seconds,
+    wait_until,
+)
 
 from tests import kafkatools  # noqa: E402
 from tests.pgtools import EVENTS, SENT, SETTINGS, UNSENT, admin, drop_database, url_for  # noqa: E402
