@@ -463,3 +463,17 @@ def test_the_demo_stops_when_the_relay_dies_and_shows_its_last_lines(database_ur
     assert time.monotonic() - started < 30  # not the 60 s wait for events that will never come
     assert "the relay exited with code 2; its last log lines" in result.stdout
     assert 'No such configuration property: "port" (from OUTBOX_KAFKA_PORT)' in result.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["lanes", "show"]])
+def test_the_timeout_covers_the_schema_check_a_migration_lock_blocks(engine: Engine, database_url: str,
+                                                                      command: list[str]) -> None:
+    """The schema check before the measure reads the settings table: a lock on it alone (a migration) kept
+    `status --timeout 1` waiting for as long as it was held, with exit 0."""
+    with psycopg.connect(conninfo(database_url), autocommit=True) as blocker, blocker.transaction():
+        blocker.execute(f"LOCK TABLE {SETTINGS} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = cli(database_url, *command, "--timeout", "1", timeout=60)
+        assert time.monotonic() - started < 15
+    assert result.returncode == cli_module.EXIT_UNAVAILABLE, result.stdout + result.stderr
+    assert one_line(result) == "outbox-relay: PostgreSQL did not answer within 1s (--timeout)"

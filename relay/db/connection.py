@@ -72,9 +72,9 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
                 if done.is_set():
                     return
                 try:
-                    conn.cancel()
+                    _cancel(conn)
                 except psycopg.Error:
-                    return  # the connection broke: the statement ends without us
+                    return  # the connection broke, or the cancel found no server: the statement ends without us
             if done.wait(_CANCEL_AGAIN_S):
                 return
 
@@ -88,6 +88,18 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
         done.set()
         if sent:
             cancelling.release()
+
+
+def _cancel(conn: Connection) -> None:
+    """A cancel that lets the process run while it is on its way: psycopg's binary ``cancel()`` holds the
+    GIL in PQcancel, so a cancel to a postmaster that does not answer froze every thread (the 2 s bound
+    of ``cancelled_after`` included) for as long as TCP kept it waiting. ``cancel_safe`` (psycopg 3.2,
+    libpq 17) waits in Python, and gives up after ``_CANCEL_WAIT_S``."""
+    cancel_safe = getattr(conn, "cancel_safe", None)
+    if cancel_safe is None:
+        conn.cancel()
+    else:
+        cancel_safe(timeout=_CANCEL_WAIT_S)
 
 
 @contextlib.contextmanager
