@@ -402,8 +402,11 @@ def _status(args: argparse.Namespace) -> int:
     from outbox_relay import monitor
 
     settings = _settings(args, kafka=False)
-    with _connect(settings, check_schema=False) as conn:  # checked within --timeout, by _measure
+    conn = _connect(settings, check_schema=False)  # checked within --timeout, by _measure
+    try:
         while True:
+            if conn.closed:  # given up on: its backend took no cancel (stopped, a frozen VM)
+                conn = _connect(settings, check_schema=False)
             try:
                 snap = _measure(conn, args.timeout, hold=settings.failed_key_policy == "hold")
             except StatementCancelled as exc:
@@ -425,6 +428,8 @@ def _status(args: argparse.Namespace) -> int:
             if not args.watch:
                 return EXIT_THRESHOLD if breaches else EXIT_OK
             time.sleep(args.watch)
+    finally:
+        conn.close()
 
 
 def _measure(conn: Any, timeout: float, **options: Any) -> Any:

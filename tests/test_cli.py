@@ -3,12 +3,14 @@ every command checks the schema it needs, and the first hour's surprises are gon
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -477,3 +479,72 @@ def test_the_timeout_covers_the_schema_check_a_migration_lock_blocks(engine: Eng
         assert time.monotonic() - started < 15
     assert result.returncode == cli_module.EXIT_UNAVAILABLE, result.stdout + result.stderr
     assert one_line(result) == "outbox-relay: PostgreSQL did not answer within 1s (--timeout)"
+
+
+def _status_process(database_url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "outbox_relay", "status", *args, "--database-url", database_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _backend_waiting_for_a_lock(database_url: str) -> int | None:
+    """The status command's backend, once it waits for a lock (pg_stat_activity is read outside any
+    transaction: inside one it is a snapshot)."""
+    with psycopg.connect(conninfo(database_url), autocommit=True) as observer:
+        row = observer.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'outbox-relay cli'"
+                               " AND wait_event_type = 'Lock'").fetchone()
+    return row[0] if row else None
+
+
+@contextlib.contextmanager
+def _stopped(pid: int) -> Iterator[None]:
+    """A PostgreSQL backend stopped (a frozen VM, a debugger): it takes no cancel, yet its kernel still
+    answers TCP keepalives."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_stopped_backend_cannot_hold_status_past_its_timeout(database_url: str) -> None:
+    """Before, `status --timeout 3` waited for as long as its backend stayed stopped: neither
+    statement_timeout nor a cancel reaches a stopped process. Now, once a second of cancels went
+    unanswered, it gives the connection up and says so in its one line."""
+    with psycopg.connect(conninfo(database_url), autocommit=True) as blocker, blocker.transaction():
+        blocker.execute(f"LOCK TABLE {SETTINGS} IN ACCESS EXCLUSIVE MODE")
+        status = _status_process(database_url, "--timeout", "3")
+        try:
+            backend = wait_until(lambda: _backend_waiting_for_a_lock(database_url), 30, "status to wait for the lock")
+            with _stopped(backend):
+                started = time.monotonic()
+                _, stderr = status.communicate(timeout=30)
+                waited = time.monotonic() - started
+        finally:
+            status.kill()
+    assert status.returncode == cli_module.EXIT_UNAVAILABLE and waited < 10, (waited, stderr)
+    assert stderr.strip() == "outbox-relay: PostgreSQL did not answer within 3s (--timeout)", stderr
+
+
+def test_status_watch_connects_again_after_giving_up_on_a_stopped_backend(database_url: str) -> None:
+    """`status --watch` says it could not look, then looks again on a new connection (the one it gave up
+    is closed), and shows the outbox once PostgreSQL answers."""
+    with psycopg.connect(conninfo(database_url), autocommit=True) as blocker:
+        with blocker.transaction():
+            blocker.execute(f"LOCK TABLE {SETTINGS} IN ACCESS EXCLUSIVE MODE")
+            status = _status_process(database_url, "--watch", "0.5", "--timeout", "3", "--json")
+            try:
+                backend = wait_until(lambda: _backend_waiting_for_a_lock(database_url), 30, "status to wait")
+                with _stopped(backend):
+                    assert status.stderr is not None
+                    line = status.stderr.readline()  # blocks until status gives up
+            except BaseException:
+                status.kill()
+                raise
+        try:
+            assert line.strip() == ("outbox-relay: PostgreSQL did not answer within 3s (--timeout);"
+                                    " looking again in 0.5s")
+            assert status.stdout is not None
+            assert status.stdout.readline().strip() == "{"  # a snapshot, on the new connection
+        finally:
+            status.kill()
+            status.communicate()

@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import re
+import socket
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any, TypeAlias, TypeVar
@@ -51,6 +54,10 @@ def milliseconds(seconds: float) -> int:
 # on its way.
 _CANCEL_AGAIN_S = 0.05
 _CANCEL_WAIT_S = 2.0
+# Cancels unanswered for this long past the deadline: the backend is not running (stopped, a frozen
+# VM) or the server cannot be reached to take them. The connection is given up: shut down under the
+# statement, which then fails at once instead of waiting for a backend that may never run again.
+_GIVE_UP_AFTER_S = 1.0
 
 
 @contextlib.contextmanager
@@ -59,28 +66,39 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
 
     statement_timeout bounds each statement; this bounds them together: a check made of several
     statements answers within its timeout, not within one timeout per statement. A cancelled
-    statement raises ``StatementCancelled`` where it ran (under :func:`translated`).
+    statement raises ``StatementCancelled`` where it ran (under :func:`translated`). A statement
+    that cancels cannot end within ``_GIVE_UP_AFTER_S`` loses its connection, and the block raises
+    ``StatementCancelled`` too; ``conn`` is closed then.
     """
     done = threading.Event()
+    gave_up = threading.Event()
     cancelling = threading.Lock()  # held while a cancel is on its way
 
     def cancel_until_done() -> None:
         if done.wait(seconds):
             return
+        give_up_at = time.monotonic() + _GIVE_UP_AFTER_S
         while True:
             with cancelling:
                 if done.is_set():
                     return
-                try:
+                if time.monotonic() >= give_up_at:
+                    gave_up.set()
+                    _shut_down(conn)
+                    return
+                with contextlib.suppress(psycopg.Error):  # no server to take it: given up on next time
                     _cancel(conn)
-                except psycopg.Error:
-                    return  # the connection broke, or the cancel found no server: the statement ends without us
             if done.wait(_CANCEL_AGAIN_S):
                 return
 
     threading.Thread(target=cancel_until_done, name="outbox-relay cancel", daemon=True).start()
     try:
         yield
+    except (psycopg.Error, DatabaseError) as exc:
+        if not gave_up.is_set():
+            raise
+        raise StatementCancelled(f"PostgreSQL took no cancel within {seconds + _GIVE_UP_AFTER_S:g}s: "
+                                 "gave the connection up") from exc
     finally:
         # A cancel on its way could hit a later statement: wait for it, though not for as long as
         # a cancel to a server that vanished takes (until TCP gives up connecting).
@@ -88,6 +106,17 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
         done.set()
         if sent:
             cancelling.release()
+        if gave_up.is_set():
+            conn.close()  # also when the block ended just as it was given up: its socket is shut down
+
+
+def _shut_down(conn: Connection) -> None:
+    """End the connection under whatever waits on it: its read returns at once, as if the server had gone."""
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:  # shutdown acts on the socket, not the fd
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass  # already closed
 
 
 def _cancel(conn: Connection) -> None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+import types
+from collections.abc import Iterator
 from typing import Any
 
+import psycopg
+import pytest
+
 from outbox_relay.db.connection import cancelled_after
+from outbox_relay.errors import StatementCancelled
 
 
 class Conn:
@@ -53,3 +60,54 @@ def test_the_check_ends_without_waiting_for_a_cancel_to_a_vanished_server() -> N
     assert took < 10  # the bound is 2 s; 10 leaves room for a loaded machine, 30 is the cancel's own time
     assert len(conn.cancels) == 1
     assert any(t.name == "outbox-relay cancel" for t in threading.enumerate())  # left to finish on its own
+
+
+class StoppedServerConn(Conn):
+    """A connection whose backend takes no cancel (stopped): its reads end only when the socket is shut down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client, self.server = socket.socketpair()
+        self.client.settimeout(10)  # a test that fails, not one that hangs
+        self.pgconn = types.SimpleNamespace(socket=self.client.fileno())
+        self.closed = False
+
+    def read_reply(self) -> None:
+        if not self.client.recv(1):  # what libpq waits on; b"" once shut down
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def stopped_server() -> Iterator[StoppedServerConn]:
+    conn = StoppedServerConn()
+    yield conn
+    conn.client.close()
+    conn.server.close()
+
+
+def test_a_backend_that_takes_no_cancel_loses_its_connection_and_the_check_ends(
+        stopped_server: StoppedServerConn) -> None:
+    """A stopped backend holds its statement through every cancel, and its kernel answers keepalives:
+    `status --timeout` waited for as long as it stayed stopped."""
+    conn = stopped_server
+    started = time.monotonic()
+    with (pytest.raises(StatementCancelled, match=r"took no cancel within 1.1s: gave the connection up"),
+          cancelled_after(conn, 0.1)):  # type: ignore[arg-type]
+        conn.read_reply()
+    assert 1.0 < time.monotonic() - started < 10
+    assert conn.closed and len(conn.cancels) >= 10  # cancelled every 50 ms for a second first
+
+
+def test_a_check_that_ends_after_a_cancel_keeps_its_connection(stopped_server: StoppedServerConn) -> None:
+    conn = stopped_server
+    conn.server.send(b"x")  # the reply comes
+    with cancelled_after(conn, 0.05):  # type: ignore[arg-type]
+        time.sleep(0.2)
+        conn.read_reply()
+    time.sleep(1.2)  # past the point where it would have given up
+    conn.server.send(b"y")
+    conn.read_reply()  # the socket still works
+    assert not conn.closed
