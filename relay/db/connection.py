@@ -101,12 +101,13 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
                                  "gave the connection up") from exc
     finally:
         # A cancel on its way could hit a later statement: wait for it, though not for as long as
-        # a cancel to a server that vanished takes (until TCP gives up connecting).
+        # a cancel to a server that vanished takes (until TCP gives up connecting); a connection it
+        # may still reach is closed.
         sent = cancelling.acquire(timeout=_CANCEL_WAIT_S)
         done.set()
         if sent:
             cancelling.release()
-        if gave_up.is_set():
+        if gave_up.is_set() or not sent:
             conn.close()  # also when the block ended just as it was given up: its socket is shut down
 
 

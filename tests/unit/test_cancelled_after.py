@@ -22,10 +22,14 @@ class Conn:
     def __init__(self, cancel_takes: float = 0.0) -> None:
         self.cancels: list[float] = []
         self.cancel_takes = cancel_takes
+        self.closed = False
 
     def cancel(self) -> None:
         self.cancels.append(time.monotonic())
         time.sleep(self.cancel_takes)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def run(conn: Any, seconds: float, body_takes: float) -> float:
@@ -60,6 +64,13 @@ def test_the_check_ends_without_waiting_for_a_cancel_to_a_vanished_server() -> N
     assert took < 10  # the bound is 2 s; 10 leaves room for a loaded machine, 30 is the cancel's own time
     assert len(conn.cancels) == 1
     assert any(t.name == "outbox-relay cancel" for t in threading.enumerate())  # left to finish on its own
+    assert conn.closed  # the cancel may still land: on a later statement of `status --watch`, before
+
+
+def test_a_connection_whose_cancels_all_came_back_stays_open() -> None:
+    conn = Conn()
+    run(conn, 0.05, 0.3)
+    assert conn.cancels and not conn.closed
 
 
 class StoppedServerConn(Conn):
@@ -70,14 +81,10 @@ class StoppedServerConn(Conn):
         self.client, self.server = socket.socketpair()
         self.client.settimeout(10)  # a test that fails, not one that hangs
         self.pgconn = types.SimpleNamespace(socket=self.client.fileno())
-        self.closed = False
 
     def read_reply(self) -> None:
         if not self.client.recv(1):  # what libpq waits on; b"" once shut down
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture
