@@ -521,7 +521,10 @@ def _verify(args: argparse.Namespace) -> int:
     with _connect(settings) as conn:
         rows = ledger_rows(conn)
     topics = args.topics or sorted({row.topic for row in rows})
-    report = verify.check(rows, verify.read_topics(settings.producer_config(), topics, timeout=settings.kafka_timeout))
+    # A live outbox has pending events (claimable, delayed, held behind a parked one): not in Kafka yet is not lost.
+    # The rows are read before Kafka, so an event sent in between is in Kafka when it is read.
+    messages = verify.read_topics(settings.producer_config(), topics, timeout=settings.kafka_timeout)
+    report = verify.check(rows, messages, expect_all_sent=False)
     print(json.dumps(dataclasses.asdict(report), default=str, indent=2) if args.json else verify.render(report))
     return EXIT_OK if report.ok else EXIT_FAILURE
 

@@ -454,6 +454,28 @@ def test_verify_judges_order_per_stream_and_finds_parked_rows_in_kafka(engine: E
     assert "parked as failed or discarded, yet in Kafka: 1" in result.stdout
 
 
+def test_verify_on_a_live_outbox_does_not_call_events_not_published_yet_lost(engine: Engine, database_url: str,
+                                                                              topic: str) -> None:
+    """An event delayed an hour, or one waiting for the relay, is pending, not lost: `verify` exits 0 and says so."""
+    import datetime
+
+    with engine.begin() as conn:
+        delayed = enqueue(conn, topic, b"later", key="k", delay=datetime.timedelta(hours=1))
+        enqueue(conn, topic, b"now", key="j")
+    result = cli(database_url, "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK: committed=2 received=0 lost=0 "), result.stdout
+    assert "not published yet (pending: claimable, delayed or held; not a violation): 2" in result.stdout
+    assert str(delayed) not in result.stdout
+
+    # A row marked sent that Kafka lacks is still lost.
+    with engine.begin() as conn:
+        conn.execute(text(set_state_sql("sent", "e.event_id <> :delayed")), {"delayed": delayed})
+    result = cli(database_url, "verify")
+    assert result.returncode == 1 and "lost=1 " in result.stdout and "marked sent but not in Kafka: 1" in result.stdout
+    assert "not published yet (pending: claimable, delayed or held; not a violation): 1" in result.stdout
+
+
 def test_the_demo_stops_when_the_relay_dies_and_shows_its_last_lines(database_url: str) -> None:
     import time
 

@@ -43,7 +43,8 @@ def test_a_pending_row_is_lost_only_when_all_should_be_sent() -> None:
     rows = [row(1), row(2, state="pending")]
     assert check(rows, delivered(rows[0])).lost == ["e2"]
     partial = check(rows, delivered(rows[0]), expect_all_sent=False)
-    assert partial.ok and partial.lost == [] and partial.sent_but_missing == []
+    assert partial.ok and partial.lost == [] and partial.sent_but_missing == [] and partial.pending == ["e2"]
+    assert render(partial).endswith("not published yet (pending: claimable, delayed or held; not a violation): 1")
 
 
 def test_parked_rows_are_neither_lost_nor_missing() -> None:
