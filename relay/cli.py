@@ -521,6 +521,7 @@ def _verify(args: argparse.Namespace) -> int:
     with _connect(settings) as conn:
         rows = ledger_rows(conn)
     topics = args.topics or sorted({row.topic for row in rows})
+    rows = [row for row in rows if row.topic in topics]  # --topic: the other topics' events were not read
     # A live outbox has pending events (claimable, delayed, held behind a parked one): not in Kafka yet is not lost.
     # The rows are read before Kafka, so an event sent in between is in Kafka when it is read.
     messages = verify.read_topics(settings.producer_config(), topics, timeout=settings.kafka_timeout)
