@@ -110,6 +110,20 @@ def check(
     )
 
 
+def unknown_event_ids(rows: Iterable[LedgerRow], messages: Iterable[LedgerMessage]) -> list[uuid.UUID]:
+    """The event ids in Kafka that none of ``rows`` has (junk that is no UUID left out): rows committed and
+    published after ``rows`` were read, unless the table has none of them either."""
+    known = {row.event_id for row in rows}
+    found: set[uuid.UUID] = set()
+    for message in messages:
+        if message.event_id is not None and message.event_id not in known:
+            try:
+                found.add(uuid.UUID(message.event_id))
+            except ValueError:
+                pass  # reported as unknown
+    return sorted(found)
+
+
 def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: float = 30.0) -> list[LedgerMessage]:
     """Everything committed in the topics (read_committed), from the beginning to the current end."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition

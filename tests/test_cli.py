@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -497,6 +498,35 @@ def test_verify_of_one_topic_compares_that_topics_events_only(engine: Engine, da
     result = cli(database_url, "verify", "--topic", first)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("OK: committed=1 received=1 lost=0 "), result.stdout
+
+
+def test_verify_looks_up_events_committed_and_published_while_it_read_kafka(
+        engine: Engine, database_url: str, topic: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """On a live outbox, an event committed after `verify` read the table and published before it read
+    Kafka is not one "in Kafka without a row": before, it was, and verify exited 1."""
+    from confluent_kafka import Producer
+
+    from outbox_relay import verify
+    from tests import kafkatools
+
+    read_topics = verify.read_topics
+
+    def an_event_is_committed_and_published_meanwhile(*args: Any, **kwargs: Any) -> list[verify.LedgerMessage]:
+        with engine.begin() as conn:
+            event_id = enqueue(conn, topic, b"meanwhile", key="k")
+        producer = Producer({"bootstrap.servers": kafkatools.bootstrap()})
+        producer.produce(topic, key=b"k", value=b"meanwhile", headers=[("outbox-event-id", str(event_id).encode())])
+        producer.flush(10)
+        return read_topics(*args, **kwargs)
+
+    with engine.begin() as conn:
+        enqueue(conn, topic, b"before", key="k")
+    monkeypatch.setattr(verify, "read_topics", an_event_is_committed_and_published_meanwhile)
+    code = cli_module.main(["verify", "--topic", topic, "--database-url", database_url])
+    out = capsys.readouterr().out
+    assert code == cli_module.EXIT_OK, out
+    assert out.startswith("OK: committed=2 received=1 lost=0 duplicated=0 reordered=0 unknown=0 "), out
 
 
 def test_the_demo_stops_when_the_relay_dies_and_shows_its_last_lines(database_url: str) -> None:

@@ -130,10 +130,12 @@ def replay(conn: Connection, selection: Selection | None, since: dt.datetime | N
 
 
 @translated()
-def ledger_rows(conn: Connection) -> list[LedgerRow]:
-    """Every row of the outbox table (all states), in id order: what `outbox-relay verify` compares."""
+def ledger_rows(conn: Connection, event_ids: list[uuid.UUID] | None = None) -> list[LedgerRow]:
+    """Every row of the outbox table (all states), or those of ``event_ids``, in id order: what
+    `outbox-relay verify` compares."""
     query = sql.SQL(
         "SELECT e.id, e.event_id::text, e.topic, e.key, coalesce(u.state, 'sent') FROM {events} e"
-        " LEFT JOIN {unsent} u ON u.id = e.id ORDER BY e.id"
-    ).format(events=EVENTS, unsent=UNSENT)
-    return [LedgerRow(*row) for row in conn.execute(query)]
+        " LEFT JOIN {unsent} u ON u.id = e.id {only} ORDER BY e.id"
+    ).format(events=EVENTS, unsent=UNSENT,
+             only=sql.SQL("" if event_ids is None else "WHERE e.event_id = ANY(%(ids)s)"))
+    return [LedgerRow(*row) for row in conn.execute(query, {"ids": event_ids} if event_ids is not None else None)]
