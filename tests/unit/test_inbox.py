@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +145,17 @@ def test_every_inbox_flag_shows_its_environment_variable_in_help() -> None:
         if "env" in field.metadata:
             assert f"env {field.metadata['env']}" in help_text
     assert "OUTBOX_INBOX_SCHEMA (default inbox)" in help_text
+
+
+def test_the_readmes_inbox_module_can_be_imported_without_running(tmp_path: Path) -> None:
+    """`outbox-relay inbox run billing.consumer:apply` imports the module for its handler. The README's module
+    ended in a bare `inbox.run()`: the import started the module's own inbox first (a second one after ^C,
+    which then waited out its 30 s shutdown deadline)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Consuming exactly once"):]
+    module = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert module is not None
+    (tmp_path / "billing_consumer.py").write_text(module.group(1))
+    imported = subprocess.run([sys.executable, "-c", "import billing_consumer as m; print(m.apply.__name__)"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0 and imported.stdout == "apply\n", imported.stdout + imported.stderr
