@@ -328,10 +328,13 @@ def _run(args: argparse.Namespace) -> int:
     import logging
 
     from outbox_relay import schema
+    from outbox_relay.config import unknown_variables
     from outbox_relay.daemon import Relay
 
     settings = _kafka_settings(args)
     log = logging.getLogger("outbox_relay.cli")
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line, extra={"action": "unknown_variable"})
     delay, waited = settings.backoff_initial, False
     while True:
         try:

@@ -11,6 +11,7 @@ underscores (``OUTBOX_KAFKA_SASL_MECHANISM=PLAIN`` is ``sasl.mechanism``), a pro
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -247,6 +248,28 @@ def _given_values(cls: type, flags: Mapping[str, Any], env: Mapping[str, str]) -
         if raw is not None:
             values[field.name] = _convert(field, raw, source)
     return values
+
+
+# Read elsewhere: the names of the outbox's tables (models.names), the fault injection of the tests
+# (faults), and the project's own tooling (services, scenarios, bench), never by a setting.
+_OTHER_VARIABLES = frozenset({"OUTBOX_SCHEMA", "OUTBOX_TABLE", "OUTBOX_FAULT_INJECTION", "OUTBOX_LOAD_SECONDS"})
+_TOOLING_PREFIXES = ("OUTBOX_SERVICES_", "OUTBOX_SCENARIO_", "OUTBOX_BENCH_")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A line for each OUTBOX_* variable that nothing reads (a typo such as OUTBOX_BATCHSIZE), naming the
+    closest known one: misspelt, a setting silently keeps its default. OUTBOX_KAFKA_* variables are
+    librdkafka's to judge (it names an unknown property)."""
+    known = {field.metadata["env"] for cls in (Settings, InboxSettings) for field in dataclasses.fields(cls)
+             if "env" in field.metadata} | _OTHER_VARIABLES
+    lines = []
+    for name in sorted(env):
+        if (not name.startswith("OUTBOX_") or name in known or name.startswith("OUTBOX_KAFKA_")
+                or name.startswith(_TOOLING_PREFIXES)):
+            continue
+        guess = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        lines.append(f"{name} is not a setting and is ignored" + (f": did you mean {guess[0]}?" if guess else ""))
+    return lines
 
 
 def kafka_properties_from(env: Mapping[str, str], config_file: str, overrides: list[str] | None,

@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from outbox_relay.config import InboxSettings
+from outbox_relay.config import InboxSettings, unknown_variables
 from outbox_relay.errors import ConfigurationError, DatabaseUnavailable
 
 INBOX_NAMES_HELP = ("the inbox's tables live in the consumer's database, in the schema OUTBOX_INBOX_SCHEMA "
@@ -141,6 +142,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from outbox_relay.inbox import Inbox
 
         settings = _settings(args, kafka=True)
+        for line in unknown_variables(os.environ):
+            logging.getLogger("outbox_relay.inbox").warning("%s", line, extra={"action": "unknown_variable"})
         handler = load_handler(args.handler)
         _engine(settings).dispose()
         try:

@@ -132,6 +132,10 @@ def test_unreachable_or_misnamed_databases_are_one_line(database_url: str) -> No
     # A wrong name or a setting libpq rejects is not waited for, even by the daemon.
     result = cli(misnamed, "run", timeout=30)
     assert result.returncode == 4 and "does not exist" in one_line(result)
+    # The daemon names a variable that nothing reads first: here, OUTBOX_BATCH_SIZE misspelt.
+    result = cli(misnamed, "run", timeout=30, OUTBOX_BATCHSIZE="10")
+    assert result.returncode == 4 and result.stderr.count("\n") == 2, result.stderr
+    assert "OUTBOX_BATCHSIZE is not a setting and is ignored: did you mean OUTBOX_BATCH_SIZE?" in result.stderr
     result = cli(f"{database_url}?sslmode=bogus", "run", timeout=30)
     assert result.returncode == 4 and 'invalid sslmode value: "bogus"' in one_line(result)
 

@@ -160,3 +160,18 @@ def test_a_kafka_config_file_that_is_not_text_is_named(tmp_path: Path) -> None:
     binary.write_bytes(b"linger.ms=5\n\xff\xfe=1\n")  # was "'utf-8' codec can't decode byte 0xff", no file named
     with pytest.raises(ConfigurationError, match=f"Kafka config file '{binary}' is not UTF-8 text"):
         Settings.from_sources({}, {**BASE, "OUTBOX_KAFKA_CONFIG_FILE": str(binary)})
+
+
+def test_an_outbox_variable_nothing_reads_is_named_with_the_setting_it_resembles() -> None:
+    """A typo in a variable's name silently kept the setting's default: OUTBOX_BATCHSIZE=10 ran with 1000."""
+    from outbox_relay.config import unknown_variables
+
+    env = {**BASE, "OUTBOX_BATCHSIZE": "10", "OUTBOX_POLL_INTERVALL": "0.1", "OUTBOX_INBOX_GRUOP": "billing",
+           "OUTBOX_WHATEVER": "1", "OUTBOX_SCHEMA": "shop", "OUTBOX_INBOX_GROUP": "billing",
+           "OUTBOX_KAFKA_SASL_MECHANISM": "PLAIN", "OUTBOX_SERVICES_PG_PORT": "1", "PATH": "/bin"}
+    assert unknown_variables(env) == [
+        "OUTBOX_BATCHSIZE is not a setting and is ignored: did you mean OUTBOX_BATCH_SIZE?",
+        "OUTBOX_INBOX_GRUOP is not a setting and is ignored: did you mean OUTBOX_INBOX_GROUP?",
+        "OUTBOX_POLL_INTERVALL is not a setting and is ignored: did you mean OUTBOX_POLL_INTERVAL?",
+        "OUTBOX_WHATEVER is not a setting and is ignored",
+    ]
