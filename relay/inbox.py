@@ -561,8 +561,8 @@ class Inbox:
             self._retrying("parking an event", lambda: self._transaction([message], park=("failed", text, attempts)))
         if message.key is not None and s.failed_key_policy == "hold":
             self._held.setdefault(message.position, set()).add(message.key)
-        log.error("inbox: parked event %s (%s[%d]@%d) after %d attempts: %s", message.dedup_id(), message.topic,
-                  message.partition, message.offset, attempts, text,
+        log.error("inbox: parked event %s (%s[%d]@%d) after %d attempt%s: %s", message.dedup_id(), message.topic,
+                  message.partition, message.offset, attempts, "" if attempts == 1 else "s", text,
                   extra={"action": "park", "event_id": str(message.dedup_id()), "topic": message.topic})
         return False
 

@@ -509,8 +509,9 @@ class LaneWorker:
         extra = {**self._extra, "event_id": str(row.event_id), "topic": row.topic,
                  "action": "event_parked" if park else "event_retry"}
         if park:
-            log.error("parked event %s as failed after %d attempts: %s", row.event_id, row.attempts + 1, exc,
-                      extra=extra)
+            attempts = row.attempts + 1
+            log.error("parked event %s as failed after %d attempt%s: %s", row.event_id, attempts,
+                      "" if attempts == 1 else "s", exc, extra=extra)
         else:
             log.warning("event %s failed (attempt %d of %d): %s", row.event_id, row.attempts + 1,
                         self.settings.max_attempts, exc, extra=extra)
