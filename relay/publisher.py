@@ -193,7 +193,18 @@ class LanePublisher:
         self._produce_progress(rows)
         remaining = self._flush()
         if remaining:
+            unacknowledged = [row for row, report in zip(rows, reports, strict=True) if report is None]
+            missing = self._topics_kafka_lacks({row.topic for row in unacknowledged})
+            if missing:
+                # Never sent: librdkafka holds them until the topic appears (up to
+                # topic.metadata.propagation.max.ms), so the abort would wait for them in vain.
+                self._producer.purge(in_queue=True, in_flight=False)
             self.abort()
+            if missing:
+                row = next(row for row in unacknowledged if row.topic in missing)
+                raise PoisonEvent(row, KafkaError(KafkaError._UNKNOWN_TOPIC, f"topic {row.topic!r} is not in Kafka"
+                                                  " (not created: auto.create.topics.enable off, or a name that"
+                                                  " collides with another's, '.' and '_' being alike)"))
             raise TransactionAborted(f"{remaining} messages not acknowledged within {self.operation_timeout}s")
         failed = [(rows[i], error) for i, error in enumerate(reports) if error is not None]
         if failed:
@@ -207,6 +218,19 @@ class LanePublisher:
             raise TransactionAborted(f"delivery of event {row.event_id} failed: {describe(error)}")
         faults.hit("before_commit")
         self._commit()
+
+    def _topics_kafka_lacks(self, topics: set[str]) -> set[str]:
+        """Those of ``topics`` the cluster says it does not have; none when it does not answer."""
+        lacking = set()
+        for topic in sorted(topics):
+            try:
+                metadata = self._producer.list_topics(topic, timeout=min(_CALL_SLICE * 5, self.operation_timeout))
+            except KafkaException:
+                return set()  # Kafka does not answer: its trouble, not the event's
+            error = metadata.topics[topic].error if topic in metadata.topics else None
+            if error is not None and error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                lacking.add(topic)
+        return lacking
 
     def _flush(self) -> int:
         """Wait for every message's acknowledgement; returns how many are still unacknowledged."""

@@ -74,3 +74,29 @@ def test_poison_events_are_parked_and_the_rest_flows(engine: Engine, database_ur
         by_key.setdefault(message.key, []).append(_label(message.value))
     assert by_key == {b"A": [b"a1", b"a2-too-large", b"a3-held"], b"B": [b"b1", b"b2"]}
     assert "parked event" in relay.log()
+
+
+def test_a_topic_kafka_will_not_create_parks_its_event_and_names_the_topic(
+        engine: Engine, database_url: str, relays: Relays) -> None:
+    """`pay.ments` collides with an existing `pay_ments` ('.' and '_' are alike to Kafka), so the broker never
+    creates it, as with auto.create.topics.enable off. librdkafka keeps such a message queued for up to
+    topic.metadata.propagation.max.ms (30 s): with OUTBOX_KAFKA_TIMEOUT under that, every attempt was "1
+    messages not acknowledged", blamed on Kafka (its breaker opened), the producer replaced, and the event
+    never parked: its lane stalled for good. Now a timed-out flush asks the broker, and a topic it does not
+    have is the event's failure, counted and parked like any other."""
+    suffix = uuid.uuid4().hex[:8]
+    kafkatools.create_topic(f"pay_{suffix}", partitions=1)
+    elsewhere = kafkatools.create_topic(f"ok-{suffix}", partitions=1)
+    with engine.begin() as conn:
+        enqueue(conn, f"pay.{suffix}", b"missing-topic", key="A")
+        enqueue(conn, elsewhere, b"held", key="A")
+        enqueue(conn, elsewhere, b"other-key", key="B")
+    relay = relays.start(database_url, OUTBOX_MAX_ATTEMPTS=2, OUTBOX_KAFKA_TIMEOUT=3, OUTBOX_BACKOFF_MAX=0.5)
+    wait_until(lambda: rows_by_value(engine)[b"missing-topic"][1] == "failed", 90, "the event to be parked")
+    relay.stop()
+    rows = rows_by_value(engine)
+    assert rows[b"missing-topic"][2] == 2, rows
+    assert f"topic 'pay.{suffix}' is not in Kafka" in (rows[b"missing-topic"][3] or ""), rows
+    assert rows[b"held"][1] == "pending" and rows[b"other-key"][1] == "sent", rows
+    log = relay.log()
+    assert "circuit open" not in log and "not acknowledged" not in log, log[-3000:]
