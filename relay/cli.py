@@ -441,10 +441,10 @@ def _measure(conn: Any, timeout: float, **options: Any) -> Any:
     from outbox_relay import monitor, schema
     from outbox_relay.db.connection import cancelled_after, translated
 
-    with translated():
-        conn.execute(monitor.session(timeout))
     try:
         with cancelled_after(conn, timeout):
+            with translated():  # within the bound too: a backend stopped between two refreshes of --watch
+                conn.execute(monitor.session(timeout))  # held this statement for as long as it stayed stopped
             schema.check(conn)  # it reads the settings table: a migration's lock held it back without bound
             return monitor.snapshot(conn, **options)
     except StatementCancelled:

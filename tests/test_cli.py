@@ -627,3 +627,34 @@ def test_status_watch_connects_again_after_giving_up_on_a_stopped_backend(databa
         finally:
             status.kill()
             status.communicate()
+
+
+def test_status_watch_gives_up_on_a_backend_stopped_between_refreshes(database_url: str) -> None:
+    """A backend stopped while `status --watch` sleeps between refreshes (where it spends nearly all its
+    time): the next refresh's first statement, its session settings, ran outside the --timeout bound and
+    waited for as long as the backend stayed stopped, with no line at all. Now it says so within the
+    timeout and a second, and looks again on a new connection."""
+    status = _status_process(database_url, "--watch", "0.5", "--timeout", "2", "--json")
+    try:
+        assert status.stdout is not None and status.stderr is not None
+        stderr = status.stderr
+        assert status.stdout.readline().strip() == "{"  # the first snapshot: the backend is idle now
+        with psycopg.connect(conninfo(database_url), autocommit=True) as observer:
+            backend = observer.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'outbox-relay cli'"
+                                       ).fetchone()
+        assert backend is not None
+        with _stopped(backend[0]):
+            started = time.monotonic()
+            said: list[str] = []
+            reader = threading.Thread(target=lambda: said.append(stderr.readline()), daemon=True)
+            reader.start()
+            reader.join(20)
+            waited = time.monotonic() - started
+        assert said == ["outbox-relay: PostgreSQL did not answer within 2s (--timeout); looking again in 0.5s\n"], (
+            waited, said)
+        assert waited < 10
+        while status.stdout.readline().strip() != "{":  # a snapshot on the new connection
+            pass
+    finally:
+        status.kill()
+        status.communicate()
