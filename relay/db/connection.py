@@ -82,12 +82,15 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
             with cancelling:
                 if done.is_set():
                     return
-                if time.monotonic() >= give_up_at:
+                left = give_up_at - time.monotonic()
+                if left <= 0:
                     gave_up.set()
                     _shut_down(conn)
                     return
+                # A frozen server leaves a cancel unanswered: waiting its full _CANCEL_WAIT_S put the
+                # give-up 2 s past the deadline, not _GIVE_UP_AFTER_S.
                 with contextlib.suppress(psycopg.Error):  # no server to take it: given up on next time
-                    _cancel(conn)
+                    _cancel(conn, min(left, _CANCEL_WAIT_S))
             if done.wait(_CANCEL_AGAIN_S):
                 return
 
@@ -120,16 +123,16 @@ def _shut_down(conn: Connection) -> None:
         pass  # already closed
 
 
-def _cancel(conn: Connection) -> None:
+def _cancel(conn: Connection, timeout: float = _CANCEL_WAIT_S) -> None:
     """A cancel that lets the process run while it is on its way: psycopg's binary ``cancel()`` holds the
     GIL in PQcancel, so a cancel to a postmaster that does not answer froze every thread (the 2 s bound
     of ``cancelled_after`` included) for as long as TCP kept it waiting. ``cancel_safe`` (psycopg 3.2,
-    libpq 17) waits in Python, and gives up after ``_CANCEL_WAIT_S``."""
+    libpq 17) waits in Python, and gives up after ``timeout``."""
     cancel_safe = getattr(conn, "cancel_safe", None)
     if cancel_safe is None:
         conn.cancel()
     else:
-        cancel_safe(timeout=_CANCEL_WAIT_S)
+        cancel_safe(timeout=timeout)
 
 
 @contextlib.contextmanager

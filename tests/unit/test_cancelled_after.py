@@ -118,3 +118,29 @@ def test_a_check_that_ends_after_a_cancel_keeps_its_connection(stopped_server: S
     conn.server.send(b"y")
     conn.read_reply()  # the socket still works
     assert not conn.closed
+
+
+class FrozenServerConn(StoppedServerConn):
+    """The whole server stopped (a frozen VM, a stopped postmaster): a cancel's connection is accepted or
+    left unanswered, and ``cancel_safe`` waits until its timeout."""
+
+    def cancel_safe(self, timeout: float) -> None:
+        self.cancels.append(time.monotonic())
+        time.sleep(timeout)
+        raise psycopg.OperationalError("cancel timed out")
+
+
+def test_a_frozen_server_is_given_up_a_second_past_the_deadline_not_a_cancel_wait_past_it() -> None:
+    """The give-up came only after the first cancel's own wait (2 s) had ended: a frozen server held
+    `status --timeout 3` for 5 s, where the README promises a second more."""
+    conn = FrozenServerConn()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StatementCancelled), cancelled_after(conn, 0.1):  # type: ignore[arg-type]
+            conn.read_reply()
+        took = time.monotonic() - started
+    finally:
+        conn.client.close()
+        conn.server.close()
+    assert 1.0 < took < 1.7, took  # 0.1 + 1 s; it was 0.1 + 2 s
+    assert conn.closed
