@@ -511,7 +511,9 @@ def _failed(args: argparse.Namespace) -> int:
         change = operations.retry_failed if args.failed_command == "retry" else operations.discard_failed
         count = change(conn, _selection(args), dry_run=args.dry_run)
     verb = "would change" if args.dry_run else "changed"
-    print(f"{args.failed_command}: {verb} {_plural(count, 'failed event')}")
+    # Nothing matched: an id that is not a failed event's (pending, sent, or none) looked like a success.
+    hint = " (none of the failed events matches; see `outbox-relay failed list`)" if count == 0 else ""
+    print(f"{args.failed_command}: {verb} {_plural(count, 'failed event')}{hint}")
     return EXIT_OK
 
 

@@ -320,6 +320,9 @@ def test_failed_list_shows_keys_and_what_they_hold_and_ids_take_uuids(engine: En
         "retry: would change 1 failed event"
     assert cli(database_url, "failed", "discard", "--id", failed).stdout.strip() == "discard: changed 1 failed event"
     assert states(engine) == {"discarded": 1, "pending": 4}
+    # An id that is no failed event's (here: the one just discarded) changes nothing, and says why.
+    assert cli(database_url, "failed", "discard", "--id", failed).stdout.strip() == (
+        "discard: changed 0 failed events (none of the failed events matches; see `outbox-relay failed list`)")
     bad = cli(database_url, "failed", "retry", "--id", "not-an-id")
     assert bad.returncode == 2 and "neither a row id nor an event id" in bad.stderr
 
