@@ -328,7 +328,7 @@ class Inbox:
         try:
             start_http_server(port, host, registry=self.metrics.registry)
         except OSError as exc:
-            raise ConfigurationError(f"cannot serve HTTP on {host}:{port}: {exc.strerror}") from exc
+            raise ConfigurationError(f"cannot serve HTTP on {host}:{port}: {exc.strerror}") from None
         log.info("inbox: serving /metrics at http://%s:%d/metrics", host, port, extra={"action": "http_started"})
 
     def _install_signals(self) -> None:

@@ -43,7 +43,7 @@ class StatusServer:
         try:
             self.httpd = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:
-            raise ConfigurationError(f"cannot serve HTTP on {host}:{port}: {exc.strerror}") from exc
+            raise ConfigurationError(f"cannot serve HTTP on {host}:{port}: {exc.strerror}") from None
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="outbox-http", daemon=True)
 

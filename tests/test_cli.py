@@ -658,3 +658,16 @@ def test_status_watch_gives_up_on_a_backend_stopped_between_refreshes(database_u
     finally:
         status.kill()
         status.communicate()
+
+
+def test_a_busy_http_port_is_one_line(database_url: str) -> None:
+    """It was two: the line, then 'caused by: OSError: [Errno 98] Address already in use'."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli(database_url, "run", "--http", f"127.0.0.1:{port}", timeout=60)
+    assert result.returncode == cli_module.EXIT_USAGE, result.stderr
+    assert one_line(result) == f"outbox-relay: error: cannot serve HTTP on 127.0.0.1:{port}: Address already in use"
