@@ -78,6 +78,13 @@ class ProducerFailed(BrokerUnavailable):
         self.fenced = fenced
 
 
+# librdkafka names a rejected value by its own name for the property, not by the alias that was set.
+_LIBRDKAFKA_NAMES = {"compression.type": "compression.codec", "linger.ms": "queue.buffering.max.ms",
+                     "acks": "request.required.acks", "retries": "message.send.max.retries",
+                     "delivery.timeout.ms": "message.timeout.ms", "bootstrap.servers": "metadata.broker.list",
+                     "max.in.flight": "max.in.flight.requests.per.connection", "sasl.mechanism": "sasl.mechanisms"}
+
+
 def validate_config(config: dict[str, Any], transactional_id: str, sources: Mapping[str, str] | None = None) -> None:
     """Raise ConfigurationError naming what librdkafka rejects in the producer configuration, and
     where the property was set when ``sources`` says (property -> variable, file line or flag)."""
@@ -85,7 +92,8 @@ def validate_config(config: dict[str, Any], transactional_id: str, sources: Mapp
         Producer({**config, "transactional.id": transactional_id, "logger": progress.LibrdkafkaLogger(quiet=True)})
     except KafkaException as exc:
         message = exc.args[0].str()
-        where = [source for prop, source in (sources or {}).items() if f'"{prop}"' in message]
+        where = [source for prop, source in (sources or {}).items()
+                 if f'"{prop}"' in message or f'"{_LIBRDKAFKA_NAMES.get(prop)}"' in message]
         hint = f" (from {', '.join(where)})" if where else ""
         raise ConfigurationError(f"invalid Kafka configuration: {message}{hint}") from None
 

@@ -358,6 +358,10 @@ def test_an_invalid_pass_through_property_names_its_variable(database_url: str) 
     result = cli(database_url, "run", timeout=30, OUTBOX_KAFKA_PORT="29092")
     assert result.returncode == 2
     assert one_line(result).endswith('No such configuration property: "port" (from OUTBOX_KAFKA_PORT)')
+    # librdkafka names a bad value by its own name of the property (compression.codec), not the one set.
+    result = cli(database_url, "run", "-X", "compression.type=gzipp", timeout=30)
+    assert result.returncode == 2
+    assert one_line(result).endswith('for configuration property "compression.codec" (from -X compression.type)')
 
 
 def test_migrate_on_an_existing_outbox_says_it_keeps_the_lane_count(database_url: str) -> None:
