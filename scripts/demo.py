@@ -59,8 +59,8 @@ def main() -> int:
     partitions = ensure_topic(bootstrap)
     consumer = consumer_from_now(bootstrap, partitions)
 
-    log_path = ROOT / ".services" / "demo-relay.log"
-    log_path.parent.mkdir(exist_ok=True)  # the services may keep their files elsewhere (OUTBOX_SERVICES_DIR)
+    log_path = Path(os.environ.get("OUTBOX_SERVICES_DIR", ROOT / ".services")) / "demo-relay.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"\n== starting the relay (log: {log_path})")
     with open(log_path, "wb") as log_file:
         relay = subprocess.Popen([*cli, "run", "--poll-interval", "0.2"], stdout=log_file, stderr=log_file)
