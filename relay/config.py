@@ -250,9 +250,11 @@ def _given_values(cls: type, flags: Mapping[str, Any], env: Mapping[str, str]) -
     return values
 
 
-# Read elsewhere: the names of the outbox's tables (models.names), the fault injection of the tests
-# (faults), and the project's own tooling (services, scenarios, bench), never by a setting.
-_OTHER_VARIABLES = frozenset({"OUTBOX_SCHEMA", "OUTBOX_TABLE", "OUTBOX_FAULT_INJECTION", "OUTBOX_LOAD_SECONDS"})
+# Read elsewhere: the names of the outbox's and the inbox's tables (models.names, models.inbox), the lane
+# count of a first `migrate` (cli, the first migration), the fault injection of the tests (faults), and
+# the project's own tooling (services, scenarios, bench), never by a setting.
+_OTHER_VARIABLES = frozenset({"OUTBOX_SCHEMA", "OUTBOX_TABLE", "OUTBOX_INBOX_SCHEMA", "OUTBOX_LANES",
+                              "OUTBOX_FAULT_INJECTION", "OUTBOX_LOAD_SECONDS"})
 _TOOLING_PREFIXES = ("OUTBOX_SERVICES_", "OUTBOX_SCENARIO_", "OUTBOX_BENCH_")
 
 

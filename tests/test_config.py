@@ -175,3 +175,17 @@ def test_an_outbox_variable_nothing_reads_is_named_with_the_setting_it_resembles
         "OUTBOX_POLL_INTERVALL is not a setting and is ignored: did you mean OUTBOX_POLL_INTERVAL?",
         "OUTBOX_WHATEVER is not a setting and is ignored",
     ]
+
+
+def test_every_outbox_variable_the_project_reads_is_never_called_unread() -> None:
+    """OUTBOX_INBOX_SCHEMA (the inbox's tables, models/inbox.py) and OUTBOX_LANES (migrate's lane count)
+    were named "not a setting and ignored", the first with "did you mean OUTBOX_SCHEMA?", which would move
+    the outbox's tables. Every name the package, its migrations or the project's tooling reads is known."""
+    from outbox_relay.config import unknown_variables
+
+    root = Path(__file__).resolve().parent.parent
+    read = re.compile(r"""(?:environ\.get\(|environ\[|getenv\(|_identifier\()\s*["'](OUTBOX_[A-Z0-9_]+)["']""")
+    names = {name for folder in ("relay", "models", "alembic", "scripts", "bench", "tests")
+             for path in (root / folder).rglob("*.py") for name in read.findall(path.read_text())}
+    assert {"OUTBOX_INBOX_SCHEMA", "OUTBOX_LANES", "OUTBOX_SCHEMA", "OUTBOX_TABLE"} <= names, names
+    assert unknown_variables(dict.fromkeys(names, "1")) == []
