@@ -182,13 +182,14 @@ class LanePublisher:
         self._in_transaction = True
         faults.hit("before_produce")
         reports: list[KafkaError | None] = [None] * len(rows)
+        settled = [False] * len(rows)  # a delivery report came, whatever it said
         for index, row in enumerate(rows):
             if row.topic == self.progress_topic:
                 self.abort()
                 raise PoisonEvent(row, KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED,
                                                   "the relay's own progress topic is reserved"), reserved=True)
             try:
-                self._produce(row, _recorder(reports, index))
+                self._produce(row, _recorder(reports, settled, index))
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
                 self.abort()
@@ -201,14 +202,14 @@ class LanePublisher:
         self._produce_progress(rows)
         remaining = self._flush()
         if remaining:
-            unacknowledged = [row for row, report in zip(rows, reports, strict=True) if report is None]
+            unacknowledged = [row for row, done in zip(rows, settled, strict=True) if not done]
             missing = self._topics_kafka_lacks({row.topic for row in unacknowledged})
-            if missing:
+            if not missing:
+                self.abort()
+            else:
                 # Never sent: librdkafka holds them until the topic appears (up to
-                # topic.metadata.propagation.max.ms), so the abort would wait for them in vain.
-                self._producer.purge(in_queue=True, in_flight=False)
-            self.abort()
-            if missing:
+                # topic.metadata.propagation.max.ms), so abort() would wait for them in vain.
+                self._abort_holding(rows, settled, missing)
                 row = next(row for row in unacknowledged if row.topic in missing)
                 raise PoisonEvent(row, KafkaError(KafkaError._UNKNOWN_TOPIC, f"topic {row.topic!r} is not in Kafka"
                                                   " (not created: auto.create.topics.enable off, or a name that"
@@ -226,6 +227,30 @@ class LanePublisher:
             raise TransactionAborted(f"delivery of event {row.event_id} failed: {describe(error)}")
         faults.hit("before_commit")
         self._commit()
+
+    def _abort_holding(self, rows: Sequence[Row], settled: list[bool], missing: set[str]) -> None:
+        """Abort once every message but those held for a missing topic has settled.
+
+        Not purge(): it leaves a partition's idempotence sequence with a gap where its queued
+        messages were (the next transaction fails with OUT_OF_ORDER_SEQUENCE_NUMBER), and it drops
+        messages queued for a retry that a leader may have appended already. abort_transaction
+        purges the held messages itself and accounts for them; the rest must settle first, as in
+        abort(), or the producer is replaced.
+        """
+        deadline = time.monotonic() + self.operation_timeout
+        while len(self._producer) > sum(1 for row, done in zip(rows, settled, strict=True)
+                                        if not done and row.topic in missing):
+            if time.monotonic() >= deadline or self._stopping.is_set():
+                raise ProducerFailed(f"abort_transaction: {len(self._producer)} messages still unacknowledged")
+            try:
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise _fatal(exc.args[0], "poll") from exc
+        try:
+            self._retrying(self._producer.abort_transaction)
+            self._in_transaction = False
+        except KafkaException as exc:
+            raise _fatal(exc.args[0], "abort_transaction") from exc
 
     def _topics_kafka_lacks(self, topics: set[str]) -> set[str]:
         """Those of ``topics`` the cluster says it does not have; none when it does not answer."""
@@ -327,9 +352,11 @@ class LanePublisher:
                 time.sleep(0.05)
 
 
-def _recorder(reports: list[KafkaError | None], index: int) -> Callable[[KafkaError | None, Any], None]:
+def _recorder(reports: list[KafkaError | None], settled: list[bool],
+              index: int) -> Callable[[KafkaError | None, Any], None]:
     def on_delivery(error: KafkaError | None, _message: Any) -> None:
         reports[index] = error
+        settled[index] = True
 
     return on_delivery
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import threading
 import uuid
 
+import pytest
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from sqlalchemy import Engine, text
 
-from outbox_relay import enqueue
+from outbox_relay import enqueue, progress
+from outbox_relay.db.lanes import Row
+from outbox_relay.publisher import LanePublisher, PoisonEvent
 from tests import kafkatools
 from tests.pgtools import EVENT_STATES, EVENTS
-from tests.relaytools import Relays, cli, wait_until
+from tests.relaytools import Relays, cli, service, wait_until
 
 
 def rows_by_value(engine: Engine) -> dict[bytes, tuple[int, str, int, str | None]]:
@@ -100,3 +105,37 @@ def test_a_topic_kafka_will_not_create_parks_its_event_and_names_the_topic(
     assert rows[b"held"][1] == "pending" and rows[b"other-key"][1] == "sent", rows
     log = relay.log()
     assert "circuit open" not in log and "not acknowledged" not in log, log[-3000:]
+
+
+def test_a_missing_topic_leaves_the_producer_able_to_publish_the_next_batch(restores_services: None) -> None:
+    """A timed-out flush with a topic Kafka lacks used purge() on every queue: messages of existing topics
+    still queued (the broker paused, then back in time to answer list_topics) left a gap in their partition's
+    idempotence sequence, so the next transaction failed with OUT_OF_ORDER_SEQUENCE_NUMBER and its abort
+    replaced the producer. Now the others settle and abort_transaction drops the held message itself."""
+    suffix = uuid.uuid4().hex[:8]
+    kafkatools.create_topic(f"pay_{suffix}", partitions=1)
+    good = kafkatools.create_topic(f"good-{suffix}", partitions=3)
+    # One message per request: with 5 requests in flight per partition, the rest of the batch stays queued.
+    config = {"bootstrap.servers": kafkatools.bootstrap(), "enable.idempotence": True, "acks": "all",
+              "batch.num.messages": 1}
+    publisher = LanePublisher(config, f"missing-{suffix}.lane-0", scope=progress.Scope(str(uuid.uuid4()), 0, 1),
+                              progress_topic=f"missing-{suffix}.progress", operation_timeout=2)
+    publisher.start()
+    ids = iter(range(1, 1000))
+
+    def rows(topic: str, count: int) -> list[Row]:
+        return [Row(next(ids), uuid.uuid4(), topic, f"k{i % 6}".encode(), b"v", [], [], None, 0,
+                    dt.datetime.now(dt.UTC)) for i in range(count)]
+
+    try:
+        publisher.publish(rows(good, 6))
+        batch = rows(good, 30) + rows(f"pay.{suffix}", 1) + rows(good, 30)
+        service("pause")
+        resume = threading.Timer(2.5, service, ("resume",))  # after the flush's 2 s, within list_topics' wait
+        resume.start()
+        with pytest.raises(PoisonEvent, match=f"topic 'pay.{suffix}' is not in Kafka"):
+            publisher.publish(batch)
+        resume.join()
+        publisher.publish(rows(good, 12))  # was ProducerFailed: skipped sequence numbers
+    finally:
+        publisher.close()
