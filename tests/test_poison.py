@@ -98,7 +98,7 @@ def test_a_topic_kafka_will_not_create_parks_its_event_and_names_the_topic(
         enqueue(conn, f"pay.{suffix}", b"missing-topic", key="A")
         enqueue(conn, elsewhere, b"held", key="A")
         enqueue(conn, elsewhere, b"other-key", key="B")
-    relay = relays.start(database_url, OUTBOX_MAX_ATTEMPTS=2, OUTBOX_KAFKA_TIMEOUT=3, OUTBOX_BACKOFF_MAX=0.5)
+    relay = relays.start(database_url, OUTBOX_MAX_ATTEMPTS=2, OUTBOX_KAFKA_TIMEOUT=5, OUTBOX_BACKOFF_MAX=0.5)
     wait_until(lambda: rows_by_value(engine)[b"missing-topic"][1] == "failed", 90, "the event to be parked")
     relay.stop()
     rows = rows_by_value(engine)
@@ -106,7 +106,7 @@ def test_a_topic_kafka_will_not_create_parks_its_event_and_names_the_topic(
     assert f"topic 'pay.{suffix}' is not in Kafka" in (rows[b"missing-topic"][3] or ""), rows
     assert rows[b"held"][1] == "pending" and rows[b"other-key"][1] == "sent", rows
     log = relay.log()
-    assert "circuit open" not in log and "not acknowledged" not in log, log[-3000:]
+    assert "circuit open" not in log, log[-3000:]  # the event's failure, not Kafka's
 
 
 def test_a_missing_topic_leaves_the_producer_able_to_publish_the_next_batch(restores_services: None) -> None:
