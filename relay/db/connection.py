@@ -66,9 +66,9 @@ def cancelled_after(conn: Connection, seconds: float) -> Iterator[None]:
 
     statement_timeout bounds each statement; this bounds them together: a check made of several
     statements answers within its timeout, not within one timeout per statement. A cancelled
-    statement raises ``StatementCancelled`` where it ran (under :func:`translated`). A statement
-    that cancels cannot end within ``_GIVE_UP_AFTER_S`` loses its connection, and the block raises
-    ``StatementCancelled`` too; ``conn`` is closed then.
+    statement raises ``StatementCancelled`` where it ran (under :func:`translated`). When cancels have
+    not ended it within ``_GIVE_UP_AFTER_S``, the connection is given up: the block raises
+    ``StatementCancelled`` too, and ``conn`` is closed.
     """
     done = threading.Event()
     gave_up = threading.Event()
