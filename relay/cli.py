@@ -408,14 +408,17 @@ def _status(args: argparse.Namespace) -> int:
     conn = _connect(settings, check_schema=False)  # checked within --timeout, by _measure
     try:
         while True:
-            if conn.closed:  # given up on: its backend took no cancel (stopped, a frozen VM)
-                conn = _connect(settings, check_schema=False)
             try:
+                if conn.closed:  # given up on (its backend took no cancel) or lost (a restart, a failover)
+                    conn = _connect(settings, check_schema=False)
                 snap = _measure(conn, args.timeout, hold=settings.failed_key_policy == "hold")
-            except StatementCancelled as exc:
+            except DatabaseUnavailable as exc:
                 if not args.watch:
                     raise
-                # Someone is watching, often while a migration holds a lock: say so and look again.
+                # Someone is watching, often through a migration's lock or a database restart: say so and
+                # look again, on a new connection unless a cancel (the lock) left this one usable.
+                if not isinstance(exc, StatementCancelled):
+                    conn.close()
                 print(f"outbox-relay: {exc}; looking again in {args.watch:g}s", file=sys.stderr, flush=True)
                 time.sleep(args.watch)
                 continue

@@ -675,3 +675,38 @@ def test_a_busy_http_port_is_one_line(database_url: str) -> None:
         result = cli(database_url, "run", "--http", f"127.0.0.1:{port}", timeout=60)
     assert result.returncode == cli_module.EXIT_USAGE, result.stderr
     assert one_line(result) == f"outbox-relay: error: cannot serve HTTP on 127.0.0.1:{port}: Address already in use"
+
+
+def test_status_watch_goes_on_through_a_lost_connection(database_url: str) -> None:
+    """An on-call person watches through a database restart or failover. A lost connection (here:
+    pg_terminate_backend) ended `status --watch` with exit 4; it now says so and looks again."""
+    status = _status_process(database_url, "--watch", "0.3", "--json")
+    snapshots: list[float] = []
+
+    def read_snapshots() -> None:
+        assert status.stdout is not None
+        for line in status.stdout:
+            if line.rstrip() == "{":
+                snapshots.append(time.monotonic())
+
+    reader = threading.Thread(target=read_snapshots, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: snapshots, 30, "a first snapshot")
+        with psycopg.connect(conninfo(database_url), autocommit=True) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                  " WHERE application_name = 'outbox-relay cli'").fetchone()
+        assert ended == (1,)
+        assert status.stderr is not None
+        line = status.stderr.readline()  # the next refresh finds the connection gone
+        lost = time.monotonic()
+        assert "looking again in 0.3s" in line and "Traceback" not in line, line
+        wait_until(lambda: snapshots[-1] > lost, 30, "a snapshot on a new connection")
+        assert status.poll() is None  # still watching
+    finally:
+        status.kill()
+        status.wait()
+        reader.join(10)
+        for pipe in (status.stdout, status.stderr):
+            if pipe is not None:
+                pipe.close()
