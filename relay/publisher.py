@@ -209,7 +209,9 @@ class LanePublisher:
             else:
                 # Never sent: librdkafka holds them until the topic appears (up to
                 # topic.metadata.propagation.max.ms), so abort() would wait for them in vain.
-                self._abort_holding(rows, settled, missing)
+                # abort_transaction drops the messages held for the missing topic itself, and keeps the
+                # idempotence sequences right; purge() would not (the next transaction failed on a gap).
+                self.abort(held=sum(1 for row in unacknowledged if row.topic in missing))
                 row = next(row for row in unacknowledged if row.topic in missing)
                 raise PoisonEvent(row, KafkaError(KafkaError._UNKNOWN_TOPIC, f"topic {row.topic!r} is not in Kafka"
                                                   " (not created: auto.create.topics.enable off, or a name that"
@@ -228,30 +230,6 @@ class LanePublisher:
         faults.hit("before_commit")
         self._commit()
 
-    def _abort_holding(self, rows: Sequence[Row], settled: list[bool], missing: set[str]) -> None:
-        """Abort once every message but those held for a missing topic has settled.
-
-        Not purge(): it leaves a partition's idempotence sequence with a gap where its queued
-        messages were (the next transaction fails with OUT_OF_ORDER_SEQUENCE_NUMBER), and it drops
-        messages queued for a retry that a leader may have appended already. abort_transaction
-        purges the held messages itself and accounts for them; the rest must settle first, as in
-        abort(), or the producer is replaced.
-        """
-        deadline = time.monotonic() + self.operation_timeout
-        while len(self._producer) > sum(1 for row, done in zip(rows, settled, strict=True)
-                                        if not done and row.topic in missing):
-            if time.monotonic() >= deadline or self._stopping.is_set():
-                raise ProducerFailed(f"abort_transaction: {len(self._producer)} messages still unacknowledged")
-            try:
-                self._producer.poll(0.05)
-            except KafkaException as exc:
-                raise _fatal(exc.args[0], "poll") from exc
-        try:
-            self._retrying(self._producer.abort_transaction)
-            self._in_transaction = False
-        except KafkaException as exc:
-            raise _fatal(exc.args[0], "abort_transaction") from exc
-
     def _topics_kafka_lacks(self, topics: set[str]) -> set[str]:
         """Those of ``topics`` the cluster says it does not have; none when it does not answer."""
         lacking = set()
@@ -265,15 +243,17 @@ class LanePublisher:
                 lacking.add(topic)
         return lacking
 
-    def _flush(self) -> int:
-        """Wait for every message's acknowledgement; returns how many are still unacknowledged."""
+    def _flush(self, leave: int = 0) -> int:
+        """Wait for every message's acknowledgement but ``leave``; returns how many are still unacknowledged."""
         deadline = time.monotonic() + self.operation_timeout
+        # flush() returns early only once nothing is left: with messages to leave, look more often.
+        slice_ = _CALL_SLICE if not leave else 0.05
         while True:
             try:
-                remaining: int = self._producer.flush(min(_CALL_SLICE, max(0.0, deadline - time.monotonic())))
+                remaining: int = self._producer.flush(min(slice_, max(0.0, deadline - time.monotonic())))
             except KafkaException as exc:  # a fatal error (fenced) surfaces here too
                 raise _fatal(exc.args[0], "flush") from exc
-            if not remaining or time.monotonic() >= deadline or self._stopping.is_set():
+            if remaining <= leave or time.monotonic() >= deadline or self._stopping.is_set():
                 return remaining
 
     def _produce(self, row: Row, on_delivery: Callable[[KafkaError | None, Any], None]) -> None:
@@ -318,12 +298,14 @@ class LanePublisher:
                 raise TransactionAborted(f"commit failed: {describe(error)}") from exc
             raise _fatal(error, "commit_transaction") from exc
 
-    def abort(self) -> None:
+    def abort(self, held: int = 0) -> None:
+        """Abort the transaction once its messages settled, but for ``held`` ones librdkafka keeps for a
+        topic Kafka lacks (never sent: abort_transaction drops them)."""
         # An abort purges messages still queued or in flight, yet a leader may have appended them
         # already. Seen on the 3-broker cluster below min ISR: 5 events whose only copy sat in the
         # aborted transaction were marked sent after the retry "succeeded". Let them settle first;
         # if they cannot, replace the producer (init_transactions bumps the epoch, aborts the rest).
-        if len(self._producer) and self._flush():
+        if len(self._producer) > held and self._flush(leave=held) > held:
             raise ProducerFailed(f"abort_transaction: {len(self._producer)} messages still unacknowledged")
         try:
             self._retrying(self._producer.abort_transaction)
