@@ -524,19 +524,22 @@ def _verify(args: argparse.Namespace) -> int:
     from outbox_relay import verify
 
     settings = _kafka_settings(args)
-    from outbox_relay.db.operations import ledger_rows
+    from outbox_relay.db.operations import ledger_rows, retained_since
 
     with _connect(settings) as conn:
         rows = ledger_rows(conn)
         topics = args.topics or sorted({row.topic for row in rows})
         rows = [row for row in rows if row.topic in topics]  # --topic: the other topics' events were not read
+        # Read after the rows: every batch retention deleted before they were read was sent no later than this.
+        outbox_since = retained_since(conn, dt.timedelta(hours=settings.retention_hours))
         # A live outbox has pending events (claimable, delayed, held behind a parked one): not in Kafka yet is not
         # lost. The rows are read before Kafka, so an event sent in between is in Kafka when it is read; one
         # committed in between may be there too, and is looked up once Kafka was read, rather than called unknown.
-        messages = verify.read_topics(settings.producer_config(), topics, timeout=settings.kafka_timeout)
-        if unknown := verify.unknown_event_ids(rows, messages):
+        read = verify.read_topics(settings.producer_config(), topics, timeout=settings.kafka_timeout)
+        if unknown := verify.unknown_event_ids(rows, read.messages):
             rows += ledger_rows(conn, unknown)
-    report = verify.check(rows, messages, expect_all_sent=False)
+    report = verify.check(rows, read.messages, expect_all_sent=False,
+                          retained=verify.Retained(outbox_since, read.deleted_until))
     print(json.dumps(dataclasses.asdict(report), default=str, indent=2) if args.json else verify.render(report))
     return EXIT_OK if report.ok else EXIT_FAILURE
 

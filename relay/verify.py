@@ -5,14 +5,19 @@ Given the table's rows and the messages a read_committed consumer saw, it report
 out of id order within one partition of one topic: the only order a consumer can see), unknown
 (in Kafka, but no row produced it), rows marked sent that Kafka lacks, and rows parked as failed
 or discarded that Kafka has nevertheless (retrying them would publish them twice).
+
+Retention removes events on both sides, each on its own clock: the outbox deletes sent rows after
+OUTBOX_RETENTION_HOURS, Kafka deletes old messages after the topic's retention. An event whose row or
+message retention may have deleted is reported as such, not as unknown or lost (see ``Retained``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from itertools import pairwise
 from typing import Any
 
@@ -24,6 +29,7 @@ class LedgerRow:
     topic: str
     key: bytes | None
     state: str
+    created_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +39,36 @@ class LedgerMessage:
     offset: int
     key: bytes | None
     event_id: str | None
+    timestamp: dt.datetime | None = None  # when it was produced (or appended, by the topic's setting)
+
+
+# The relay's clock stamps a message, PostgreSQL's the row and its batch: they may disagree by this much.
+CLOCK_MARGIN = dt.timedelta(minutes=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retained:
+    """Where retention may have deleted events, on either side.
+
+    ``outbox_since``: the outbox deletes sent batches oldest first, so every deleted row was sent no later
+    than the oldest batch it kept (or than the retention ago, when it kept none); a message older than that
+    may be an event whose row is gone.
+
+    ``kafka_since``, per topic: a partition whose log starts past offset 0 lost its oldest messages to the
+    topic's retention, up to its first message kept (or now, when it kept none); an event created before
+    that may have been among them.
+    """
+
+    outbox_since: dt.datetime | None = None
+    kafka_since: Mapping[str, dt.datetime] = dataclasses.field(default_factory=dict)
+
+    def row_deleted(self, message: LedgerMessage) -> bool:
+        return (self.outbox_since is not None and message.timestamp is not None
+                and message.timestamp <= self.outbox_since + CLOCK_MARGIN)
+
+    def message_deleted(self, row: LedgerRow) -> bool:
+        since = self.kafka_since.get(row.topic)
+        return since is not None and row.created_at is not None and row.created_at < since + CLOCK_MARGIN
 
 
 @dataclasses.dataclass
@@ -47,6 +83,9 @@ class LedgerReport:
     parked_but_published: list[str] = dataclasses.field(default_factory=list)
     # Pending rows not in Kafka yet (claimable, delayed, held) when they are not counted as lost: no violation.
     pending: list[str] = dataclasses.field(default_factory=list)
+    # Retention's work, no violation either: messages whose rows the outbox deleted, rows whose messages Kafka did.
+    row_deleted: list[str] = dataclasses.field(default_factory=list)
+    message_deleted: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -64,21 +103,26 @@ class LedgerReport:
 
 
 def check(
-    rows: Iterable[LedgerRow], messages: Iterable[LedgerMessage], *, expect_all_sent: bool = True
+    rows: Iterable[LedgerRow], messages: Iterable[LedgerMessage], *, expect_all_sent: bool = True,
+    retained: Retained = Retained(),
 ) -> LedgerReport:
     """Compare the table with Kafka. With ``expect_all_sent`` every pending row also counts as lost."""
     rows = list(rows)
     messages = sorted(messages, key=lambda m: (m.topic, m.partition, m.offset))
     by_event = {row.event_id: row for row in rows}
     counts = Counter(m.event_id for m in messages if m.event_id is not None)
+    missing = [r for r in rows if r.event_id not in counts]
+    message_deleted = [r.event_id for r in missing if r.state == "sent" and retained.message_deleted(r)]
+    missing = [r for r in missing if not (r.state == "sent" and retained.message_deleted(r))]
     # Failed and discarded rows were parked on purpose; pending ones are lost once all should be sent.
-    lost = [r.event_id for r in rows
-            if r.event_id not in counts and (r.state == "sent" or (expect_all_sent and r.state == "pending"))]
-    sent_but_missing = [r.event_id for r in rows if r.state == "sent" and r.event_id not in counts]
-    pending = [] if expect_all_sent else [r.event_id for r in rows
-                                          if r.state == "pending" and r.event_id not in counts]
-    unknown = [m.event_id or f"{m.topic}/{m.partition}@{m.offset}" for m in messages
-               if m.event_id is None or m.event_id not in by_event]
+    lost = [r.event_id for r in missing if r.state == "sent" or (expect_all_sent and r.state == "pending")]
+    sent_but_missing = [r.event_id for r in missing if r.state == "sent"]
+    pending = [] if expect_all_sent else [r.event_id for r in missing if r.state == "pending"]
+    strangers = [m for m in messages if m.event_id is None or m.event_id not in by_event]
+    row_deleted = list(dict.fromkeys(m.event_id for m in strangers
+                                     if m.event_id is not None and retained.row_deleted(m)))
+    unknown = [m.event_id or f"{m.topic}/{m.partition}@{m.offset}" for m in strangers
+               if m.event_id is None or not retained.row_deleted(m)]
     parked_but_published = [r.event_id for r in rows if r.state in ("failed", "discarded") and r.event_id in counts]
     # Order is judged per stream, (topic, partition), and per key in it: a key's events on two topics,
     # or on two partitions (an explicit partition=), have no order between them that anyone can see.
@@ -107,6 +151,8 @@ def check(
         sent_but_missing=sent_but_missing,
         parked_but_published=parked_but_published,
         pending=pending,
+        row_deleted=row_deleted,
+        message_deleted=message_deleted,
     )
 
 
@@ -124,9 +170,23 @@ def unknown_event_ids(rows: Iterable[LedgerRow], messages: Iterable[LedgerMessag
     return sorted(found)
 
 
-def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: float = 30.0) -> list[LedgerMessage]:
+@dataclasses.dataclass
+class KafkaRead:
+    messages: list[LedgerMessage]
+    # Per topic whose retention deleted messages: the oldest time a deleted message may have (see Retained).
+    deleted_until: dict[str, dt.datetime]
+
+
+def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: float = 30.0) -> KafkaRead:
     """Everything committed in the topics (read_committed), from the beginning to the current end."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import (
+        OFFSET_BEGINNING,
+        TIMESTAMP_NOT_AVAILABLE,
+        Consumer,
+        KafkaError,
+        KafkaException,
+        TopicPartition,
+    )
 
     from outbox_relay.progress import client_config
     from outbox_relay.publisher import EVENT_ID_HEADER
@@ -135,6 +195,7 @@ def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: fl
                          "isolation.level": "read_committed", "enable.auto.commit": False,
                          "enable.partition.eof": True})
     messages: list[LedgerMessage] = []
+    first_kept: dict[tuple[str, int], dt.datetime] = {}
     try:
         assignment = []
         for topic in topics:
@@ -156,14 +217,27 @@ def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: fl
                 raise KafkaException(error)
             event_id = dict(message.headers() or []).get(EVENT_ID_HEADER)
             key = message.key()
+            kind, ms = message.timestamp()
+            stamp = None if kind == TIMESTAMP_NOT_AVAILABLE else dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
             messages.append(LedgerMessage(
                 str(message.topic()), int(message.partition() or 0), int(message.offset() or 0),
                 key.encode() if isinstance(key, str) else key,
                 event_id.decode() if isinstance(event_id, bytes) else event_id,
+                stamp,
             ))
+            if stamp is not None:
+                first_kept.setdefault((messages[-1].topic, messages[-1].partition), stamp)
+        # A log that starts past offset 0 lost its beginning to retention (or to deleted records): up to its
+        # first message kept, or up to now when it kept none.
+        deleted_until: dict[str, dt.datetime] = {}
+        for tp in assignment:
+            low, _high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+            if low > 0:
+                until = first_kept.get((tp.topic, tp.partition), dt.datetime.now(dt.UTC))
+                deleted_until[tp.topic] = max(until, deleted_until.get(tp.topic, until))
     finally:
         consumer.close()
-    return messages
+    return KafkaRead(messages, deleted_until)
 
 
 def render(report: LedgerReport, limit: int = 10) -> str:
@@ -171,7 +245,7 @@ def render(report: LedgerReport, limit: int = 10) -> str:
     for title, items in (("lost (committed, not in Kafka)", report.lost),
                          ("duplicated (event id: copies)", [f"{k}: {v}" for k, v in report.duplicates.items()]),
                          ("out of key order (key, earlier, later)", [str(r) for r in report.reordered]),
-                         ("in Kafka without a row (or deleted by retention)", report.unknown),
+                         ("in Kafka without a row", report.unknown),
                          ("marked sent but not in Kafka", report.sent_but_missing),
                          ("parked as failed or discarded, yet in Kafka", report.parked_but_published)):
         if items:
@@ -181,4 +255,10 @@ def render(report: LedgerReport, limit: int = 10) -> str:
                 lines.append(f"  ... and {len(items) - limit} more")
     if report.pending:
         lines.append(f"not published yet (pending: claimable, delayed or held; not a violation): {len(report.pending)}")
+    if report.row_deleted:
+        lines.append(f"in Kafka, rows deleted by the outbox's retention (OUTBOX_RETENTION_HOURS; not a violation):"
+                     f" {len(report.row_deleted)}")
+    if report.message_deleted:
+        lines.append(f"sent, messages deleted by Kafka's retention (the topic's retention.ms; not a violation):"
+                     f" {len(report.message_deleted)}")
     return "\n".join(lines)

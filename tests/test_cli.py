@@ -520,7 +520,7 @@ def test_verify_looks_up_events_committed_and_published_while_it_read_kafka(
 
     read_topics = verify.read_topics
 
-    def an_event_is_committed_and_published_meanwhile(*args: Any, **kwargs: Any) -> list[verify.LedgerMessage]:
+    def an_event_is_committed_and_published_meanwhile(*args: Any, **kwargs: Any) -> verify.KafkaRead:
         with engine.begin() as conn:
             event_id = enqueue(conn, topic, b"meanwhile", key="k")
         producer = Producer({"bootstrap.servers": kafkatools.bootstrap()})
@@ -535,6 +535,69 @@ def test_verify_looks_up_events_committed_and_published_while_it_read_kafka(
     out = capsys.readouterr().out
     assert code == cli_module.EXIT_OK, out
     assert out.startswith("OK: committed=2 received=1 lost=0 duplicated=0 reordered=0 unknown=0 "), out
+
+
+def test_verify_excuses_what_retention_deleted_on_either_side_and_nothing_newer(engine: Engine,
+                                                                               database_url: str) -> None:
+    """The outbox deletes sent rows after OUTBOX_RETENTION_HOURS (7 days by default), Kafka a topic's old
+    messages after its own retention: verify of any outbox older than either called their events "in Kafka
+    without a row" or "lost", and exited 1 every time. Now what retention may have deleted is its own line;
+    a message newer than the rows deleted, or a row newer than the messages deleted, is still a violation."""
+    import datetime
+    import uuid
+
+    from confluent_kafka import Producer, TopicPartition
+
+    from outbox_relay.db.retention import delete_expired
+    from tests import kafkatools
+
+    topic = kafkatools.create_topic(f"retained-{uuid.uuid4().hex[:8]}", partitions=1)
+    producer = Producer({"bootstrap.servers": kafkatools.bootstrap()})
+
+    def publish(event_ids: list[uuid.UUID], sent_at: str) -> None:
+        for event_id in event_ids:
+            producer.produce(topic, key=b"k", value=b"x", headers=[("outbox-event-id", str(event_id).encode())])
+        producer.flush(10)
+        with engine.begin() as conn:
+            conn.execute(text(set_state_sql("sent", "e.event_id = ANY(:ids)", sent_at=sent_at)), {"ids": event_ids})
+
+    with engine.begin() as conn:
+        old = [enqueue(conn, topic, b"x", key="k") for _ in range(2)]
+        kept = [enqueue(conn, topic, b"x", key="k") for _ in range(2)]
+    publish(old, "now() - interval '8 days'")
+    publish(kept, "now()")
+    with engine.begin() as conn:  # the relay's retention, at its default of 7 days
+        assert delete_expired(conn.connection.driver_connection, datetime.timedelta(hours=168)) == 2
+    result = cli(database_url, "verify", "--topic", topic)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK: committed=2 received=4 lost=0 duplicated=0 reordered=0 unknown=0 ")
+    assert "in Kafka, rows deleted by the outbox's retention (OUTBOX_RETENTION_HOURS; not a violation): 2" in (
+        result.stdout)
+
+    # The topic's retention deletes its oldest messages, among them the first kept event's.
+    admin = kafkatools.admin()  # held: the futures need the client alive
+    for future in admin.delete_records([TopicPartition(topic, 0, 3)]).values():
+        future.result(10)
+    result = cli(database_url, "verify", "--topic", topic)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK: committed=2 received=1 lost=0 ")
+    assert "sent, messages deleted by Kafka's retention (the topic's retention.ms; not a violation): 1" in (
+        result.stdout)
+
+    # Newer than what either side deleted: a stranger, and a sent row Kafka never had.
+    later = int((time.time() + 300) * 1000)
+    producer.produce(topic, key=b"k", value=b"x", timestamp=later,
+                     headers=[("outbox-event-id", str(uuid.uuid4()).encode())])
+    producer.flush(10)
+    with engine.begin() as conn:
+        never = enqueue(conn, topic, b"x", key="k")
+        conn.execute(text(f"UPDATE {EVENTS} SET created_at = now() + interval '5 minutes' WHERE event_id = :e"),
+                     {"e": never})
+        conn.execute(text(set_state_sql("sent", "e.event_id = :e")), {"e": never})
+    result = cli(database_url, "verify", "--topic", topic)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "lost=1 duplicated=0 reordered=0 unknown=1 " in result.stdout, result.stdout
+    assert str(never) in result.stdout
 
 
 def test_the_demo_stops_when_the_relay_dies_and_shows_its_last_lines(database_url: str) -> None:

@@ -134,8 +134,21 @@ def ledger_rows(conn: Connection, event_ids: list[uuid.UUID] | None = None) -> l
     """Every row of the outbox table (all states), or those of ``event_ids``, in id order: what
     `outbox-relay verify` compares."""
     query = sql.SQL(
-        "SELECT e.id, e.event_id::text, e.topic, e.key, coalesce(u.state, 'sent') FROM {events} e"
+        "SELECT e.id, e.event_id::text, e.topic, e.key, coalesce(u.state, 'sent'), e.created_at FROM {events} e"
         " LEFT JOIN {unsent} u ON u.id = e.id {only} ORDER BY e.id"
     ).format(events=EVENTS, unsent=UNSENT,
              only=sql.SQL("" if event_ids is None else "WHERE e.event_id = ANY(%(ids)s)"))
     return [LedgerRow(*row) for row in conn.execute(query, {"ids": event_ids} if event_ids is not None else None)]
+
+
+@translated()
+def retained_since(conn: Connection, retention: dt.timedelta) -> dt.datetime | None:
+    """No event sent later than this has had its row deleted by retention (None: retention is off).
+
+    Retention deletes sent batches oldest first, so a deleted row was sent no later than the oldest batch
+    kept; with none kept, no later than ``retention`` ago (the relay's OUTBOX_RETENTION_HOURS)."""
+    if not retention:
+        return None
+    row = conn.execute(sql.SQL("SELECT coalesce(min(sent_at), now() - %s) FROM {}").format(SENT),
+                       (retention,)).fetchone()
+    return row[0] if row else None

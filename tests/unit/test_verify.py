@@ -5,7 +5,10 @@ Every real-service test ends with this check, so it is tested on its own, withou
 
 from __future__ import annotations
 
-from outbox_relay.verify import LedgerMessage, LedgerRow, check, render
+import dataclasses
+import datetime as dt
+
+from outbox_relay.verify import LedgerMessage, LedgerRow, Retained, check, render
 
 
 def row(id_: int, key: bytes | None = b"k", state: str = "sent", topic: str = "t") -> LedgerRow:
@@ -114,6 +117,39 @@ def test_a_message_without_an_event_id_is_unknown_by_its_position() -> None:
     assert report.unknown == ["orders/2@7"] and report.duplicates == {}
 
 
+T0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+
+
+def test_a_message_older_than_the_oldest_batch_kept_lost_its_row_to_retention_not_unknown() -> None:
+    """The outbox deleted the rows of the batches sent before the oldest it kept: their messages are
+    retention's work; a message newer than that (a minute of clock margin) with no row is still unknown."""
+    rows = [dataclasses.replace(row(9), created_at=T0)]
+    old = [dataclasses.replace(message(f"e{n}", n), timestamp=T0 - dt.timedelta(hours=n)) for n in (1, 2)]
+    recent = dataclasses.replace(message("e-recent", 3), timestamp=T0 + dt.timedelta(minutes=2))
+    messages = [*old, recent, dataclasses.replace(message("e9", 4), timestamp=T0)]
+    assert sorted(check(rows, messages).unknown) == ["e-recent", "e1", "e2"]  # without a horizon: strict
+    report = check(rows, messages, retained=Retained(outbox_since=T0))
+    assert report.unknown == ["e-recent"] and not report.ok
+    assert sorted(report.row_deleted) == ["e1", "e2"]
+    report = check(rows, [*old, messages[-1], old[0]], retained=Retained(outbox_since=T0))
+    assert not report.ok and report.duplicates == {"e1": 2}  # a row's absence does not hide its copies
+    assert "in Kafka, rows deleted by the outbox's retention (OUTBOX_RETENTION_HOURS; not a violation): 2" in (
+        render(check(rows, messages, retained=Retained(outbox_since=T0))))
+
+
+def test_a_sent_row_created_before_what_its_topic_kept_lost_its_message_to_kafkas_retention_not_lost() -> None:
+    rows = [dataclasses.replace(row(n, topic=topic), created_at=T0 + dt.timedelta(hours=n))
+            for n, topic in ((1, "t"), (2, "t"), (3, "other"), (5, "t"))]
+    retained = Retained(kafka_since={"t": T0 + dt.timedelta(hours=4)})  # "t" kept its messages from 4h on
+    report = check(rows, delivered(rows[3]), retained=retained)
+    assert report.message_deleted == ["e1", "e2"]
+    assert report.lost == ["e3"] and report.sent_but_missing == ["e3"]  # "other" kept everything
+    report = check(rows[:2] + rows[3:], [message("e5", 0)], retained=retained)
+    assert report.ok and "sent, messages deleted by Kafka's retention" in render(report)
+    late = dataclasses.replace(row(6), created_at=T0 + dt.timedelta(hours=5))
+    assert check([late], [], retained=retained).lost == ["e6"]  # created after what "t" kept: lost
+
+
 def test_render_names_each_violation_and_cuts_long_lists() -> None:
     rows = [row(n) for n in range(1, 16)]
     messages = [message("e15", 0), message("e14", 1), message("e15", 2), message("ghost", 3)]
@@ -122,5 +158,5 @@ def test_render_names_each_violation_and_cuts_long_lists() -> None:
     assert "lost (committed, not in Kafka): 13" in text and "  ... and 10 more" in text
     assert "duplicated (event id: copies): 1\n  e15: 2" in text
     assert "out of key order (key, earlier, later): 1\n  (b'k', 'e15', 'e14')" in text
-    assert "in Kafka without a row (or deleted by retention): 1\n  ghost" in text
+    assert "in Kafka without a row: 1\n  ghost" in text
     assert "marked sent but not in Kafka: 13" in text
