@@ -290,14 +290,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     return commands[args.command](args)
 
 
-def _connect(settings: Settings, *, check_schema: bool = True) -> Any:
-    """A connection for one command, after checking the schema is what this relay needs."""
+def _connect(settings: Settings, *, check_schema: bool = True, again: bool = False) -> Any:
+    """A connection for one command, after checking the schema is what this relay needs. ``again``: the
+    address worked before (a watch reconnecting), so a failure is not blamed on it."""
     from outbox_relay import schema
     from outbox_relay.db.connection import connect
 
     try:
         conn = connect(settings.database_url, "outbox-relay cli")
     except DatabaseUnavailable as exc:
+        if again:
+            raise
         raise DatabaseUnavailable(f"{exc} (check --database-url or OUTBOX_DATABASE_URL)") from None
     if check_schema:
         try:
@@ -410,7 +413,7 @@ def _status(args: argparse.Namespace) -> int:
         while True:
             try:
                 if conn.closed:  # given up on (its backend took no cancel) or lost (a restart, a failover)
-                    conn = _connect(settings, check_schema=False)
+                    conn = _connect(settings, check_schema=False, again=True)
                 snap = _measure(conn, args.timeout, hold=settings.failed_key_policy == "hold")
             except DatabaseUnavailable as exc:
                 if not args.watch:

@@ -16,3 +16,33 @@ def test_a_watch_interval_that_is_not_a_duration_is_one_line(value: str, capsys:
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: argument --watch: {value!r} is not a number of seconds above 0, up to 86400")
+
+
+def test_a_watch_that_cannot_connect_again_does_not_blame_the_address_that_worked(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --watch` through a database restart: while the server was down, every refresh said
+    "... (check --database-url or OUTBOX_DATABASE_URL)", advice for a first connection, not for a
+    watch whose address answered a moment before."""
+    from outbox_relay import cli
+    from outbox_relay.db import connection
+    from outbox_relay.errors import DatabaseUnavailable
+
+    class Lost:
+        closed = True
+
+        def close(self) -> None:
+            pass
+
+    attempts = iter([Lost(), DatabaseUnavailable("connection refused"), KeyboardInterrupt()])
+
+    def connect(*_args: object, **_kwargs: object) -> Lost:
+        outcome = next(attempts)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(connection, "connect", connect)
+    monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
+    code = cli.main(["status", "--watch", "1", "--database-url", "postgresql://127.0.0.1:1/x"])
+    assert code == 130
+    assert capsys.readouterr().err.splitlines() == ["outbox-relay: connection refused; looking again in 1s"]
