@@ -151,7 +151,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
             Consumer({**settings.consumer_config()}).close()  # librdkafka judges the properties first
         except KafkaException as exc:
-            raise ConfigurationError(f"Kafka consumer configuration rejected: {exc.args[0].str()}") from None
+            from outbox_relay.publisher import with_source
+
+            raise ConfigurationError(f"Kafka consumer configuration rejected: "
+                                     f"{with_source(exc.args[0].str(), settings.kafka_sources)}") from None
         return Inbox(handler, settings=settings).run()
     settings = _settings(args)
     engine = _engine(settings)

@@ -91,11 +91,14 @@ def validate_config(config: dict[str, Any], transactional_id: str, sources: Mapp
     try:
         Producer({**config, "transactional.id": transactional_id, "logger": progress.LibrdkafkaLogger(quiet=True)})
     except KafkaException as exc:
-        message = exc.args[0].str()
-        where = [source for prop, source in (sources or {}).items()
-                 if f'"{prop}"' in message or f'"{_LIBRDKAFKA_NAMES.get(prop)}"' in message]
-        hint = f" (from {', '.join(where)})" if where else ""
-        raise ConfigurationError(f"invalid Kafka configuration: {message}{hint}") from None
+        raise ConfigurationError(f"invalid Kafka configuration: {with_source(exc.args[0].str(), sources)}") from None
+
+
+def with_source(message: str, sources: Mapping[str, str] | None) -> str:
+    """librdkafka's complaint about a property, and where that property was set (variable, file line, flag)."""
+    where = [source for prop, source in (sources or {}).items()
+             if f'"{prop}"' in message or f'"{_LIBRDKAFKA_NAMES.get(prop)}"' in message]
+    return f"{message} (from {', '.join(where)})" if where else message
 
 
 def describe(error: KafkaError) -> str:

@@ -356,6 +356,11 @@ def test_the_inbox_commands_say_what_is_wrong_in_one_line(empty_database_url: st
     assert result.returncode == 2 and "isolation.level=read_uncommitted (from -X isolation.level)" in result.stderr
     migrated = cli(empty_database_url, "inbox", "migrate")
     assert migrated.returncode == 0 and "inbox schema at head" in migrated.stdout, migrated.stderr
+    result = cli(empty_database_url, "inbox", "run", "tests.inbox_app:apply", "--group", "g", "--topics", "t",
+                 "-X", "auto.offset.reset=bogus")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [  # and where it was set
+        'outbox-relay: error: Kafka consumer configuration rejected: Invalid value "bogus" for configuration '
+        'property "auto.offset.reset" (from -X auto.offset.reset)'], result.stderr
     assert cli(empty_database_url, "inbox", "failed", "list").stdout.strip() == "(no parked events)"
     engine = create_engine(empty_database_url)
     with engine.connect() as conn:
