@@ -181,9 +181,14 @@ class Settings:
     def instance_name(self) -> str:
         return self.instance or default_instance_name()
 
-    def kafka_names(self, outbox_id: str) -> KafkaNames:
-        """This outbox's names in Kafka; the defaults carry its durable identity (made by `migrate`)."""
-        database = database_name(self.database_url) or "postgres"
+    def kafka_names(self, outbox_id: str, database: str | None = None) -> KafkaNames:
+        """This outbox's names in Kafka; the defaults carry its durable identity (made by `migrate`).
+
+        ``database`` is the database as the server names it (``OutboxState.database``): relays of one
+        outbox must be one producer per lane and read one progress topic however their URLs reach the
+        database (named in the URL, through PGDATABASE, ``?dbname=`` or a PgBouncer alias). Without it,
+        the name the URL spells (tests and tools that know no server)."""
+        database = database or database_name(self.database_url) or "postgres"
         default = kafka_safe(f"outbox-relay.{database}.{SCHEMA}.{EVENTS_TABLE}.{outbox_id[:12]}")
         prefix = self.transactional_id_prefix or default
         return KafkaNames(outbox_id, prefix, self.progress_topic or f"{prefix}.progress")

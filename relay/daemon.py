@@ -212,7 +212,7 @@ class Relay:
         if self.names is None or self.names.outbox_id != state.outbox_id:
             self._release(list(self.workers.values()))
             self.workers, self.lane_count = {}, None
-            self.names = self.settings.kafka_names(state.outbox_id)
+            self.names = self.settings.kafka_names(state.outbox_id, state.database)
             self.broker.progress_topic = self.names.progress_topic
             log.info("outbox %s: transactional.id prefix %s, progress topic %s", state.outbox_id,
                      self.names.transactional_prefix, self.names.progress_topic, extra={"action": "identity"})

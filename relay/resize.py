@@ -89,7 +89,7 @@ def _lock_resize(settings: Settings, store: Store, conn: Connection) -> None:
 def _settle(settings: Settings, store: Store, conn: Connection, lanes: int, timeout: float) -> tuple[int, int]:
     """Steps 1 to 4 under the resize lock, up to the new count stored; returns (old count, recovered)."""
     state = store.outbox_state(conn)
-    current, names = state.lane_count, settings.kafka_names(state.outbox_id)
+    current, names = state.lane_count, settings.kafka_names(state.outbox_id, state.database)
     log.info("changing the lane count from %d to %d: waiting for relays to release their lanes",
              current, lanes, extra={"action": "resize_start"})
     faults.hit("resize_announced")

@@ -410,3 +410,26 @@ def test_a_progress_topic_that_deletes_old_records_is_refused(
     relay.stop()
     assert f"progress topic '{unfit}' has cleanup.policy=delete" in relay.log()
     assert pending(engine) == 5
+
+
+def test_relays_that_name_the_database_differently_are_one_producer_in_kafka(
+    engine: Engine, database_url: str, topic: str, relays: Relays
+) -> None:
+    """One outbox, two spellings of its database URL: one relay names the database in the URL, the
+    next through libpq's PGDATABASE (or a PgBouncer alias, or `?dbname=`). Both reach the same
+    database, the same outbox, the same lanes: they must be the same producer in Kafka (fencing) and
+    read the same progress records, or a crash between the Kafka commit and the mark is published
+    again by whoever takes the lane next."""
+    name = make_url(database_url).database
+    assert name
+    elsewhere = database_url.rsplit("/", 1)[0]  # no database: libpq takes PGDATABASE
+    backlog(engine, topic, 100)
+    crashed = relays.start(database_url, name="crashed", OUTBOX_BATCH_SIZE=40,
+                           OUTBOX_FAULT_INJECTION="after_commit:1")
+    assert crashed.wait(60) == -signal.SIGKILL, crashed.log()
+    assert pending(engine) == 100  # 40 of them in Kafka, none marked
+    survivor = relays.start(elsewhere, name="survivor", OUTBOX_BATCH_SIZE=40, PGDATABASE=name)
+    wait_until(lambda: pending(engine) == 0, 60, "the survivor to drain")
+    survivor.stop()
+    ledger_ok(engine, topic, "a crash after the commit, taken over through another spelling of the URL", 100)
+    assert "recovered 40 events" in survivor.log(), survivor.log()

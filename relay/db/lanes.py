@@ -59,6 +59,9 @@ class OutboxState:
     lane_count: int
     resizing: bool  # a lane-count change is under way: relays hold no lanes meanwhile
     outbox_id: str
+    # The database as the server names it (current_database()), not as a URL spells it: a URL may name
+    # it through PGDATABASE, `?dbname=` or a PgBouncer alias. Part of the default Kafka names.
+    database: str = ""
 
 
 _COLUMNS = sql.SQL(
@@ -172,13 +175,13 @@ class Store:
                 "SELECT lane_count, resize_to IS NOT NULL AND EXISTS (SELECT 1 FROM pg_locks WHERE"
                 " locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database"
                 " WHERE datname = current_database()) AND classid = %s AND objid = %s AND objsubid = 2),"
-                " outbox_id::text FROM {} WHERE id = 1"
+                " outbox_id::text, current_database()::text FROM {} WHERE id = 1"
             ).format(_SETTINGS),
             (LOCK_CLASS, RESIZE_LOCK),
         ).fetchone()
         if row is None:
             raise LookupError(f"{SCHEMA}.{SETTINGS_TABLE} has no row; run `outbox-relay migrate`")
-        return OutboxState(int(row[0]), bool(row[1]), str(row[2]))
+        return OutboxState(int(row[0]), bool(row[1]), str(row[2]), str(row[3]))
 
     @staticmethod
     def register_instance(conn: psycopg.Connection[Any], name: str, timeout_s: float) -> list[str]:
