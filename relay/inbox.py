@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from outbox_relay.config import InboxSettings
 from outbox_relay.db import inbox as store
-from outbox_relay.db.connection import is_unavailable
+from outbox_relay.db.connection import is_outage
 from outbox_relay.db.inbox import Claim, ParkedRow, Position
 from outbox_relay.errors import ConfigurationError
 
@@ -195,8 +195,10 @@ class _Stopping(Exception):
 
 
 def _transient(exc: BaseException) -> bool:
-    """A lost or refused database connection: the batch is retried as it is, no attempt is counted."""
-    return is_unavailable(exc)
+    """A lost or refused database connection, or the database's own trouble: the batch is retried as it
+    is, no attempt is counted. An error that is the statement's fault (a value too long for an index) is
+    the event's, counted and parked like any handler failure: waited out, it stalled the consumer for ever."""
+    return is_outage(exc)
 
 
 class InboxMetrics:

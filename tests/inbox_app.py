@@ -21,6 +21,9 @@ SCHEMA_SQL = [
     " partition integer NOT NULL, kafka_offset bigint NOT NULL, body jsonb, applied_at timestamptz DEFAULT now())",
     "CREATE TABLE app.counters (key text PRIMARY KEY, n integer NOT NULL)",
     "CREATE TABLE app.cured (event_id uuid PRIMARY KEY)",
+    # Notes are indexed: a note too long for a btree entry is an event PostgreSQL refuses (program limit).
+    "CREATE TABLE app.notes (body text NOT NULL)",
+    "CREATE INDEX ON app.notes (body)",
 ]
 
 _COUNT = text("INSERT INTO app.counters AS c (key, n) VALUES (:key, 1) ON CONFLICT (key) DO UPDATE SET n = c.n + 1"
@@ -57,6 +60,14 @@ def apply(event: InboxEvent, session: Session) -> None:
     key = event.key.decode() if event.key is not None else ""
     n = session.execute(_COUNT, {"key": key}).scalar_one()
     session.execute(_EFFECT, _params(event, n))
+
+
+def apply_noted(event: InboxEvent, session: Session) -> None:
+    """``apply``, and the event's ``note`` (if any) into the indexed notes table."""
+    note = event.value.get("note") if isinstance(event.value, dict) else None
+    if note is not None:
+        session.execute(text("INSERT INTO app.notes (body) VALUES (:body)"), {"body": note})
+    apply(event, session)
 
 
 async def apply_async(event: InboxEvent, session: AsyncSession) -> None:

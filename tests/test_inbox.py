@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import json
 import random
+import secrets
 import time
 import urllib.request
 import uuid
@@ -241,6 +242,28 @@ def test_skip_policy_lets_later_events_of_a_failed_key_go_on(
         assert conn.execute(text("SELECT event_id FROM app.effects")).scalar_one() == later
     rows = parked(consumer_url)
     assert [(row["event_id"], row["state"], row["attempts"]) for row in rows] == [(str(poison), "failed", 2)]
+
+
+def test_an_event_postgresql_refuses_for_good_is_parked_not_retried_for_ever(
+    engine: Engine, database_url: str, consumer_url: str, consumer_engine: Engine, topic: str, relays: Relays
+) -> None:
+    """A handler error of psycopg's OperationalError family that is the event's own fault, never an outage:
+    a note too long for its btree index (SQLSTATE 54000, program limit exceeded). It is retried, parked
+    after the attempts, and the other keys flow; it must not be waited out as a lost database would be
+    (that retried the whole batch for ever: nothing of any key was applied again)."""
+    relays.start(database_url, "relay")
+    refused, *held = write(engine, topic, [("bad", {"note": secrets.token_hex(20_000)}), ("bad", {"n": 1}),
+                                           ("bad", {"n": 2})])
+    write(engine, topic, [("good", {"n": n}) for n in range(20)])
+    consumer = relays.start_inbox(consumer_url, "tests.inbox_app:apply_noted", "consumer", OUTBOX_INBOX_GROUP=GROUP,
+                                  OUTBOX_INBOX_TOPICS=topic, OUTBOX_INBOX_MAX_ATTEMPTS=3)
+    wait_until(lambda: effects(consumer_engine) == 20, 120, "the other key to flow")
+    wait_until(lambda: len(parked(consumer_url)) == 3, 120, "the refused event and the two behind it to be parked")
+    rows = {row["event_id"]: row for row in parked(consumer_url)}
+    assert rows[str(refused)]["state"] == "failed"
+    assert "ProgramLimitExceeded" in str(rows[str(refused)]["error"]), rows[str(refused)]
+    assert {rows[str(e)]["state"] for e in held} == {"held"}
+    assert "PostgreSQL unavailable" not in consumer.log()
 
 
 def test_a_rebalance_between_two_consumers_loses_and_repeats_nothing(

@@ -165,6 +165,27 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError)
 
 
+# psycopg's OperationalError also covers errors that are a statement's own fault, whoever runs it again:
+# a value too long for a btree index (54000), a routine that raised (38000, 39000), a trigger's refusal
+# (27000), currval before nextval (55000). These SQLSTATE classes are the database's trouble instead
+# (connection, authentication, a transaction rolled back for contention, resources, an operator or a
+# crash, the server's own system errors), and lock waits that timed out.
+_OUTAGE_CLASSES = frozenset({"08", "28", "40", "53", "57", "58", "F0"})
+_CONTENTION_STATES = frozenset({"55P03", "55006"})
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Trouble of the database (or the way to it), not of the statement: waited out and tried again as it
+    is, never counted against an event. A lost connection, or an OperationalError of those classes."""
+    if not is_unavailable(exc):
+        return False
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    cause = getattr(exc, "orig", exc)
+    sqlstate = getattr(cause, "sqlstate", None)
+    return sqlstate is None or sqlstate[:2] in _OUTAGE_CLASSES or sqlstate in _CONTENTION_STATES
+
+
 def _sqlalchemy_errors() -> tuple[type[Exception], ...]:
     """SQLAlchemy's wrapper of driver errors, if SQLAlchemy is loaded at all: the daemon never loads it
     (its memory is not the daemon's to pay), and nothing can raise its errors then."""

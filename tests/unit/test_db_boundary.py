@@ -43,6 +43,28 @@ def test_postgresql_errors_become_the_relays_own(raised: Exception, expected: ty
         assert isinstance(caught.value, DatabaseUnavailable)
 
 
+@pytest.mark.parametrize(("raised", "outage"), [
+    (psycopg.OperationalError("server closed the connection unexpectedly"), True),  # libpq's: no SQLSTATE
+    (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), True),
+    (psycopg.errors.DeadlockDetected("deadlock detected"), True),
+    (psycopg.errors.DiskFull("could not extend file"), True),
+    (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"), True),
+    (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), True),
+    (SQLAlchemyOperationalError("INSERT", {}, psycopg.errors.CannotConnectNow("the database system is starting up")),
+     True),
+    # the statement's own fault, however often it runs again
+    (psycopg.errors.ProgramLimitExceeded("index row requires 40016 bytes, maximum size is 8191"), False),
+    (SQLAlchemyOperationalError("INSERT", {}, psycopg.errors.ProgramLimitExceeded("index row size exceeds")), False),
+    (psycopg.errors.ObjectNotInPrerequisiteState("currval of sequence is not yet defined in this session"), False),
+    (psycopg.errors.ExternalRoutineException("a routine raised"), False),
+    (psycopg.errors.RaiseException("a trigger refused"), False),
+])
+def test_an_outage_is_the_databases_trouble_not_the_statements(raised: Exception, outage: bool) -> None:
+    """What the inbox waits out without counting an attempt: a lost connection or the database's own trouble,
+    never an error the same statement would meet again (that stalled a consumer for ever)."""
+    assert connection.is_outage(raised) is outage
+
+
 def test_the_error_tree() -> None:
     # Callers catch DatabaseUnavailable to back off and DatabaseError for anything PostgreSQL said.
     assert issubclass(DatabaseUnavailable, ConnectionTrouble) and issubclass(DatabaseUnavailable, DatabaseError)
