@@ -18,8 +18,10 @@ import dataclasses
 import datetime as dt
 import decimal
 import json
+import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, cast, overload
@@ -134,6 +136,18 @@ def default_serializer(value: Any) -> tuple[bytes, str | None]:
         encoded = json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
         return encoded.encode(), "application/json"
     raise TypeError(f"{type(value).__name__} has no default encoding; pass bytes or a serializer")
+
+
+def new_event_id() -> uuid.UUID:
+    """A version 7 UUID (RFC 9562): 48 bits of Unix time in milliseconds, then 74 random bits.
+
+    Time-ordered, so a new event's entry lands at the end of the event_id unique index, on a page just
+    written, instead of on a random page of an index that outgrew memory (read, dirtied, and written to
+    the WAL whole after each checkpoint)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits, 74 of them used
+    rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
+    return uuid.UUID(int=(ms & (1 << 48) - 1) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
 
 
 def encode_key(key: bytes | str | int | uuid.UUID | None) -> bytes | None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -29,7 +29,7 @@ from outbox_relay.lane import LaneWorker
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher
 from outbox_relay.verify import LedgerReport
-from outbox_relay.write import Event
+from outbox_relay.write import Event, new_event_id
 from tests import kafkatools
 from tests.pgtools import EVENTS, INSTANCES, SETTINGS, UNSENT, set_state_sql
 from tests.relaytools import (
@@ -65,15 +65,17 @@ def drained(relays: Relays, database_url: str, engine: Engine, **settings: objec
     return relay
 
 
-def backlog(engine: Engine, topic: str, events: int, keys: int = 20) -> None:
+def backlog(engine: Engine, topic: str, events: int, keys: int = 20,
+            event_ids: Callable[[], uuid.UUID | None] = lambda: None) -> None:
     with engine.begin() as conn:
-        enqueue_many(conn, [Event(topic, {"n": n}, key=f"key-{n % keys}") for n in range(events)])
+        enqueue_many(conn, [Event(topic, {"n": n}, key=f"key-{n % keys}", event_id=event_ids())
+                            for n in range(events)])
 
 
 def drain_more(relays: Relays, database_url: str, engine: Engine, topic: str, events: int,
-               **settings: object) -> RelayProcess:
+               event_ids: Callable[[], uuid.UUID | None] = lambda: None, **settings: object) -> RelayProcess:
     """Enqueue ``events`` more, then a relay that drains them and stops."""
-    backlog(engine, topic, events)
+    backlog(engine, topic, events, event_ids=event_ids)
     return drained(relays, database_url, engine, **settings)
 
 
@@ -178,10 +180,14 @@ def test_marks_lost_by_postgresql_over_many_transactions_are_recovered(
     ledger_ok(engine, topic, "8 transactions' marks lost", 1100)
 
 
+@pytest.mark.parametrize("event_ids", [lambda: None, new_event_id], ids=["random", "time-ordered"])
 def test_ids_a_promoted_standby_hands_out_again_are_not_taken_for_published_events(
-    engine: Engine, database_url: str, topic: str, relays: Relays
+    engine: Engine, database_url: str, topic: str, relays: Relays, event_ids: Callable[[], uuid.UUID | None]
 ) -> None:
-    drain_more(relays, database_url, engine, topic, 300, OUTBOX_BATCH_SIZE=50)
+    """Time-ordered event ids (UUID version 7, as PostgreSQL 18's uuidv7() or an application makes them)
+    written within a minute share their first 32 bits: a fingerprint of those alone took the new events
+    under the lost ones' ids for published, and 100 were lost."""
+    drain_more(relays, database_url, engine, topic, 300, event_ids, OUTBOX_BATCH_SIZE=50)
     # The promoted standby never received the last 100 rows (published already) nor the marks of the
     # 100 before them, and its sequence hands the 100 ids out again to new events.
     with engine.begin() as conn:
@@ -191,7 +197,7 @@ def test_ids_a_promoted_standby_hands_out_again_are_not_taken_for_published_even
                                 {"t": top - 100}).scalars())
         conn.execute(text(f"DELETE FROM {UNSENT} WHERE id > :t"), {"t": top - 100})
         conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{EVENTS}', 'id'), :t)"), {"t": top - 100})
-    backlog(engine, topic, 150)  # 100 of them under the ids the lost events had
+    backlog(engine, topic, 150, event_ids=event_ids)  # 100 of them under the ids the lost events had
     relay = drained(relays, database_url, engine, name="after-failover", OUTBOX_BATCH_SIZE=50)
     assert "recovered 100 events" in relay.log()
     report = ledger(engine, [topic])

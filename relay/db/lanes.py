@@ -388,8 +388,10 @@ class Store:
         row = conn.execute(
             sql.SQL(
                 "WITH r AS (SELECT * FROM unnest(%s::bigint[], %s::text[]) AS r(id, fp)),"
+                # progress.matches: the UUID's first 32 bits, and 32 of its digest when the record has them.
                 " m AS (SELECT e.id FROM {events} e JOIN r ON e.id = r.id"
-                " AND left(e.event_id::text, length(r.fp)) = r.fp),"
+                " AND left(e.event_id::text, 8) = left(r.fp, 8) AND (length(r.fp) = 8"
+                " OR substr(r.fp, 9) = left(encode(sha256(convert_to(e.event_id::text, 'UTF8')), 'hex'), 8))),"
                 " d AS (DELETE FROM {unsent} u USING m WHERE u.id = m.id AND u.state = 'pending' RETURNING u.id),"
                 " s AS (INSERT INTO {sent} (first_id, last_id, ids) SELECT min(id), max(id), array_agg(id ORDER BY id)"
                 " FROM d HAVING count(*) > 0 RETURNING 1)"

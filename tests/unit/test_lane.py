@@ -71,7 +71,8 @@ class FakeStore:
         return len(marked)
 
     def mark_recovered(self, conn: object, batch: list[tuple[int, str]]) -> tuple[int, int]:
-        ours = [i for i, fp in batch if str(event_id(i)).startswith(fp) and (i in self.pending or i in self.sent)]
+        ours = [i for i, fp in batch
+                if progress.matches(str(event_id(i)), fp) and (i in self.pending or i in self.sent)]
         return self.mark_sent(conn, ours), len(ours)
 
     def record_failure(self, _conn: object, id_: int, _error: str, park: bool) -> None:

@@ -16,7 +16,7 @@ SCOPE = Scope("0b5e6c1d-7a1f-4a57-9b5e-0e0a1c2b3d4e", 2, 4)
 
 def event(id_: int) -> tuple[int, str]:
     """A row id and its event's UUID (made up, distinct per id)."""
-    return id_, f"{id_:08x}-0000-4000-8000-000000000000"
+    return id_, f"{id_ % 2**32:08x}-0000-4000-8000-{id_ // 2**32:012x}"
 
 
 def events(*ids: int) -> list[tuple[int, str]]:
@@ -32,11 +32,28 @@ def record(**fields: Any) -> bytes:
 def test_a_record_round_trips_and_stays_small() -> None:
     pairs = events(12, 1, 2, 3, 7, 9, 10)
     value = encode(SCOPE, pairs)
-    assert decode(value, SCOPE) == sorted((i, e[:8]) for i, e in pairs)
+    assert decode(value, SCOPE) == sorted((i, progress.fingerprint(e)) for i, e in pairs)
     assert json.loads(value)["ids"] == [[1, 3], 7, [9, 10], 12]
     # The largest batch, with no two ids adjacent (the usual case with several lanes), fits in a message.
     worst = encode(SCOPE, events(*range(10**12, 10**12 + 4 * progress.MAX_RECORD_IDS, 4)))
     assert len(worst) < 1_000_000 // 3
+
+
+def test_time_ordered_event_ids_that_share_their_first_32_bits_are_told_apart() -> None:
+    """UUID version 7 ids written within a minute begin alike: the first 32 bits alone took one for the other."""
+    first, other = "01a232d0-507b-79bd-870c-921c73967253", "01a232d0-6000-7aef-acc9-ce8a13574d70"
+    print_ = progress.fingerprint(first)
+    assert progress.matches(first, print_) and not progress.matches(other, print_)
+    [(_, carried)] = decode(encode(SCOPE, [(5, first)]), SCOPE)
+    assert carried == print_ and not progress.matches(other, carried)
+
+
+def test_a_record_written_before_the_digest_still_recovers_by_the_first_32_bits() -> None:
+    """Relays that wrote "fp" only are read by this one (an upgrade), and read its records (fp kept)."""
+    pairs = decode(record(), SCOPE)
+    assert pairs == [(1, "00000001"), (2, "00000002"), (3, "00000003"), (7, "00000007")]
+    assert progress.matches(event(7)[1], pairs[-1][1]) and not progress.matches(event(8)[1], pairs[-1][1])
+    assert json.loads(encode(SCOPE, events(1, 2)))["fp"] == "0000000100000002"
 
 
 @pytest.mark.parametrize(("value", "reason"), [
@@ -47,6 +64,9 @@ def test_a_record_round_trips_and_stays_small() -> None:
     (record(fp="0000000100000002"), "fingerprints do not match"),
     (record(fp="0000000100000002000000030000000G"), "fingerprints do not match"),
     (record(fp=None), "fingerprints do not match"),
+    (record(fd="00000001"), "fingerprints do not match"),
+    (record(fd="0000000100000002000000030000000g"), "fingerprints do not match"),
+    (record(fd=7), "fingerprints do not match"),
     (record(ids=[[5, 1]]), "not an id or a range"),
     (record(ids=[0]), "not an id or a range"),
     (record(ids=[True]), "not an id or a range"),
@@ -78,7 +98,7 @@ class FakeStore:
         self.marked: list[list[int]] = []
 
     def mark_recovered(self, _conn: object, batch: list[tuple[int, str]]) -> tuple[int, int]:
-        matched = [i for i, fp in batch if i in self.rows and self.rows[i][0].startswith(fp)]
+        matched = [i for i, fp in batch if i in self.rows and progress.matches(self.rows[i][0], fp)]
         marked = [i for i in matched if self.rows[i][1] == "pending"]
         for i in marked:
             self.rows[i] = (self.rows[i][0], "sent")
