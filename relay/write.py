@@ -403,7 +403,7 @@ class Outbox:
                 f"{RECORD_OVERHEAD_BYTES} of record overhead, over the limit of {self.max_message_bytes} bytes"
             )
         return {
-            "event_id": event.event_id or uuid.uuid4(),
+            "event_id": event.event_id or new_event_id(),
             "topic": event.topic,
             "key": key,
             "value": value,
