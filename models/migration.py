@@ -17,8 +17,10 @@ already has an Alembic history adds one revision of its own instead::
         add_unsent_table_v9()
         add_autovacuum_settings_v10()
         add_idle_lanes_v11()
+        add_lane_kafka_names_v12()
 
     def downgrade() -> None:
+        drop_lane_kafka_names_v12()
         drop_idle_lanes_v11()
         drop_autovacuum_settings_v10()
         drop_unsent_table_v9()
@@ -539,6 +541,24 @@ def drop_idle_lanes_v11() -> None:
         END $$'''
     ))
     op.execute(sa.text(f'DROP TABLE "{SCHEMA}"."{EVENTS_TABLE}_idle_lanes"'))
+
+
+def add_lane_kafka_names_v12() -> None:
+    """Each lane records the transactional.id and progress topic its owner publishes under.
+
+    Relays of one outbox must share them: a relay under other names neither fences the last owner nor
+    reads its progress records, and would publish again what that owner committed in Kafka but never
+    marked. The next owner reads these and settles that owner's work under its names first.
+    """
+    if _has_column(LANES_TABLE, "transactional_id"):
+        return
+    op.add_column(LANES_TABLE, sa.Column("transactional_id", sa.Text, nullable=True), schema=SCHEMA)
+    op.add_column(LANES_TABLE, sa.Column("progress_topic", sa.Text, nullable=True), schema=SCHEMA)
+
+
+def drop_lane_kafka_names_v12() -> None:
+    op.drop_column(LANES_TABLE, "progress_topic", schema=SCHEMA)
+    op.drop_column(LANES_TABLE, "transactional_id", schema=SCHEMA)
 
 
 def _v9_tables() -> tuple[str, str, str]:

@@ -138,6 +138,9 @@ class RelayLane(Base):
     owner: Mapped[str | None] = mapped_column(Text)
     acquired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The Kafka names its owner publishes under: the next owner settles that owner's work under them.
+    transactional_id: Mapped[str | None] = mapped_column(Text)
+    progress_topic: Mapped[str | None] = mapped_column(Text)
 
 
 class IdleLane(Base):

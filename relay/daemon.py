@@ -401,9 +401,10 @@ class Relay:
                      self.settings.retention_hours, extra={"action": "retention", "count": deleted})
 
     def _worker(self, names: KafkaNames, scope: progress.Scope) -> LaneWorker:
-        def new_publisher() -> LanePublisher:
-            return LanePublisher.for_lane(self.settings, names, scope, logger=self._kafka_logger,
-                                          stopping=self.stopping)
+        def new_publisher(transactional_id: str | None = None, progress_topic: str | None = None) -> LanePublisher:
+            return LanePublisher.under(self.settings, transactional_id or names.transactional_id(scope.lane),
+                                       progress_topic or names.progress_topic, scope, logger=self._kafka_logger,
+                                       stopping=self.stopping)
 
         return LaneWorker(scope, names.transactional_id(scope.lane), self.settings, self.store, new_publisher,
                           self.metrics)

@@ -6,7 +6,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 from outbox_relay import faults, progress
 from outbox_relay.backoff import CircuitBreaker
@@ -16,7 +16,7 @@ from outbox_relay.db.lanes import MarkInFlight, Row, Store
 from outbox_relay.errors import BrokerUnavailable, DatabaseError, DatabaseUnavailable
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
-from outbox_relay.recovery import recover
+from outbox_relay.recovery import recover, settle_last_owner
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,13 @@ LINGER_SECONDS = 0.1
 # A commit decides whether to notify when it writes its events, so one still open when its lane fell
 # asleep does not wake it: the lane looks again at once and once more this much later, then polls.
 SECOND_LOOK_SECONDS = 0.05
+
+
+class PublisherFactory(Protocol):
+    """A producer for the lane: under its own names, or under a last owner's other ones when given."""
+
+    def __call__(self, transactional_id: str | None = None, progress_topic: str | None = None, /) -> LanePublisher:
+        ...
 
 
 class _Outcome(enum.Enum):
@@ -81,7 +88,7 @@ class LaneWorker:
         transactional_id: str,
         settings: Settings,
         store: Store,
-        publisher_factory: Callable[[], LanePublisher],
+        publisher_factory: PublisherFactory,
         metrics: Metrics,
     ) -> None:
         self.scope = scope
@@ -442,11 +449,12 @@ class LaneWorker:
         assert self._conn is not None
         publisher = self._new_publisher()
         try:
-            publisher.start()
             # Committed transactions may not have been marked (a crash, a lost connection, a
             # database that lost writes): their events are in Kafka, so they are sent, and must
-            # not be published again.
-            recovered = recover(self.store, self._conn, publisher.committed_records(), self.scope)
+            # not be published again. The last owner's first, if it published under other names.
+            recovered = settle_last_owner(self.store, self._conn, self.scope, publisher, self._new_publisher)
+            publisher.start()
+            recovered += recover(self.store, self._conn, publisher.committed_records(), self.scope)
         except BrokerUnavailable as exc:
             publisher.close()
             self.kafka.failure(str(exc))

@@ -140,9 +140,15 @@ class LanePublisher:
     def for_lane(cls, settings: Settings, names: KafkaNames, scope: progress.Scope, *, logger: Any = None,
                  stopping: threading.Event | None = None) -> LanePublisher:
         """The publisher of one lane of this outbox, as the settings configure it."""
-        return cls(settings.producer_config(), names.transactional_id(scope.lane), scope=scope,
-                   progress_topic=names.progress_topic, operation_timeout=settings.kafka_timeout, logger=logger,
-                   stopping=stopping)
+        return cls.under(settings, names.transactional_id(scope.lane), names.progress_topic, scope, logger=logger,
+                         stopping=stopping)
+
+    @classmethod
+    def under(cls, settings: Settings, transactional_id: str, progress_topic: str, scope: progress.Scope, *,
+              logger: Any = None, stopping: threading.Event | None = None) -> LanePublisher:
+        """The publisher of one lane under the given names (a last owner's, recorded in its lane)."""
+        return cls(settings.producer_config(), transactional_id, scope=scope, progress_topic=progress_topic,
+                   operation_timeout=settings.kafka_timeout, logger=logger, stopping=stopping)
 
     def start(self) -> None:
         """Take over the lane in Kafka: fence any older producer of this transactional.id.

@@ -17,11 +17,15 @@ record none of whose rows are left (lost, or deleted by retention) tells nothing
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from outbox_relay import progress
 from outbox_relay.db.connection import Connection
 from outbox_relay.db.lanes import Store
+
+if TYPE_CHECKING:
+    from outbox_relay.publisher import LanePublisher
 
 log = logging.getLogger(__name__)
 
@@ -46,4 +50,29 @@ def recover(
         recovered += marked
         if matched and not marked:
             break  # this transaction's marks survived, and so did every earlier one's
+    return recovered
+
+
+def settle_last_owner(store: Store, conn: Connection, scope: progress.Scope, mine: LanePublisher,
+                      publisher_for: Callable[[str, str], LanePublisher]) -> int:
+    """Before ``mine`` starts (its own fencing comes after, so a last owner that shared its transactional.id
+    but not its progress topic does not fence it): if the lane's last owner published under other names
+    (relays told another OUTBOX_TRANSACTIONAL_ID_PREFIX or OUTBOX_PROGRESS_TOPIC, or a rename), fence that
+    producer and mark what its transactions carried, as its own next owner would have. Then record
+    ``mine``'s names for whoever comes next. Returns how many events were marked."""
+    recovered = 0
+    last = store.kafka_names(conn, scope.lane)
+    if last is not None and last != (mine.transactional_id, mine.progress_topic):
+        log.warning("lane %d was last published as transactional.id %s with progress topic %s, and this relay "
+                    "publishes as %s with %s: settling the last owner's transactions first. Relays of one outbox "
+                    "should share OUTBOX_TRANSACTIONAL_ID_PREFIX and OUTBOX_PROGRESS_TOPIC", scope.lane, last[0],
+                    last[1], mine.transactional_id, mine.progress_topic,
+                    extra={"lane": scope.lane, "action": "other_kafka_names"})
+        previous = publisher_for(*last)
+        try:
+            previous.start()  # fences the last owner's producer, settles its open transaction
+            recovered = recover(store, conn, previous.committed_records(), scope)
+        finally:
+            previous.close()
+    store.record_kafka_names(conn, scope.lane, mine.transactional_id, mine.progress_topic)
     return recovered

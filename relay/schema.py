@@ -37,7 +37,7 @@ from outbox_relay.models.names import (
 # The revision at this release's head, and each table's columns and indexes as the models declare
 # them: spelled out so that the check runs without loading SQLAlchemy or Alembic into the daemon.
 # tests/unit/test_schema_manifest.py keeps both equal to the models and the migration history.
-HEAD_REVISION = "0011_idle_lanes"
+HEAD_REVISION = "0012_lane_kafka_names"
 REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     EVENTS_TABLE: (("id", "event_id", "topic", "key", "value", "header_names", "header_values", "partition",
                     "lane_key", "created_at", "available_at"), ()),
@@ -45,7 +45,7 @@ REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                    (f"ix_{UNSENT_TABLE}_delayed", f"ix_{UNSENT_TABLE}_failed", f"ix_{UNSENT_TABLE}_discarded")),
     SENT_TABLE: (("id", "sent_at", "first_id", "last_id", "ids"),
                  (f"ix_{SENT_TABLE}_sent_at", f"ix_{SENT_TABLE}_id_range")),
-    LANES_TABLE: (("lane", "owner", "acquired_at", "heartbeat_at"), ()),
+    LANES_TABLE: (("lane", "owner", "acquired_at", "heartbeat_at", "transactional_id", "progress_topic"), ()),
     SETTINGS_TABLE: (("id", "lane_count", "resize_to", "outbox_id"), ()),
     INSTANCES_TABLE: (("name", "started_at", "heartbeat_at", "backend_pid"), ()),
     IDLE_LANES_TABLE: (("lane", "since"), ()),
@@ -67,6 +67,8 @@ _ADDED_BY = {
     f"trigger {ENQUEUE_TRIGGER}": "add_unsent_table_v9",
     "unsent ready lane index": "add_unsent_table_v9",
     f"table {SCHEMA}.{IDLE_LANES_TABLE}": "add_idle_lanes_v11",
+    f"column {LANES_TABLE}.transactional_id": "add_lane_kafka_names_v12",
+    f"column {LANES_TABLE}.progress_topic": "add_lane_kafka_names_v12",
 }
 
 

@@ -63,12 +63,14 @@ def test_a_schema_behind_this_relay_is_named_with_the_fix(engine: Engine, databa
     downgraded = cli(database_url, "migrate", "--downgrade", "--revision", "0006_outbox_identity")
     assert downgraded.returncode == 0, downgraded.stderr
     line = one_line(cli(database_url, "status"))
-    # Behind by 0007, 0008 (the claim indexes), 0009 (the unsent table), 0010 and 0011 (the idle lanes).
+    # Behind by 0007, 0008 (the claim indexes), 0009 (the unsent table), 0010, 0011 (the idle lanes) and
+    # 0012 (the lanes' Kafka names).
     assert ("behind this relay (table outbox.events_unsent, table outbox.events_sent, column"
+            " events_lanes.transactional_id, column events_lanes.progress_topic, column"
             " events_instances.backend_pid, table outbox.events_idle_lanes, trigger events_enqueue, ready lane"
             " index, unsent ready lane index)" in line and "run `outbox-relay migrate`" in line)
     assert ("outbox_relay.models.migration.add_claim_indexes_v8(), add_idle_lanes_v11(), add_instance_sessions_v7(),"
-            " add_unsent_table_v9()" in line)
+            " add_lane_kafka_names_v12(), add_unsent_table_v9()" in line)
     assert cli(database_url, "migrate").returncode == 0
     assert cli(database_url, "status").returncode == 0
 

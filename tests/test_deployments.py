@@ -418,6 +418,47 @@ def test_a_progress_topic_that_deletes_old_records_is_refused(
     assert pending(engine) == 5
 
 
+@pytest.mark.parametrize("names", ["prefix", "progress topic"])
+def test_a_lane_taken_under_other_kafka_names_settles_the_last_owners_work_first(
+    engine: Engine, database_url: str, topic: str, relays: Relays, names: str
+) -> None:
+    """Relays of one outbox told different OUTBOX_TRANSACTIONAL_ID_PREFIX or OUTBOX_PROGRESS_TOPIC (drift
+    between deployments, or a rename rolled out while one died): the next owner neither fenced the last
+    one nor read its progress records, and published again the batch it had committed in Kafka but not
+    marked (40 of 100 duplicated). Each owner now records its names in its lane; the next settles there."""
+    suffix = uuid.uuid4().hex[:8]
+    first = {"OUTBOX_TRANSACTIONAL_ID_PREFIX": f"first-{suffix}"} if names == "prefix" else {
+        "OUTBOX_PROGRESS_TOPIC": f"first-{suffix}.progress"}
+    backlog(engine, topic, 100)
+    crashed = relays.start(database_url, name="crashed", OUTBOX_BATCH_SIZE=40, OUTBOX_FAULT_INJECTION="after_commit:1",
+                           **first)
+    assert crashed.wait(60) == -signal.SIGKILL, crashed.log()
+    assert pending(engine) == 100  # 40 of them in Kafka, none marked
+    survivor = relays.start(database_url, name="survivor", OUTBOX_BATCH_SIZE=40)  # the default names
+    wait_until(lambda: pending(engine) == 0, 60, "the survivor to drain")
+    survivor.stop()
+    ledger_ok(engine, topic, f"a crash after the commit, taken over under another {names}", 100)
+    assert "recovered 40 events" in survivor.log(), survivor.log()
+    assert "was last published as transactional.id" in survivor.log()
+
+
+def test_a_lane_count_change_settles_work_left_under_other_kafka_names(
+    engine: Engine, database_url: str, topic: str, relays: Relays
+) -> None:
+    """`lanes set` settles every lane before the count changes; a lane whose last owner died under another
+    transactional.id prefix is settled under that one, not only under the command's own names."""
+    backlog(engine, topic, 100)
+    crashed = relays.start(database_url, name="crashed", OUTBOX_BATCH_SIZE=40, OUTBOX_FAULT_INJECTION="after_commit:1",
+                           OUTBOX_TRANSACTIONAL_ID_PREFIX=f"first-{uuid.uuid4().hex[:8]}")
+    assert crashed.wait(60) == -signal.SIGKILL, crashed.log()
+    result = subprocess.run([sys.executable, "-m", "outbox_relay", "lanes", "set", "2", "--database-url",
+                             database_url], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(40 events recovered" in result.stdout and pending(engine) == 60, result.stdout  # before the change
+    drained(relays, database_url, engine, name="after", OUTBOX_BATCH_SIZE=40)
+    ledger_ok(engine, topic, "a crash under another prefix, then a lane-count change", 100)
+
+
 def test_relays_that_name_the_database_differently_are_one_producer_in_kafka(
     engine: Engine, database_url: str, topic: str, relays: Relays
 ) -> None:

@@ -375,7 +375,8 @@ def test_an_application_that_adopted_0_1_0_upgrades_with_the_readme_revision(
                  "add_instance_sessions_v7", "drop_instance_sessions_v7", "add_claim_indexes_v8",
                  "drop_claim_indexes_v8",
                  "add_unsent_table_v9", "drop_unsent_table_v9", "add_autovacuum_settings_v10",
-                 "drop_autovacuum_settings_v10", "add_idle_lanes_v11", "drop_idle_lanes_v11"):
+                 "drop_autovacuum_settings_v10", "add_idle_lanes_v11", "drop_idle_lanes_v11",
+                 "add_lane_kafka_names_v12", "drop_lane_kafka_names_v12"):
         old = old.replace(f"    {step}()\n", "")
     assert old != recipe
     upgrade = readme_python("### Using your own Alembic history", 2)

@@ -315,6 +315,35 @@ class Store:
         )
 
     @staticmethod
+    def kafka_names(conn: psycopg.Connection[Any], lane: int) -> tuple[str, str] | None:
+        """The transactional.id and progress topic the lane's last owner published under (None: not recorded)."""
+        row = conn.execute(
+            sql.SQL("SELECT transactional_id, progress_topic FROM {} WHERE lane = %s").format(_LANES), (lane,)
+        ).fetchone()
+        return (row[0], row[1]) if row is not None and row[0] is not None and row[1] is not None else None
+
+    @staticmethod
+    def record_kafka_names(conn: psycopg.Connection[Any], lane: int, transactional_id: str,
+                           progress_topic: str) -> None:
+        """Before the lane's owner publishes anything: whoever takes the lane after it settles its work under these.
+
+        Durable before it returns, unlike the lane session's other writes (``synchronous_commit=off``): a
+        crash of PostgreSQL must not leave the names of an owner before this one. Unchanged names write nothing.
+        """
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute(
+                sql.SQL("UPDATE {} SET transactional_id = %s, progress_topic = %s WHERE lane = %s"
+                        " AND (transactional_id, progress_topic) IS DISTINCT FROM (%s, %s)").format(_LANES),
+                (transactional_id, progress_topic, lane, transactional_id, progress_topic),
+            )
+
+    @staticmethod
+    def forget_kafka_names(conn: psycopg.Connection[Any]) -> None:
+        """Every lane settled (a lane-count change): no owner's work is left under any names."""
+        conn.execute(sql.SQL("UPDATE {} SET transactional_id = NULL, progress_topic = NULL").format(_LANES))
+
+    @staticmethod
     def heartbeat(conn: psycopg.Connection[Any], lanes: list[int], owner: str) -> None:
         conn.execute(
             sql.SQL("UPDATE {} SET heartbeat_at = now() WHERE lane = ANY(%s) AND owner = %s").format(_LANES),

@@ -47,6 +47,13 @@ class FakeStore:
         self.mark_error: Exception | None = None
         self.claim_error: Exception | None = None
         self.idle: set[int] = set()  # lanes asleep: commits notify while any is
+        self.names: dict[int, tuple[str, str]] = {}  # the Kafka names each lane's owner recorded
+
+    def kafka_names(self, _conn: object, lane: int) -> tuple[str, str] | None:
+        return self.names.get(lane)
+
+    def record_kafka_names(self, _conn: object, lane: int, transactional_id: str, progress_topic: str) -> None:
+        self.names[lane] = (transactional_id, progress_topic)
 
     def claim(self, _conn: object, _lane: int, _lanes: int, limit: int, unmarked: list[int] | None = None) -> list[Row]:
         if self.claim_error is not None:
@@ -101,12 +108,16 @@ class FakeMark:
         return self.marked
 
 
+OURS = ("tx.lane-0", "tx.progress")
+
+
 class FakePublisher:
     """Kafka in memory: what each committed transaction carried, and the outcome to raise next."""
 
-    def __init__(self, kafka: list[list[int]], outcomes: list[Exception]) -> None:
+    def __init__(self, kafka: list[list[int]], outcomes: list[Exception], names: tuple[str, str] = OURS) -> None:
         self.kafka = kafka
         self.outcomes = outcomes
+        self.transactional_id, self.progress_topic = names
         self.closed = False
 
     def start(self) -> None:
@@ -129,6 +140,8 @@ class Harness:
     def __init__(self, pending: list[int], outcomes: list[Exception] | None = None) -> None:
         self.store = FakeStore(pending)
         self.kafka: list[list[int]] = []
+        # What each pair of Kafka names committed (the transactions' progress records, in order).
+        self.kafka_under: dict[tuple[str, str], list[list[int]]] = {OURS: self.kafka}
         self.outcomes = outcomes or []
         self.publishers: list[FakePublisher] = []
         self.worker = LaneWorker(SCOPE, "tx.lane-0", SETTINGS, self.store, self._publisher,  # type: ignore[arg-type]
@@ -136,8 +149,9 @@ class Harness:
         self.worker._conn = _Connection()  # type: ignore[assignment]
         self.worker.owned = True
 
-    def _publisher(self) -> Any:
-        publisher = FakePublisher(self.kafka, self.outcomes)
+    def _publisher(self, transactional_id: str | None = None, progress_topic: str | None = None) -> Any:
+        names = (transactional_id, progress_topic) if transactional_id and progress_topic else OURS
+        publisher = FakePublisher(self.kafka_under.setdefault(names, []), self.outcomes, names)
         self.publishers.append(publisher)
         return publisher
 
@@ -172,6 +186,21 @@ def test_an_error_after_the_commit_makes_the_next_tick_recover_before_it_publish
     h.tick()
     # The new producer read the progress back and marked 1-3: nothing went to Kafka twice.
     assert h.kafka == [[1, 2, 3]] and h.store.sent == [1, 2, 3] and len(h.publishers) == 2
+
+
+def test_a_lane_last_published_under_other_names_settles_that_owners_work_before_publishing() -> None:
+    """The last owner was told another OUTBOX_TRANSACTIONAL_ID_PREFIX (or progress topic) and died with
+    1-3 committed in Kafka, unmarked: this owner neither fenced it nor read its records, and published
+    1-3 again. Now the names each owner recorded in its lane lead the next one to them."""
+    h = Harness(pending=[1, 2, 3, 4, 5])
+    other = ("other.lane-0", "other.progress")
+    h.kafka_under[other] = [[1, 2, 3]]
+    h.store.names[0] = other
+    h.tick()
+    assert h.kafka_under[other] == [[1, 2, 3]] and h.kafka == [[4, 5]]  # nothing twice
+    assert h.store.sent == [1, 2, 3, 4, 5] and h.store.names[0] == OURS
+    assert [p.transactional_id for p in h.publishers] == ["tx.lane-0", "other.lane-0"]
+    assert h.publishers[1].closed and not h.publishers[0].closed
 
 
 def test_a_poison_event_is_parked_and_the_rest_go_on() -> None:
