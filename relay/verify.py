@@ -203,6 +203,10 @@ def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: fl
             if metadata.error is not None:
                 continue  # a topic that no longer exists holds nothing to compare
             assignment += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
+        # Read up to the end each partition has now. PARTITION_EOF alone never comes while a relay keeps
+        # publishing: a transaction is always in flight, and read_committed stops short of it.
+        watermarks = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+                      for tp in assignment}
         consumer.assign(assignment)
         open_partitions = {(tp.topic, tp.partition) for tp in assignment}
         while open_partitions:
@@ -227,14 +231,15 @@ def read_topics(kafka_config: dict[str, Any], topics: Iterable[str], timeout: fl
             ))
             if stamp is not None:
                 first_kept.setdefault((messages[-1].topic, messages[-1].partition), stamp)
+            if int(message.offset() or 0) + 1 >= watermarks[(messages[-1].topic, messages[-1].partition)][1]:
+                open_partitions.discard((message.topic(), message.partition()))  # read up to its end at start
         # A log that starts past offset 0 lost its beginning to retention (or to deleted records): up to its
         # first message kept, or up to now when it kept none.
         deleted_until: dict[str, dt.datetime] = {}
-        for tp in assignment:
-            low, _high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+        for (topic, partition), (low, _end) in watermarks.items():
             if low > 0:
-                until = first_kept.get((tp.topic, tp.partition), dt.datetime.now(dt.UTC))
-                deleted_until[tp.topic] = max(until, deleted_until.get(tp.topic, until))
+                until = first_kept.get((topic, partition), dt.datetime.now(dt.UTC))
+                deleted_until[topic] = max(until, deleted_until.get(topic, until))
     finally:
         consumer.close()
     return KafkaRead(messages, deleted_until)

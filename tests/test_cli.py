@@ -28,7 +28,7 @@ from outbox_relay.migrate import script_location
 from outbox_relay.models import SCHEMA
 from outbox_relay.models.names import SETTINGS_TABLE
 from tests.pgtools import EVENTS, INSTANCES, LANES, SENT, SETTINGS, UNSENT, set_state_sql, url_for
-from tests.relaytools import ROOT, stopped, wait_until
+from tests.relaytools import ROOT, Relays, stopped, wait_until
 
 # Every command that reads or writes the outbox, with what it needs beyond --database-url.
 COMMANDS = [["status"], ["status", "--json"], ["failed", "list"], ["failed", "retry", "--all"],
@@ -775,3 +775,40 @@ def test_status_watch_goes_on_through_a_lost_connection(database_url: str) -> No
         for pipe in (status.stdout, status.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_verify_ends_while_the_relay_publishes_steadily(engine: Engine, database_url: str, relays: Relays) -> None:
+    """An operator runs `verify` on a live outbox: while writers commit and the relay publishes, a partition
+    always has a transaction in flight, so the consumer never met the end (PARTITION_EOF) and `verify` read new
+    events for as long as they came (10 minutes and more, silent). It reads up to the end it found at start."""
+    import uuid
+
+    from tests import kafkatools
+    from tests.relaytools import pending
+
+    topic = kafkatools.create_topic(f"live-{uuid.uuid4().hex[:8]}", partitions=1)
+    relays.start(database_url, "live")
+    stop = threading.Event()
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            with engine.begin() as conn:
+                enqueue(conn, topic, {"n": n}, key=str(n % 5))
+            n += 1
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        wait_until(lambda: pending(engine) < 50, 30, "the relay keeping up")
+        time.sleep(2)
+        started = time.monotonic()
+        result = cli(database_url, "verify", timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        writer.join(10)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK: "), result.stdout
+    assert elapsed < 30, elapsed
