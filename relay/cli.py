@@ -335,6 +335,7 @@ def _run(args: argparse.Namespace) -> int:
     from outbox_relay.daemon import Relay
 
     settings = _kafka_settings(args)
+    settings.validate_daemon()
     log = logging.getLogger("outbox_relay.cli")
     for line in unknown_variables(os.environ):
         log.warning("%s", line, extra={"action": "unknown_variable"})

@@ -173,6 +173,16 @@ class Settings:
                 "OUTBOX_TRANSACTIONAL_ID_PREFIX instead"
             )
 
+    def validate_daemon(self) -> None:
+        """What only `run` needs: its timing against the other instances'."""
+        if self.instance_timeout < 2 * self.lane_interval:
+            # Owners write their heartbeat once per lane interval: a shorter timeout takes every healthy owner
+            # for hung, and this instance would end their lane sessions (pg_terminate_backend) on every pass.
+            raise ConfigurationError(
+                f"OUTBOX_INSTANCE_TIMEOUT ({self.instance_timeout:g}s) must be at least twice OUTBOX_LANE_INTERVAL"
+                f" ({self.lane_interval:g}s): instances show their heartbeat once per lane interval, and a shorter"
+                " timeout would take live lane owners for hung and end their sessions")
+
     def kafka_source(self, prop: str) -> str:
         """' (from OUTBOX_KAFKA_PORT)': where a librdkafka property was set, for error messages."""
         source = self.kafka_sources.get(prop)

@@ -812,3 +812,18 @@ def test_verify_ends_while_the_relay_publishes_steadily(engine: Engine, database
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("OK: "), result.stdout
     assert elapsed < 30, elapsed
+
+
+def test_a_relay_whose_instance_timeout_is_shorter_than_two_lane_intervals_does_not_start(
+        database_url: str, relays: Relays) -> None:
+    """Owners write their heartbeat once per lane interval. A relay started with OUTBOX_INSTANCE_TIMEOUT=0.1 took
+    every healthy owner for hung and ended its lane sessions every second (pg_terminate_backend), fleet-wide,
+    for as long as it ran. It now stops at start with one line naming both settings."""
+    owner = relays.start(database_url, "owner")
+    wait_until(lambda: "took lane 0" in owner.log(), 30, "the owner to take its lane")
+    result = cli(database_url, "run", timeout=20, OUTBOX_INSTANCE_TIMEOUT="0.5", OUTBOX_LANE_INTERVAL="1",
+                 OUTBOX_HTTP="")
+    assert result.returncode == cli_module.EXIT_USAGE == 2, result.stderr
+    line = one_line(result)
+    assert "OUTBOX_INSTANCE_TIMEOUT" in line and "OUTBOX_LANE_INTERVAL" in line, line
+    assert "lost lane" not in owner.log()
