@@ -827,3 +827,20 @@ def test_a_relay_whose_instance_timeout_is_shorter_than_two_lane_intervals_does_
     line = one_line(result)
     assert "OUTBOX_INSTANCE_TIMEOUT" in line and "OUTBOX_LANE_INTERVAL" in line, line
     assert "lost lane" not in owner.log()
+
+
+def test_a_killed_instance_is_no_longer_listed_as_live(database_url: str, relays: Relays) -> None:
+    """After a SIGKILL the relays stop counting an instance as soon as its session is gone, but `status` and
+    `lanes show` kept listing it among the live instances for a minute: on call, a dead relay looked alive."""
+    import json
+
+    def live() -> list[str]:
+        result = cli(database_url, "lanes", "show", "--json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout)["instances"])
+
+    doomed = relays.start(database_url, "doomed")
+    relays.start(database_url, "survivor")
+    wait_until(lambda: live() == ["doomed", "survivor"], 30, "both instances to register")
+    doomed.kill()
+    wait_until(lambda: live() == ["survivor"], 10, "the killed instance to leave the live list")

@@ -51,8 +51,11 @@ _OLDEST = sql.SQL(
 _OWNERS = sql.SQL(
     "SELECT lane, owner, extract(epoch FROM now() - heartbeat_at) FROM {} WHERE lane < %s ORDER BY lane"
 ).format(LANES)
+# Live as the relays judge it (Store.register_instance): a recent heartbeat and its control session still
+# there, so a killed instance leaves the list at once, not a minute later.
 _INSTANCES = sql.SQL(
-    "SELECT name FROM {} WHERE heartbeat_at > now() - interval '1 minute' ORDER BY name"
+    "SELECT name FROM {} i WHERE heartbeat_at > now() - interval '1 minute'"
+    " AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = i.backend_pid) ORDER BY name"
 ).format(INSTANCES)
 
 # A relay names its Kafka trouble in its control session's application_name ("outbox-relay control: ...").
