@@ -89,6 +89,7 @@ class Relay:
         # librdkafka complains per client and per retry; the broker probe and the lanes say it once, in our words.
         self._kafka_logger = LibrdkafkaLogger(quiet=True)
         self.metrics = Metrics()
+        self.metrics.database_up.set_function(lambda: float(self._database_answers()))
         self.broker = BrokerProbe(settings, self.metrics)
         self.http = StatusServer(settings.http, self.metrics, self.readiness) if settings.http else None
         self.scheduler = BackgroundScheduler(
@@ -202,6 +203,7 @@ class Relay:
             return
         state, live = view
         count = state.lane_count
+        self.metrics.lanes.set(count)
         if state.resizing:
             if any(worker.owned for worker in self.workers.values()):
                 log.warning("the lane count is being changed: releasing every lane until it is done",
@@ -331,10 +333,14 @@ class Relay:
         except DatabaseUnavailable:
             pass  # forgotten: the next lane-management pass connects again
 
+    def _database_answers(self) -> bool:
+        """Lane management reached the database lately (it tries every lane interval)."""
+        return time.monotonic() - self._membership_seen <= max(3 * self.settings.lane_interval, 5.0)
+
     def readiness(self) -> tuple[bool, list[str]]:
         """Ready: the database answers, and every owned lane has a producer (or it waits for lanes)."""
         problems = []
-        if time.monotonic() - self._membership_seen > max(3 * self.settings.lane_interval, 5.0):
+        if not self._database_answers():
             problems.append("database unreachable")
         elif not self._lanes_taken:
             problems.append("taking lanes")

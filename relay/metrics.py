@@ -41,8 +41,12 @@ class Metrics:
         self.transaction = Histogram("outbox_transaction_duration_seconds", "Kafka transaction, begin to commit",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.lane_owned = Gauge("outbox_lane_owned", "1 when this instance owns the lane", ["lane"], registry=r)
+        self.lanes = Gauge("outbox_lanes", "The outbox's lane count (outbox-relay lanes set): each wants an owner",
+                           registry=r)
         self.broker_up = Gauge("outbox_kafka_up", "1 while the Kafka cluster answers the relay's probe",
                                registry=r)
+        self.database_up = Gauge("outbox_database_up", "1 while PostgreSQL answers the relay's lane management",
+                                 registry=r)
         self.below_min_isr = Gauge(
             "outbox_kafka_partitions_below_min_isr",
             "Partitions every transaction of a lane writes (its progress partition, its transaction log partition)"

@@ -444,3 +444,35 @@ def test_the_oldest_claimable_age_stays_live_while_a_costly_backlog_count_waits_
     assert relay.metrics.last_snapshot is not None and relay.metrics.last_snapshot.total.oldest_claimable_age_s is None
     assert relay.metrics.pending.labels(topic="orders")._value.get() == 5  # the counts wait for their turn
     relay._monitor.close()
+
+
+def test_metrics_say_when_postgresql_does_not_answer_and_what_the_lane_count_is(
+        engine: Engine, database_url: str, relays: Relays) -> None:
+    """With PostgreSQL out of reach every lane is lost, yet no exported series said so: the lanes' breakers were
+    gone with the lanes, outbox_circuit_open stayed 0 and the backlog gauges froze (OutboxBacklogOld cannot fire).
+    outbox_database_up says it. And OutboxLanesUnowned compared with a lane count written into the rule, wrong
+    after every `lanes set`: outbox_lanes carries the count."""
+    port = free_port()
+    relays.start(database_url, OUTBOX_HTTP=str(port), OUTBOX_BACKLOG_INTERVAL="0.3")
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: get_or_none(f"{base}/readyz") == 200, 30, "the relay to be ready")
+    assert metric(f"{base}/metrics", "outbox_lanes") == 1
+    assert metric(f"{base}/metrics", "outbox_database_up") == 1
+    assert cli(database_url, "lanes", "set", "3").returncode == 0
+    wait_until(lambda: metric(f"{base}/metrics", "outbox_lanes") == 3, 30, "the lane count to follow `lanes set`")
+
+    database = engine.url.database
+    engine.dispose()
+    admin_url = database_url.replace(f"/{database}", "/postgres")
+    with connect(admin_url, "test") as conn:
+        conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+    try:
+        wait_until(lambda: metric(f"{base}/metrics", "outbox_database_up") == 0, 30, "outbox_database_up to drop")
+        assert get(f"{base}/readyz")[0] == 503
+        assert all(value == 0 for line in get(f"{base}/metrics")[1].decode().splitlines()
+                   if line.startswith("outbox_lane_owned") for value in [float(line.split()[-1])])
+    finally:
+        with connect(admin_url, "test") as conn:
+            conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    wait_until(lambda: metric(f"{base}/metrics", "outbox_database_up") == 1, 30, "outbox_database_up to rise")
