@@ -26,7 +26,7 @@ from outbox_relay.config import Settings
 from outbox_relay.db.connection import Connection, connect, translated
 from outbox_relay.db.lanes import Store
 from outbox_relay.db.names import lane_index_name
-from outbox_relay.errors import DatabaseError, DatabaseUnavailable, OutboxError
+from outbox_relay.errors import ConfigurationError, DatabaseError, DatabaseUnavailable, OutboxError
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher
 from outbox_relay.recovery import recover, settle_last_owner
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[int, int]:
     """Change the lane count; returns (old count, events recovered while settling the lanes)."""
     if not 1 <= lanes <= 1024:
-        raise OutboxError(f"the lane count must be between 1 and 1024, got {lanes}")
+        raise ConfigurationError(f"the lane count must be between 1 and 1024, got {lanes}")
     store = Store()
     with connect(settings.database_url, "outbox-relay lanes") as conn:
         # Hung (stopped, frozen), this process would keep its session and so its locks: PostgreSQL ends the

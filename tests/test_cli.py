@@ -844,3 +844,12 @@ def test_a_killed_instance_is_no_longer_listed_as_live(database_url: str, relays
     wait_until(lambda: live() == ["doomed", "survivor"], 30, "both instances to register")
     doomed.kill()
     wait_until(lambda: live() == ["survivor"], 10, "the killed instance to leave the live list")
+
+
+@pytest.mark.parametrize("count", ["0", "-3", "1025"])
+def test_a_lane_count_out_of_range_is_a_usage_error(database_url: str, count: str) -> None:
+    """`lanes set 0` said what was wrong but exited 1 (\"violations found or an unexpected failure\"): a script or
+    a runbook step cannot tell a typo from a failed change. Exit 2, as for every other bad value."""
+    result = cli(database_url, "lanes", "set", count)
+    assert result.returncode == cli_module.EXIT_USAGE == 2, result.stderr
+    assert f"between 1 and 1024, got {count}" in one_line(result)
