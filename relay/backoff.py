@@ -56,6 +56,13 @@ class CircuitBreaker:
                      extra={**self.extra, "action": "retry", "system": self.name})
         return wait
 
+    def forget(self) -> None:
+        """Its user stopped using the system (a lane given up): closed again, silently, and not shown open."""
+        self.failures = 0
+        self.retry_at = 0.0
+        if self.gauge is not None:
+            self.gauge.set(0)
+
     def success(self) -> None:
         if self.is_open:
             if self.gauge is not None:

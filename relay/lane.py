@@ -135,6 +135,9 @@ class LaneWorker:
     def owned(self, value: bool) -> None:
         self._owned = value
         self.metrics.lane_owned.labels(lane=str(self.lane)).set(int(value))
+        if not value:
+            # Its Kafka breaker paced this owner's producer: another owner's is not ours to report open.
+            self.kafka.forget()
 
     def wake(self) -> None:
         """Events committed: a tick under way claims again before it ends."""

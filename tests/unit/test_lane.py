@@ -91,6 +91,9 @@ class FakeStore:
     def holds_lane_lock(self, _conn: object, _lane: int) -> bool:
         return True
 
+    def release_owner(self, _conn: object, _lane: int, _owner: str) -> None:
+        pass
+
 
 class FakeMark:
     """A mark sent ahead: PostgreSQL runs it at once; its result (or error) is read later."""
@@ -323,3 +326,19 @@ def test_a_lane_sleeps_only_after_finding_nothing_for_a_while_and_wakes_when_it_
 def test_a_lane_that_failed_to_publish_does_not_go_to_sleep_for_it() -> None:
     h = Harness(pending=[1], outcomes=[TransactionAborted("broker busy")])
     assert h.tick() is False and h.store.idle == set() and h.kafka == []
+
+
+def breaker_gauge(h: Harness, system: str) -> float | None:
+    return h.worker.metrics.registry.get_sample_value("outbox_circuit_open", {"lane": "0", "system": system})
+
+
+def test_a_lane_given_up_with_its_kafka_breaker_open_no_longer_reports_it_open() -> None:
+    """outbox_circuit_open is per instance and lane. A lane that went to another instance (a rebalance, `lanes
+    set`, a lost connection) with its Kafka breaker open kept reporting 1 from here for as long as this instance
+    lived, though its new owner published: OutboxCircuitOpen paged for a breaker nobody used any more."""
+    h = Harness(pending=[1], outcomes=[TransactionAborted("broker busy") for _ in range(SETTINGS.breaker_threshold)])
+    for _ in range(SETTINGS.breaker_threshold):
+        h.tick()
+    assert h.worker.kafka.is_open and breaker_gauge(h, "kafka") == 1
+    h.worker.release()
+    assert not h.worker.kafka.is_open and breaker_gauge(h, "kafka") == 0
