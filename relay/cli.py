@@ -430,8 +430,8 @@ def _status(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({**snap.to_json(), "breaches": breaches}, indent=2))
             else:
-                if args.watch:
-                    print("\033[2J\033[H", end="")  # clear the terminal between refreshes
+                if args.watch and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")  # clear the terminal between refreshes; a pipe keeps each
                 print(monitor.render(snap))
                 for breach in breaches:
                     print(f"THRESHOLD: {breach}")

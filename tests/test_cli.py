@@ -742,6 +742,18 @@ def test_a_busy_http_port_is_one_line(database_url: str) -> None:
     assert one_line(result) == f"outbox-relay: error: cannot serve HTTP on 127.0.0.1:{port}: Address already in use"
 
 
+def test_status_watch_into_a_pipe_or_a_file_writes_no_terminal_codes(database_url: str) -> None:
+    """`status --watch 1 | tee status.log` (or `> file`) filled the file with screen-clearing escape codes."""
+    status = _status_process(database_url, "--watch", "0.2")
+    try:
+        time.sleep(2)
+    finally:
+        status.kill()
+        out, _ = status.communicate(timeout=10)
+    assert out.count("PENDING") >= 2, out  # refreshed, one snapshot after another
+    assert "\033" not in out
+
+
 def test_status_watch_goes_on_through_a_lost_connection(database_url: str) -> None:
     """An on-call person watches through a database restart or failover. A lost connection (here:
     pg_terminate_backend) ended `status --watch` with exit 4; it now says so and looks again."""
