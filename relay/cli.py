@@ -104,6 +104,26 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _threshold_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:  # nan fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return value
+
+
+def _threshold_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return value
+
+
 def _add_timeout(parser: argparse.ArgumentParser) -> None:
     """--timeout of the commands that measure the outbox (status, lanes show)."""
     parser.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
@@ -163,10 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(status, only=[*_DB_ONLY, "failed_key_policy"])
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="refresh every SECONDS until interrupted")
-    status.add_argument("--max-age", type=float, metavar="SECONDS",
+    status.add_argument("--max-age", type=_threshold_seconds, metavar="SECONDS",
                         help=f"exit {EXIT_THRESHOLD} if the oldest claimable event is older")
-    status.add_argument("--max-pending", type=int, help=f"exit {EXIT_THRESHOLD} if more events are pending")
-    status.add_argument("--max-failed", type=int, help=f"exit {EXIT_THRESHOLD} if more events have failed")
+    status.add_argument("--max-pending", type=_threshold_count, metavar="N",
+                        help=f"exit {EXIT_THRESHOLD} if more events are pending")
+    status.add_argument("--max-failed", type=_threshold_count, metavar="N",
+                        help=f"exit {EXIT_THRESHOLD} if more events have failed")
     _add_timeout(status)
 
     lanes = commands.add_parser("lanes", help="show the lanes, or change their number")
@@ -551,6 +573,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from outbox_relay import operations
 
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        raise ConfigurationError(f"--since {args.since.isoformat()} is not before --until {args.until.isoformat()}:"
+                                 " no event was sent in between")
     with _connect(_settings(args, kafka=False)) as conn:
         count = operations.replay(conn, _selection(args), since=args.since, until=args.until, dry_run=args.dry_run)
     print(f"replay: {'would queue' if args.dry_run else 'queued'} {_plural(count, 'event')} again")

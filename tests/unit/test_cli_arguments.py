@@ -46,3 +46,31 @@ def test_a_watch_that_cannot_connect_again_does_not_blame_the_address_that_worke
     code = cli.main(["status", "--watch", "1", "--database-url", "postgresql://127.0.0.1:1/x"])
     assert code == 130
     assert capsys.readouterr().err.splitlines() == ["outbox-relay: connection refused; looking again in 1s"]
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--max-age", "-5", "is not a number of seconds, 0 or more"),
+    ("--max-age", "nan", "is not a number of seconds, 0 or more"),
+    ("--max-age", "soon", "is not a number of seconds, 0 or more"),
+    ("--max-pending", "-1", "is not a whole number, 0 or more"),
+    ("--max-failed", "1.5", "is not a whole number, 0 or more"),
+])
+def test_a_status_threshold_below_zero_is_one_line(flag: str, value: str, expected: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --max-age -5` was accepted: every check then breached it, and a pager fired for nothing."""
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["status", flag, value])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {value!r} {expected}")
+
+
+def test_a_replay_window_that_ends_before_it_starts_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """`replay --since` after `--until` said "queued 0 events again", as if nothing had been sent then."""
+    from outbox_relay import cli
+
+    code = cli.main(["replay", "--since", "2026-12-01T10:00:00+00:00", "--until", "2026-12-01T09:00:00+00:00",
+                     "--database-url", "postgresql://127.0.0.1:1/never-reached"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "outbox-relay: error: --since 2026-12-01T10:00:00+00:00 is not before --until 2026-12-01T09:00:00+00:00:"
+        " no event was sent in between")
