@@ -389,6 +389,10 @@ def _migrate(args: argparse.Namespace) -> int:
         lanes = int(lanes_given) if lanes_given is not None else 4
     except ValueError:  # only the variable can be text here: argparse reads --lanes as an int
         raise ConfigurationError(f"OUTBOX_LANES={lanes_given!r} is not a whole number (the lane count)") from None
+    if lanes_given is not None:
+        from outbox_relay.resize import check_lane_count
+
+        check_lane_count(lanes)
     if args.sql:
         if args.downgrade:
             raise ConfigurationError("--sql prints upgrades only; a downgrade runs with `migrate --downgrade`")

@@ -34,10 +34,14 @@ from outbox_relay.recovery import recover, settle_last_owner
 log = logging.getLogger(__name__)
 
 
-def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[int, int]:
-    """Change the lane count; returns (old count, events recovered while settling the lanes)."""
+def check_lane_count(lanes: int) -> None:
     if not 1 <= lanes <= 1024:
         raise ConfigurationError(f"the lane count must be between 1 and 1024, got {lanes}")
+
+
+def resize(settings: Settings, lanes: int, *, timeout: float = 120.0) -> tuple[int, int]:
+    """Change the lane count; returns (old count, events recovered while settling the lanes)."""
+    check_lane_count(lanes)
     store = Store()
     with connect(settings.database_url, "outbox-relay lanes") as conn:
         # Hung (stopped, frozen), this process would keep its session and so its locks: PostgreSQL ends the

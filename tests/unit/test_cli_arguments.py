@@ -74,3 +74,15 @@ def test_a_replay_window_that_ends_before_it_starts_is_one_line(capsys: pytest.C
     assert capsys.readouterr().err.strip() == (
         "outbox-relay: error: --since 2026-12-01T10:00:00+00:00 is not before --until 2026-12-01T09:00:00+00:00:"
         " no event was sent in between")
+
+
+@pytest.mark.parametrize("lanes", ["0", "1025"])
+def test_migrate_refuses_a_lane_count_out_of_range_before_it_connects(lanes: str,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`migrate --lanes 0` on an existing outbox advised "To change the count: outbox-relay lanes set 0"."""
+    from outbox_relay import cli
+
+    code = cli.main(["migrate", "--lanes", lanes, "--database-url", "postgresql://127.0.0.1:1/never-reached"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"outbox-relay: error: the lane count must be between 1 and 1024, got {lanes}")
