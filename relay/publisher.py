@@ -235,6 +235,11 @@ class LanePublisher:
             row, error = (suspects or failed)[0]
             if error.fatal():
                 raise _fatal(error, "delivery")
+            if any(e.code() == KafkaError._MSG_TIMED_OUT for _, e in failed):
+                # Messages that timed out leave their partitions' idempotence sequences in doubt: this
+                # producer held the next message to such a partition until the flush timed out (30 s
+                # after Kafka was back). A new producer starts from a fresh epoch and sequences.
+                raise ProducerFailed(f"delivery of event {row.event_id} failed: {describe(error)}")
             raise TransactionAborted(f"delivery of event {row.event_id} failed: {describe(error)}")
         faults.hit("before_commit")
         self._commit()

@@ -429,3 +429,50 @@ def test_a_broker_that_cannot_run_transactions_is_reported_and_waited_for(
         broker.wait(30)
     opened = [line for line in relay.log().splitlines() if "circuit open" in line]
     assert len(opened) == 1 and "init_transactions" in opened[0], opened
+
+
+def test_the_first_batch_after_kafka_came_back_is_not_held_for_a_message_timeout(restores_services: None) -> None:
+    """Kafka stopped mid-transaction: the messages timed out (message.timeout.ms), the transaction was
+    aborted, and the lane retried on the same producer once Kafka was back. That producer's first batch
+    then timed out too, a whole message timeout later (an operator saw every lane publish again at once
+    but one, 30 s later). A producer whose messages timed out is now replaced, as for a ProducerFailed."""
+    import datetime as dt
+
+    from outbox_relay import progress
+    from outbox_relay.db.lanes import Row
+    from outbox_relay.publisher import LanePublisher, ProducerFailed, TransactionAborted
+
+    suffix = uuid.uuid4().hex[:8]
+    good = kafkatools.create_topic(f"away-{suffix}", partitions=3)
+    config = {"bootstrap.servers": kafkatools.bootstrap(), "enable.idempotence": True, "acks": "all",
+              "message.timeout.ms": 8000, "batch.num.messages": 1}
+    scope = progress.Scope(str(uuid.uuid4()), 0, 1)
+    ids = iter(range(1, 1000))
+
+    def started() -> LanePublisher:
+        publisher = LanePublisher(config, f"away-{suffix}.lane-0", scope=scope,
+                                  progress_topic=f"away-{suffix}.progress", operation_timeout=20)
+        publisher.start()
+        return publisher
+
+    def rows(count: int) -> list[Row]:
+        return [Row(next(ids), uuid.uuid4(), good, f"k{i % 6}".encode(), b"v", [], [], None, 0,
+                    dt.datetime.now(dt.UTC)) for i in range(count)]
+
+    publisher: LanePublisher | None = started()
+    try:
+        publisher.publish(rows(6))
+        service("down", "kafka")
+        with pytest.raises((ProducerFailed, TransactionAborted), match="_MSG_TIMED_OUT") as outage:
+            publisher.publish(rows(30))
+        if isinstance(outage.value, ProducerFailed):  # what the lane does: a new producer (after recovery)
+            publisher.close()
+            publisher = None
+        service("up", "kafka")
+        back = time.monotonic()
+        publisher = publisher or started()
+        publisher.publish(rows(12))  # was _MSG_TIMED_OUT again, a whole message timeout later
+        assert time.monotonic() - back < 6
+    finally:
+        if publisher is not None:
+            publisher.close()
