@@ -745,13 +745,25 @@ def test_a_busy_http_port_is_one_line(database_url: str) -> None:
 def test_status_watch_into_a_pipe_or_a_file_writes_no_terminal_codes(database_url: str) -> None:
     """`status --watch 1 | tee status.log` (or `> file`) filled the file with screen-clearing escape codes."""
     status = _status_process(database_url, "--watch", "0.2")
+    out: list[str] = []
+
+    def read() -> None:
+        assert status.stdout is not None
+        for line in status.stdout:
+            out.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(2)
+        wait_until(lambda: sum("PENDING" in line for line in out) >= 2, 30, "two refreshes")
     finally:
         status.kill()
-        out, _ = status.communicate(timeout=10)
-    assert out.count("PENDING") >= 2, out  # refreshed, one snapshot after another
-    assert "\033" not in out
+        status.wait()
+        reader.join(10)
+        for pipe in (status.stdout, status.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert not any("\033" in line for line in out), out
 
 
 def test_status_watch_goes_on_through_a_lost_connection(database_url: str) -> None:
