@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from outbox_relay.config import Settings
@@ -94,34 +94,26 @@ def _aware_datetime(text: str) -> dt.datetime:
     return value
 
 
-def _seconds(text: str) -> float:
+def _number(text: str, convert: Callable[[str], float], accept: Callable[[float], bool], what: str) -> float:
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        value = math.nan
-    if not 0 < value <= 86_400:  # nan fails too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0, up to 86400")
+        value = math.nan  # accepted by no test
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def _seconds(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 86_400, "a number of seconds above 0, up to 86400")
 
 
 def _threshold_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:  # nan fails too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
-    return value
+    return _number(text, float, lambda v: 0 <= v < math.inf, "a number of seconds, 0 or more")
 
 
 def _threshold_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
-    return value
+    return int(_number(text, int, lambda v: v >= 0, "a whole number, 0 or more"))
 
 
 def _add_timeout(parser: argparse.ArgumentParser) -> None:

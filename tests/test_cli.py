@@ -742,20 +742,21 @@ def test_a_busy_http_port_is_one_line(database_url: str) -> None:
     assert one_line(result) == f"outbox-relay: error: cannot serve HTTP on 127.0.0.1:{port}: Address already in use"
 
 
-def test_status_watch_into_a_pipe_or_a_file_writes_no_terminal_codes(database_url: str) -> None:
-    """`status --watch 1 | tee status.log` (or `> file`) filled the file with screen-clearing escape codes."""
-    status = _status_process(database_url, "--watch", "0.2")
-    out: list[str] = []
+@contextlib.contextmanager
+def _watching(database_url: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], list[tuple[float, str]]]]:
+    """`status <args>` running, and the lines it printed so far with when they came (a thread reads them)."""
+    status = _status_process(database_url, *args)
+    lines: list[tuple[float, str]] = []
 
     def read() -> None:
         assert status.stdout is not None
         for line in status.stdout:
-            out.append(line)
+            lines.append((time.monotonic(), line))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        wait_until(lambda: sum("PENDING" in line for line in out) >= 2, 30, "two refreshes")
+        yield status, lines
     finally:
         status.kill()
         status.wait()
@@ -763,25 +764,23 @@ def test_status_watch_into_a_pipe_or_a_file_writes_no_terminal_codes(database_ur
         for pipe in (status.stdout, status.stderr):
             if pipe is not None:
                 pipe.close()
-    assert not any("\033" in line for line in out), out
+
+
+def test_status_watch_into_a_pipe_or_a_file_writes_no_terminal_codes(database_url: str) -> None:
+    """`status --watch 1 | tee status.log` (or `> file`) filled the file with screen-clearing escape codes."""
+    with _watching(database_url, "--watch", "0.2") as (_status, lines):
+        wait_until(lambda: sum("PENDING" in line for _, line in lines) >= 2, 30, "two refreshes")
+    assert not any("\033" in line for _, line in lines), lines
 
 
 def test_status_watch_goes_on_through_a_lost_connection(database_url: str) -> None:
     """An on-call person watches through a database restart or failover. A lost connection (here:
     pg_terminate_backend) ended `status --watch` with exit 4; it now says so and looks again."""
-    status = _status_process(database_url, "--watch", "0.3", "--json")
-    snapshots: list[float] = []
+    with _watching(database_url, "--watch", "0.3", "--json") as (status, lines):
+        def snapshots() -> list[float]:
+            return [at for at, line in lines if line.rstrip() == "{"]
 
-    def read_snapshots() -> None:
-        assert status.stdout is not None
-        for line in status.stdout:
-            if line.rstrip() == "{":
-                snapshots.append(time.monotonic())
-
-    reader = threading.Thread(target=read_snapshots, daemon=True)
-    reader.start()
-    try:
-        wait_until(lambda: snapshots, 30, "a first snapshot")
+        wait_until(snapshots, 30, "a first snapshot")
         with psycopg.connect(conninfo(database_url), autocommit=True) as admin:
             ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                                   " WHERE application_name = 'outbox-relay cli'").fetchone()
@@ -790,15 +789,8 @@ def test_status_watch_goes_on_through_a_lost_connection(database_url: str) -> No
         line = status.stderr.readline()  # the next refresh finds the connection gone
         lost = time.monotonic()
         assert "looking again in 0.3s" in line and "Traceback" not in line, line
-        wait_until(lambda: snapshots[-1] > lost, 30, "a snapshot on a new connection")
+        wait_until(lambda: snapshots()[-1] > lost, 30, "a snapshot on a new connection")
         assert status.poll() is None  # still watching
-    finally:
-        status.kill()
-        status.wait()
-        reader.join(10)
-        for pipe in (status.stdout, status.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_verify_ends_while_the_relay_publishes_steadily(engine: Engine, database_url: str, relays: Relays) -> None:
