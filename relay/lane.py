@@ -16,7 +16,7 @@ from outbox_relay.db.lanes import MarkInFlight, Row, Store
 from outbox_relay.errors import BrokerUnavailable, DatabaseError, DatabaseUnavailable
 from outbox_relay.metrics import Metrics
 from outbox_relay.publisher import LanePublisher, PoisonEvent, ProducerFailed, TransactionAborted
-from outbox_relay.recovery import recover, settle_last_owner
+from outbox_relay.recovery import take_over
 
 log = logging.getLogger(__name__)
 
@@ -455,9 +455,7 @@ class LaneWorker:
             # Committed transactions may not have been marked (a crash, a lost connection, a
             # database that lost writes): their events are in Kafka, so they are sent, and must
             # not be published again. The last owner's first, if it published under other names.
-            recovered = settle_last_owner(self.store, self._conn, self.scope, publisher, self._new_publisher)
-            publisher.start()
-            recovered += recover(self.store, self._conn, publisher.committed_records(), self.scope)
+            recovered = take_over(self.store, self._conn, self.scope, publisher, self._new_publisher)
         except BrokerUnavailable as exc:
             publisher.close()
             self.kafka.failure(str(exc))

@@ -53,13 +53,17 @@ def recover(
     return recovered
 
 
-def settle_last_owner(store: Store, conn: Connection, scope: progress.Scope, mine: LanePublisher,
-                      publisher_for: Callable[[str, str], LanePublisher]) -> int:
-    """Before ``mine`` starts (its own fencing comes after, so a last owner that shared its transactional.id
-    but not its progress topic does not fence it): if the lane's last owner published under other names
-    (relays told another OUTBOX_TRANSACTIONAL_ID_PREFIX or OUTBOX_PROGRESS_TOPIC, or a rename), fence that
-    producer and mark what its transactions carried, as its own next owner would have. Then record
-    ``mine``'s names for whoever comes next. Returns how many events were marked."""
+def take_over(store: Store, conn: Connection, scope: progress.Scope, mine: LanePublisher,
+              publisher_for: Callable[[str, str], LanePublisher]) -> int:
+    """Make ``mine`` the lane's producer in Kafka, once nothing a last owner committed can go out again;
+    returns how many events were marked sent on the way.
+
+    If the last owner published under other names (relays told another OUTBOX_TRANSACTIONAL_ID_PREFIX or
+    OUTBOX_PROGRESS_TOPIC, or a rename), its producer is fenced and its transactions recovered first, as
+    its own next owner would have: before ``mine`` starts, so a last owner that shared its transactional.id
+    but not its progress topic does not fence it. ``mine``'s names are recorded for whoever comes next
+    before it publishes. Then ``mine`` fences its own transactional.id and recovers from its own records.
+    """
     recovered = 0
     last = store.kafka_names(conn, scope.lane)
     if last is not None and last != (mine.transactional_id, mine.progress_topic):
@@ -75,4 +79,5 @@ def settle_last_owner(store: Store, conn: Connection, scope: progress.Scope, min
         finally:
             previous.close()
     store.record_kafka_names(conn, scope.lane, mine.transactional_id, mine.progress_topic)
-    return recovered
+    mine.start()
+    return recovered + recover(store, conn, mine.committed_records(), scope)

@@ -29,7 +29,7 @@ from outbox_relay.db.names import lane_index_name
 from outbox_relay.errors import ConfigurationError, DatabaseError, DatabaseUnavailable, OutboxError
 from outbox_relay.progress import LibrdkafkaLogger
 from outbox_relay.publisher import LanePublisher
-from outbox_relay.recovery import recover, settle_last_owner
+from outbox_relay.recovery import take_over
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,8 @@ def _settle(settings: Settings, store: Store, conn: Connection, lanes: int, time
         scope = progress.Scope(state.outbox_id, lane, current)
         publisher = LanePublisher.for_lane(settings, names, scope, logger=LibrdkafkaLogger(quiet=True))
         try:
-            recovered += settle_last_owner(store, conn, scope, publisher, functools.partial(
+            recovered += take_over(store, conn, scope, publisher, functools.partial(
                 LanePublisher.under, settings, scope=scope, logger=LibrdkafkaLogger(quiet=True)))
-            publisher.start()
-            recovered += recover(store, conn, publisher.committed_records(), scope)
         finally:
             publisher.close()
     store.forget_kafka_names(conn)  # every lane settled: the next owners start from nothing, under the new count

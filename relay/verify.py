@@ -111,18 +111,27 @@ def check(
     messages = sorted(messages, key=lambda m: (m.topic, m.partition, m.offset))
     by_event = {row.event_id: row for row in rows}
     counts = Counter(m.event_id for m in messages if m.event_id is not None)
-    missing = [r for r in rows if r.event_id not in counts]
-    message_deleted = [r.event_id for r in missing if r.state == "sent" and retained.message_deleted(r)]
-    missing = [r for r in missing if not (r.state == "sent" and retained.message_deleted(r))]
+    missing: list[LedgerRow] = []  # rows Kafka lacks, but those whose message its retention deleted
+    message_deleted: list[str] = []
+    for r in rows:
+        if r.event_id not in counts:
+            if r.state == "sent" and retained.message_deleted(r):
+                message_deleted.append(r.event_id)
+            else:
+                missing.append(r)
     # Failed and discarded rows were parked on purpose; pending ones are lost once all should be sent.
     lost = [r.event_id for r in missing if r.state == "sent" or (expect_all_sent and r.state == "pending")]
     sent_but_missing = [r.event_id for r in missing if r.state == "sent"]
     pending = [] if expect_all_sent else [r.event_id for r in missing if r.state == "pending"]
-    strangers = [m for m in messages if m.event_id is None or m.event_id not in by_event]
-    row_deleted = list(dict.fromkeys(m.event_id for m in strangers
-                                     if m.event_id is not None and retained.row_deleted(m)))
-    unknown = [m.event_id or f"{m.topic}/{m.partition}@{m.offset}" for m in strangers
-               if m.event_id is None or not retained.row_deleted(m)]
+    unknown: list[str] = []  # messages no row produced, but those whose row the outbox's retention deleted
+    row_deleted: dict[str, None] = {}  # each event id once, in order
+    for m in messages:
+        if m.event_id is not None and m.event_id in by_event:
+            continue
+        if m.event_id is not None and retained.row_deleted(m):
+            row_deleted[m.event_id] = None
+        else:
+            unknown.append(m.event_id or f"{m.topic}/{m.partition}@{m.offset}")
     parked_but_published = [r.event_id for r in rows if r.state in ("failed", "discarded") and r.event_id in counts]
     # Order is judged per stream, (topic, partition), and per key in it: a key's events on two topics,
     # or on two partitions (an explicit partition=), have no order between them that anyone can see.
@@ -151,7 +160,7 @@ def check(
         sent_but_missing=sent_but_missing,
         parked_but_published=parked_but_published,
         pending=pending,
-        row_deleted=row_deleted,
+        row_deleted=list(row_deleted),
         message_deleted=message_deleted,
     )
 
