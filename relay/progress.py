@@ -178,16 +178,24 @@ def record_key(lane: int) -> bytes:
     return f"lane-{lane}".encode()
 
 
-def ensure_topic(kafka_config: dict[str, Any], topic: str, partitions: int, timeout: float = 30.0) -> None:
+def ensure_topic(kafka_config: dict[str, Any], topic: str, partitions: int, timeout: float = 30.0, *,
+                 create: bool = True) -> None:
     """Create the compacted progress topic, or add partitions so every lane has its own.
 
     An existing topic that deletes records by age would drop the progress recovery relies on:
-    refuse it with one line rather than publish without a safety net.
+    refuse it with one line rather than publish without a safety net. ``create=False`` (a last owner's
+    topic, read only to settle its work): a missing topic is refused too, never made again empty.
     """
     admin = AdminClient(client_config(kafka_config))
     try:
         metadata = admin.list_topics(timeout=timeout)
         existing = metadata.topics.get(topic)
+        if (existing is None or existing.error is not None) and not create:
+            raise BrokerUnavailable(
+                f"progress topic {topic!r}, where the lane's last owner recorded its progress, is not in Kafka:"
+                " its committed but unmarked transactions cannot be settled. If it is gone for good, clear the"
+                " lane's record (transactional_id and progress_topic in the lanes table) to go on without it"
+            )
         if existing is None or existing.error is not None:
             futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1,
                                                     config=TOPIC_CONFIG)])

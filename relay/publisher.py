@@ -150,7 +150,7 @@ class LanePublisher:
         return cls(settings.producer_config(), transactional_id, scope=scope, progress_topic=progress_topic,
                    operation_timeout=settings.kafka_timeout, logger=logger, stopping=stopping)
 
-    def start(self) -> None:
+    def start(self, *, create_topic: bool = True) -> None:
         """Take over the lane in Kafka: fence any older producer of this transactional.id.
 
         ``init_transactions`` also settles the old producer's open transaction, so the progress
@@ -161,7 +161,8 @@ class LanePublisher:
             self._retrying(self._producer.init_transactions)
         except KafkaException as exc:
             raise _fatal(exc.args[0], "init_transactions") from exc
-        progress.ensure_topic(self._config, self.progress_topic, self.scope.lane_count, self.operation_timeout)
+        progress.ensure_topic(self._config, self.progress_topic, self.scope.lane_count, self.operation_timeout,
+                              create=create_topic)
 
     def committed_records(self) -> Iterator[tuple[int, bytes | None]]:
         """The lane's committed progress records, newest first (read lazily)."""

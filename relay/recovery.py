@@ -61,8 +61,12 @@ def take_over(store: Store, conn: Connection, scope: progress.Scope, mine: LaneP
     If the last owner published under other names (relays told another OUTBOX_TRANSACTIONAL_ID_PREFIX or
     OUTBOX_PROGRESS_TOPIC, or a rename), its producer is fenced and its transactions recovered first, as
     its own next owner would have: before ``mine`` starts, so a last owner that shared its transactional.id
-    but not its progress topic does not fence it. ``mine``'s names are recorded for whoever comes next
-    before it publishes. Then ``mine`` fences its own transactional.id and recovers from its own records.
+    but not its progress topic does not fence it. Its progress topic is never made again (deleted, it would
+    read back nothing, and what that owner committed would go out twice): the lane waits, naming it.
+    Then ``mine`` starts (fences its own transactional.id) and, once it has, its names are recorded for
+    whoever comes next, before it publishes: never names that could not start (a progress topic refused as
+    unfit, which the operator then replaces, would be settled under, and refused, for ever). Last, ``mine``
+    recovers from its own records.
     """
     recovered = 0
     last = store.kafka_names(conn, scope.lane)
@@ -74,10 +78,10 @@ def take_over(store: Store, conn: Connection, scope: progress.Scope, mine: LaneP
                     extra={"lane": scope.lane, "action": "other_kafka_names"})
         previous = publisher_for(*last)
         try:
-            previous.start()  # fences the last owner's producer, settles its open transaction
+            previous.start(create_topic=False)  # fences the last owner's producer, settles its open transaction
             recovered = recover(store, conn, previous.committed_records(), scope)
         finally:
             previous.close()
-    store.record_kafka_names(conn, scope.lane, mine.transactional_id, mine.progress_topic)
     mine.start()
+    store.record_kafka_names(conn, scope.lane, mine.transactional_id, mine.progress_topic)
     return recovered + recover(store, conn, mine.committed_records(), scope)

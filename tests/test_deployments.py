@@ -31,7 +31,7 @@ from outbox_relay.publisher import LanePublisher
 from outbox_relay.verify import LedgerReport
 from outbox_relay.write import Event, new_event_id
 from tests import kafkatools
-from tests.pgtools import EVENTS, INSTANCES, SETTINGS, UNSENT, set_state_sql
+from tests.pgtools import EVENTS, INSTANCES, LANES, SETTINGS, UNSENT, set_state_sql
 from tests.relaytools import (
     ROOT,
     RelayProcess,
@@ -418,6 +418,28 @@ def test_a_progress_topic_that_deletes_old_records_is_refused(
     assert pending(engine) == 5
 
 
+def test_a_progress_topic_refused_then_replaced_as_the_refusal_says_does_not_stall_the_lane(
+    engine: Engine, database_url: str, topic: str, relays: Relays
+) -> None:
+    """The refusal says "choose another with OUTBOX_PROGRESS_TOPIC". The refused topic never carried a
+    record, yet it was recorded as the lane's names before the relay found it unfit: the relay under the
+    new topic then settled "the last owner" under the refused topic, was refused again, and never published."""
+    unfit = kafkatools.create_topic(f"progress-{uuid.uuid4().hex[:8]}", partitions=1,
+                                    config={"cleanup.policy": "delete"})
+    backlog(engine, topic, 5)
+    relay = relays.start(database_url, name="refused", OUTBOX_PROGRESS_TOPIC=unfit, OUTBOX_BREAKER_THRESHOLD="2")
+    wait_until(lambda: "circuit open" in relay.log(), 60, "the relay to refuse the topic")
+    relay.stop()
+    assert pending(engine) == 5
+    relay = relays.start(database_url, name="replaced", OUTBOX_PROGRESS_TOPIC=f"progress-{uuid.uuid4().hex[:8]}",
+                         OUTBOX_BREAKER_THRESHOLD="2")
+    try:
+        wait_until(lambda: pending(engine) == 0, 60, "the relay under the new topic to drain")
+    finally:
+        relay.stop()
+    ledger_ok(engine, topic, "a refused progress topic replaced", 5)
+
+
 @pytest.mark.parametrize("names", ["prefix", "progress topic"])
 def test_a_lane_taken_under_other_kafka_names_settles_the_last_owners_work_first(
     engine: Engine, database_url: str, topic: str, relays: Relays, names: str
@@ -440,6 +462,56 @@ def test_a_lane_taken_under_other_kafka_names_settles_the_last_owners_work_first
     ledger_ok(engine, topic, f"a crash after the commit, taken over under another {names}", 100)
     assert "recovered 40 events" in survivor.log(), survivor.log()
     assert "was last published as transactional.id" in survivor.log()
+
+
+@pytest.mark.parametrize("names", ["prefix", "progress topic"])
+def test_names_alternating_across_crashes_neither_duplicate_nor_lose(
+    engine: Engine, database_url: str, topic: str, relays: Relays, names: str
+) -> None:
+    """A, crash after a commit; B, crash after a commit; A again: each owner settles the last one's work."""
+    suffix = uuid.uuid4().hex[:8]
+    a = {"OUTBOX_TRANSACTIONAL_ID_PREFIX": f"a-{suffix}"} if names == "prefix" else {
+        "OUTBOX_PROGRESS_TOPIC": f"a-{suffix}.progress"}
+    b = {"OUTBOX_TRANSACTIONAL_ID_PREFIX": f"b-{suffix}"} if names == "prefix" else {
+        "OUTBOX_PROGRESS_TOPIC": f"b-{suffix}.progress"}
+    backlog(engine, topic, 100)
+    for name, kafka in (("a1", a), ("b1", b)):
+        crashed = relays.start(database_url, name=name, OUTBOX_BATCH_SIZE=40, OUTBOX_FAULT_INJECTION="after_commit:1",
+                               **kafka)
+        assert crashed.wait(60) == -signal.SIGKILL, crashed.log()
+    assert pending(engine) == 60, pending(engine)  # b1 recovered a1's 40, then committed 40 it never marked
+    survivor = relays.start(database_url, name="a2", OUTBOX_BATCH_SIZE=40, **a)
+    wait_until(lambda: pending(engine) == 0, 60, "a2 to drain")
+    survivor.stop()
+    ledger_ok(engine, topic, f"names alternating by {names} across crashes", 100)
+    assert "recovered 40 events" in survivor.log(), survivor.log()
+
+
+def test_a_last_owners_progress_topic_deleted_for_good_is_not_made_again_empty(
+    engine: Engine, database_url: str, topic: str, relays: Relays
+) -> None:
+    """The README: "if that owner's progress topic is gone for good, the lane waits, naming it". Settling
+    the last owner made its deleted topic again, empty, read nothing back from it, and published again
+    the 40 events that owner had committed but not marked (40 of 100 duplicated)."""
+    old = f"old-{uuid.uuid4().hex[:8]}.progress"
+    backlog(engine, topic, 100)
+    crashed = relays.start(database_url, name="crashed", OUTBOX_BATCH_SIZE=40, OUTBOX_FAULT_INJECTION="after_commit:1",
+                           OUTBOX_PROGRESS_TOPIC=old)
+    assert crashed.wait(60) == -signal.SIGKILL, crashed.log()
+    admin = kafkatools.admin()
+    admin.delete_topics([old])[old].result(30)
+    wait_until(lambda: old not in admin.list_topics(timeout=10).topics, 30, "the old topic to go")
+    waiting = relays.start(database_url, name="waiting", OUTBOX_BATCH_SIZE=40, OUTBOX_BREAKER_THRESHOLD="2")
+    wait_until(lambda: "circuit open" in waiting.log(), 60, "the relay to name the missing topic")
+    waiting.stop()
+    assert f"progress topic '{old}', where the lane's last owner recorded its progress, is not in Kafka" \
+        in waiting.log()
+    assert pending(engine) == 100 and old not in admin.list_topics(timeout=10).topics
+    with engine.begin() as conn:  # the operator clears the record, as the README says
+        conn.execute(text(f"UPDATE {LANES} SET transactional_id = NULL, progress_topic = NULL WHERE lane = 0"))
+    drained(relays, database_url, engine, name="after", OUTBOX_BATCH_SIZE=40)
+    report = ledger(engine, [topic])
+    assert report.duplicates and not (report.lost or report.reordered), report.summary()  # the operator's choice
 
 
 def test_a_lane_count_change_settles_work_left_under_other_kafka_names(

@@ -123,7 +123,7 @@ class FakePublisher:
         self.transactional_id, self.progress_topic = names
         self.closed = False
 
-    def start(self) -> None:
+    def start(self, *, create_topic: bool = True) -> None:
         pass
 
     def committed_records(self) -> list[tuple[int, bytes]]:
